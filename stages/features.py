@@ -1,0 +1,50 @@
+"""The per-backbone feature cache written by the extract stage: one .pt file per split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.common import PipelineError, atomic_path
+
+
+@dataclass
+class FeatureSet:
+    global_embeddings: torch.Tensor  # (N, D) float32: pooled last stage, or the ViT CLS token
+    feature_maps: dict[str, torch.Tensor]  # layer name -> (N, C, h, w) float16, in backbone order
+    image_size: tuple[int, int]  # (H, W) of the images the features came from
+    names: list[str]  # image names, aligned with the prepared split
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def maps(self) -> list[torch.Tensor]:
+        """The mid-level maps as float32, finest first."""
+        return [m.float() for m in self.feature_maps.values()]
+
+
+def save_features(path: str | Path, features: FeatureSet) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "global": features.global_embeddings,
+                "maps": features.feature_maps,
+                "image_size": list(features.image_size),
+                "names": features.names,
+            },
+            tmp,
+        )
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: cached features not found (run the extract stage for this backbone)")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return FeatureSet(
+        global_embeddings=blob["global"],
+        feature_maps=blob["maps"],
+        image_size=tuple(blob["image_size"]),
+        names=list(blob["names"]),
+    )
