@@ -1,0 +1,26 @@
+"""Registry of anomaly-detection methods: params.yaml `models.<name>.method` -> class.
+
+Adding a method = one module with an AnomalyDetector subclass, one entry here, one params block.
+"""
+from __future__ import annotations
+
+import importlib
+
+from stages.common import PipelineError
+
+# method name -> "module:Class"; imported lazily so a broken optional method never blocks the others
+REGISTRY = {
+    "global_knn": "stages.methods.global_knn:GlobalKNN",
+    "patchcore": "stages.methods.patchcore:PatchCore",
+    "autoencoder": "stages.methods.autoencoder:Autoencoder",
+    "skip_autoencoder": "stages.methods.skip_autoencoder:SkipAutoencoder",
+    "feature_ae": "stages.methods.feature_ae:FeatureAE",
+}
+
+
+def get_method(name: str):
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise PipelineError(f"unknown method '{name}' (known: {known})")
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -32,8 +32,9 @@ class AnomalyDetector:
     method: ClassVar[str]  # registry key
     uses: ClassVar[str]  # "features" or "pixels"
 
-    def __init__(self, **hparams: Any):
-        self.hparams = hparams
+    def __init__(self, device: str = "cpu", **hparams: Any):
+        self.hparams = hparams  # exactly the params.yaml entry (minus method/backbone); saved with the model
+        self.device = device  # where fit/predict run; not part of the saved state
         self.history: list[dict] = []  # per-epoch losses of trained methods, logged by the fit stage
 
     def fit(self, train, val=None) -> "AnomalyDetector":
@@ -58,13 +59,13 @@ class AnomalyDetector:
         )
 
     @classmethod
-    def load(cls, directory: str | Path) -> "AnomalyDetector":
+    def load(cls, directory: str | Path, device: str = "cpu") -> "AnomalyDetector":
         path = Path(directory) / STATE_FILE
         if not path.is_file():
             raise PipelineError(f"{path}: fitted model not found (run the fit stage)")
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob["method"] != cls.method:
             raise PipelineError(f"{path}: holds a '{blob['method']}' model, not '{cls.method}'")
-        detector = cls(**blob["hparams"])
+        detector = cls(device=device, **blob["hparams"])
         detector.set_state(blob["state"])
         return detector

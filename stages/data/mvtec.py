@@ -1,0 +1,418 @@
+"""Getting an MVTec AD category onto disk: download + verify + extract, or copy a local folder.
+
+Every path here is all-or-nothing: on any failure the destination is left as it was (an old,
+complete copy survives; a fresh one never appears half-written) and no temporary files remain.
+"""
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import BinaryIO, ContextManager
+
+from tqdm import tqdm
+
+from stages.common import PipelineError
+
+CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+
+BASE_URL = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"
+
+_CATEGORY_IDS = {
+    "bottle": "420937370-1629951468",
+    "cable": "420937413-1629951498",
+    "capsule": "420937454-1629951595",
+    "carpet": "420937484-1629951672",
+    "grid": "420937487-1629951814",
+    "hazelnut": "420937545-1629951845",
+    "leather": "420937607-1629951964",
+    "metal_nut": "420937637-1629952063",
+    "pill": "420938129-1629953099",
+    "screw": "420938130-1629953152",
+    "tile": "420938133-1629953189",
+    "toothbrush": "420938134-1629953256",
+    "transistor": "420938166-1629953277",
+    "wood": "420938383-1629953354",
+    "zipper": "420938385-1629953449",
+}
+CATEGORY_URLS: dict[str, str] = {c: f"{BASE_URL}/{_CATEGORY_IDS[c]}/{c}.tar.xz" for c in CATEGORIES}
+
+FULL_ARCHIVE_URL = f"{BASE_URL}/420938113-1629952094/mvtec_anomaly_detection.tar.xz"
+FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+
+ARCHIVES = ("category", "full")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+CHUNK = 1 << 20
+USER_AGENT = "Mozilla/5.0 (compatible; mvtec-anomaly-pipeline)"
+
+# What reading a damaged archive can raise (gzip/bz2 raise OSError subclasses). Only reads are
+# wrapped with these, so a full disk while writing is not mistaken for a corrupt archive.
+_READ_ERRORS = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
+
+
+# --------------------------------------------------------------------------------------- layout
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _check_layout(root: Path, shown: str) -> None:
+    """validate_layout, with `shown` used in messages instead of `root` (e.g. for a temp dir)."""
+    if not root.is_dir():
+        raise PipelineError(f"{shown}: category folder not found")
+    if not _images_in(root / "train" / "good"):
+        raise PipelineError(f"{shown}/train/good: no training images")
+    test = root / "test"
+    if not test.is_dir():
+        raise PipelineError(f"{shown}/test: test folder not found")
+    if not any(_images_in(sub) for sub in test.iterdir() if sub.is_dir()):
+        raise PipelineError(f"{shown}/test: no test images (expected test/<defect type>/*.png)")
+    # ground_truth/ is optional: without it the category is evaluated at image level only.
+
+
+def validate_layout(root: Path) -> None:
+    """Check `root` looks like one MVTec AD category: train/good/*.png and test/<type>/*.png."""
+    root = Path(root)
+    _check_layout(root, str(root))
+
+
+# ---------------------------------------------------------------------------- atomic placement
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _sibling_tmpdir(dest: Path, tag: str) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{tag}-", dir=dest.parent))
+
+
+def _install(new: Path, dest: Path) -> None:
+    """Move the complete directory `new` onto `dest`; an old `dest` is removed only afterwards."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old.rmdir()  # only the unique name is wanted; os.replace needs it absent
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+# ------------------------------------------------------------------------------------ download
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return _one_line(f"HTTP {exc.code} {exc.reason}")
+    if isinstance(exc, urllib.error.URLError):
+        return _one_line(exc.reason) or type(exc).__name__
+    return _one_line(exc) or type(exc).__name__
+
+
+def _fetch(url: str, target: Path, timeout: float) -> str:
+    """Stream `url` into the (already created) file `target`; return its SHA-256 hex digest."""
+    digest = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PipelineError(f"could not download {url}: {_reason(exc)}") from exc
+    with response, open(target, "wb") as out:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        received = 0
+        name = url.rstrip("/").rsplit("/", 1)[-1] or url
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (urllib.error.URLError, OSError, ValueError, EOFError) as exc:
+                    raise PipelineError(f"could not download {url}: {_reason(exc)}") from exc
+                except Exception as exc:  # http.client.IncompleteRead and friends
+                    raise PipelineError(f"could not download {url}: {type(exc).__name__} {_reason(exc)}") from exc
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise PipelineError(f"could not download {url}: connection closed after {received} of {total} bytes")
+    return digest.hexdigest()
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksum_error(url: str, expected: str, actual: str) -> PipelineError:
+    return PipelineError(f"{url}: sha256 checksum mismatch (expected {expected}, got {actual})")
+
+
+def _decompressed(raw: BinaryIO) -> ContextManager[BinaryIO]:
+    """Wrap `raw` in the decompressor its magic bytes call for (xz, gzip, bzip2; else plain tar).
+
+    The stdlib decompressor files raise EOFError on a truncated stream, which tarfile's own
+    'r|*' mode does not report.
+    """
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    return contextlib.nullcontext(raw)
+
+
+def _extract_category(archive: Path, category: str, into: Path, url: str) -> int:
+    """Extract only the members below the archive's `<category>/` folder into `into`.
+
+    Member paths are rebuilt from checked components (no absolute paths, no '..'), links and
+    special files are skipped, and files are written with default permissions, so nothing can
+    land outside `into`. Returns the number of files written.
+    """
+
+    def corrupt(exc: BaseException) -> PipelineError:
+        return PipelineError(f"{url}: archive is truncated or corrupt ({_reason(exc) or type(exc).__name__})")
+
+    prefix: tuple[str, ...] | None = None
+    written = 0
+    with open(archive, "rb") as raw, _decompressed(raw) as stream:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")  # one pass: no re-decompression to seek
+        except _READ_ERRORS as exc:
+            raise corrupt(exc) from exc
+        with tar:
+            members = iter(tar)
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    break
+                except _READ_ERRORS as exc:
+                    raise corrupt(exc) from exc
+                name = member.name
+                parts = [p for p in name.split("/") if p not in ("", ".")]
+                if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                    raise PipelineError(f"{url}: unsafe member path '{name}' in archive")
+                if prefix is None:
+                    if category not in parts:
+                        continue
+                    prefix = tuple(parts[: parts.index(category) + 1])
+                if tuple(parts[: len(prefix)]) != prefix:
+                    continue
+                rel = parts[len(prefix):]
+                if not rel:
+                    continue
+                target = into.joinpath(*rel)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                if not member.isfile():  # symlinks, hard links, devices, fifos
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    src = tar.extractfile(member)
+                except _READ_ERRORS as exc:
+                    raise corrupt(exc) from exc
+                if src is None:
+                    continue
+                with open(target, "wb") as out:
+                    while True:
+                        try:
+                            chunk = src.read(CHUNK)
+                        except _READ_ERRORS as exc:
+                            raise corrupt(exc) from exc
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                written += 1
+        # tarfile stops at the end-of-archive marker; read the compressed stream to its end so a
+        # download cut off in the trailing padding (missing end-of-stream marker/CRC) is caught too.
+        try:
+            while stream.read(CHUNK):
+                pass
+        except _READ_ERRORS as exc:
+            raise corrupt(exc) from exc
+    if prefix is None:
+        raise PipelineError(f"{url}: no '{category}/' folder in the archive")
+    return written
+
+
+def _cache_name(url: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "archive"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+
+
+def _resolve_source(category: str, url: str | None, sha256: str | None, archive: str) -> tuple[str, str | None]:
+    if archive not in ARCHIVES:
+        raise PipelineError(f"params.yaml: data.mvtec.archive must be one of {', '.join(ARCHIVES)}, got '{archive}'")
+    if not isinstance(category, str) or category in ("", ".", "..") or "/" in category or "\\" in category:
+        raise PipelineError(f"params.yaml: data.category '{category}' is not a valid category name")
+    if url is None and category not in CATEGORIES:
+        raise PipelineError(
+            f"params.yaml: data.category '{category}' is not an MVTec AD category "
+            f"(one of {', '.join(CATEGORIES)}; or give a url)"
+        )
+    if archive == "full":
+        chosen = url or FULL_ARCHIVE_URL
+        if sha256 is None and chosen == FULL_ARCHIVE_URL:
+            sha256 = FULL_ARCHIVE_SHA256
+    else:
+        chosen = url or CATEGORY_URLS[category]
+    if sha256 is not None:
+        sha256 = str(sha256).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise PipelineError(f"params.yaml: data.mvtec.sha256 '{sha256}' is not a SHA-256 hex digest (64 hex digits)")
+    return chosen, sha256
+
+
+def download_category(
+    category: str,
+    dest: Path,
+    url: str | None = None,
+    sha256: str | None = None,
+    archive: str = "category",
+    cache_dir: Path | None = None,
+    timeout: float = 60,
+) -> Path:
+    """Download an MVTec AD archive, verify it, and install only `category` at `dest`.
+
+    archive="category" fetches CATEGORY_URLS[category] (or `url`); archive="full" fetches the
+    whole dataset (FULL_ARCHIVE_URL, checked against FULL_ARCHIVE_SHA256 unless another url or
+    sha256 is given) and extracts just the one category. With `cache_dir`, the verified archive
+    is kept there and reused by later calls (re-checked when a sha256 is known). Returns dest.
+    """
+    dest = Path(dest)
+    url, sha256 = _resolve_source(category, url, sha256, archive)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    cached: Path | None = None
+    part_dir = dest.parent
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{cache_dir}: cannot create cache folder ({_reason(exc)})") from exc
+        cached = cache_dir / _cache_name(url)
+        part_dir = cache_dir
+
+    archive_path: Path | None = None  # the file extracted from
+    part: Path | None = None  # a temporary download, always removed
+    staging: Path | None = None  # the temporary extraction dir, removed unless installed
+    from_cache = False
+    try:
+        if cached is not None and cached.is_file():
+            if sha256 is None or _sha256_of(cached) == sha256:
+                print(f"using cached {cached}", file=sys.stderr)
+                archive_path, from_cache = cached, True
+            else:
+                print(f"cached {cached} does not match its sha256, downloading again", file=sys.stderr)
+                _remove(cached)
+        if archive_path is None:
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.download-", suffix=".part", dir=part_dir)
+            os.close(fd)
+            part = Path(name)
+            actual = _fetch(url, part, timeout)
+            if sha256 is not None and actual != sha256:
+                raise _checksum_error(url, sha256, actual)
+            if cached is not None:
+                os.replace(part, cached)
+                part, archive_path = None, cached
+            else:
+                archive_path = part
+
+        staging = _sibling_tmpdir(dest, "tmp")
+        try:
+            _extract_category(archive_path, category, staging, url)
+        except PipelineError:
+            if from_cache and sha256 is None:
+                _remove(archive_path)  # unverifiable cache entry is bad: fetch afresh next time
+            raise
+        _check_layout(staging, f"{url}: {category}")
+        _install(staging, dest)
+        staging = None
+    finally:
+        if part is not None:
+            _remove(part)
+        if staging is not None:
+            _remove(staging)
+    return dest
+
+
+# -------------------------------------------------------------------------------------- folder
+
+
+def copy_folder(source: Path, dest: Path) -> Path:
+    """The `folder` source: copy an existing MVTec-layout category folder to `dest` (source untouched)."""
+    source, dest = Path(source), Path(dest)
+    validate_layout(source)
+    src_real, dest_real = source.resolve(), dest.resolve()
+    if dest_real == src_real or src_real in dest_real.parents or dest_real in src_real.parents:
+        raise PipelineError(f"{source}: source folder and destination {dest} overlap")
+    staging = _sibling_tmpdir(dest, "tmp")
+    try:
+        target = staging / "copy"
+        try:
+            shutil.copytree(source, target, symlinks=False)
+        except (shutil.Error, OSError) as exc:
+            raise PipelineError(f"{source}: could not copy to {dest} ({_reason(exc)[:300]})") from exc
+        _install(target, dest)
+    finally:
+        _remove(staging)
+    return dest

@@ -1,0 +1,77 @@
+"""DVC stage `evaluate@<model>`: score the test set with a fitted model.
+
+Writes metrics/models/<model>.json (image AUROC, pixel AUROC, AUPRO, F1-max, the mean + 2 sigma
+threshold of the held-out good validation images with its confusion counts, per-defect AUROC),
+and plots/<model>/{scores,roc}.csv for `dvc plots`.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from stages import metrics
+from stages.common import PipelineError, atomic_path, load_params, param, resolve_device, run_main, write_json
+from stages.data.prepared import load_split
+from stages.models import FEATURES_ROOT, PIXELS, model_config
+
+METRICS_ROOT = Path("metrics/models")
+PLOTS_ROOT = Path("plots")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise PipelineError("usage: python -m stages.evaluate <model name from params.yaml models>")
+    name = sys.argv[1]
+    params = load_params()
+    config = model_config(params, name)
+    device = resolve_device(param(params, "device", "auto"))
+    fpr_limit = param(params, "evaluate.fpr_limit")
+    n_std = param(params, "evaluate.threshold_n_std")
+
+    detector = config.detector_class().load(config.directory, device=device)
+    test = load_split(FEATURES_ROOT / PIXELS / "test.npz")  # labels, defect types, masks
+    inputs = config.load_inputs("test")
+    if list(inputs.names) != test.names:
+        raise PipelineError(f"{FEATURES_ROOT / config.backbone}: features do not match the prepared test images; rerun extract")
+    prediction = detector.predict(inputs)
+    val_scores = detector.predict(config.load_inputs("val")).image_scores
+
+    with_maps = prediction.anomaly_maps is not None and test.masks is not None
+    result = metrics.evaluate(
+        test.labels,
+        prediction.image_scores,
+        test.defect_types,
+        val_scores,
+        masks=test.masks if with_maps else None,
+        maps=prediction.anomaly_maps if with_maps else None,
+        fpr_limit=fpr_limit,
+        n_std=n_std,
+    )
+    result = {"model": name, "method": config.method, "backbone": config.backbone, **result}
+
+    plot_dir = PLOTS_ROOT / name
+    write_csv(
+        plot_dir / "scores.csv",
+        [
+            {"image": n, "defect_type": d, "label": int(l), "score": float(s)}
+            for n, d, l, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
+        ],
+    )
+    roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
+    write_csv(plot_dir / "roc.csv", roc)
+    write_json(METRICS_ROOT / f"{name}.json", result)
+    shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+    print(f"{name}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,141 @@
+"""Deep Feature Reconstruction style autoencoder on cached CNN features (Shi et al. 2021).
+
+Every cached feature map (FeatureSet.maps(), e.g. layer2 + layer3) is optionally averaged over a
+`neighbourhood` x `neighbourhood` window (stride 1), upsampled bilinearly to the finest map's grid
+and concatenated along channels; each channel is standardised with the training mean / std (kept
+in the saved state). A 1x1-convolution autoencoder C -> (C + latent) // 2 -> latent -> (C +
+latent) // 2 -> C (BatchNorm + ReLU between layers, linear output) is trained with MSE. The anomaly
+map is the per-location squared reconstruction error summed over channels, upsampled bilinearly to
+FeatureSet.image_size and Gaussian-smoothed; the image score is its max. Features are never
+recomputed here: the extract stage's cache is the only input.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stages.common import PipelineError, seed_everything
+from stages.methods.base import AnomalyDetector, Prediction
+from stages.methods.training import TRAINING_DEFAULTS, finish_maps, resolve_hparams, train
+
+
+def _block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class FeatureAutoencoder(nn.Module):
+    def __init__(self, channels: int, latent: int):
+        super().__init__()
+        hidden = (channels + latent) // 2
+        self.net = nn.Sequential(
+            *_block(channels, hidden), *_block(hidden, latent), *_block(latent, hidden), nn.Conv2d(hidden, channels, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _mse(net: nn.Module, x: Tensor) -> Tensor:
+    return F.mse_loss(net(x), x)
+
+
+class FeatureAE(AnomalyDetector):
+    method = "feature_ae"
+    uses = "features"
+    DEFAULTS: dict[str, Any] = dict(latent=64, neighbourhood=3, score="max", **TRAINING_DEFAULTS)
+
+    def __init__(self, device: str = "cpu", **hparams: Any):
+        super().__init__(device=device, **hparams)
+        self.hp = resolve_hparams(self.method, self.DEFAULTS, hparams)
+        latent, k = self.hp["latent"], self.hp["neighbourhood"]
+        if not (isinstance(latent, int) and not isinstance(latent, bool) and latent > 0):
+            raise PipelineError(f"params.yaml: 'latent' of method '{self.method}' must be a positive integer, got {latent!r}")
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1):
+            raise PipelineError(f"params.yaml: 'neighbourhood' of method '{self.method}' must be an odd integer >= 1, got {k!r}")
+        self.net: nn.Module | None = None
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+
+    def _raw_features(self, features) -> Tensor:
+        """FeatureSet -> (N, C, h, w) float32 on the finest grid, not yet standardised."""
+        maps = features.maps()
+        if not maps:
+            raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
+        k = self.hp["neighbourhood"]
+        grid = tuple(maps[0].shape[-2:])
+        out = []
+        for m in maps:
+            if k > 1:
+                m = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+            if tuple(m.shape[-2:]) != grid:
+                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            out.append(m)
+        return torch.cat(out, dim=1)
+
+    def _standardised(self, features) -> Tensor:
+        x = self._raw_features(features)
+        if x.shape[1] != self.mean.shape[1]:
+            raise PipelineError(
+                f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
+                f"{self.mean.shape[1]} (re-run the fit stage)"
+            )
+        return (x - self.mean) / self.std
+
+    def fit(self, train_features, val=None) -> "FeatureAE":
+        hp = self.hp
+        x = self._raw_features(train_features)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: just centre them
+        x = (x - mean) / std
+        x_val = (self._raw_features(val) - mean) / std if val is not None and len(val) > 0 else None
+        seed_everything(hp["seed"])
+        net = FeatureAutoencoder(x.shape[1], hp["latent"])
+        history = train(
+            net, _mse, x, x_val,
+            lr=hp["lr"], epochs=hp["epochs"], batch_size=hp["batch_size"], patience=hp["patience"],
+            seed=hp["seed"], device=self.device, desc=self.method,
+        )
+        self.mean, self.std = mean, std
+        self.net, self.history = net, history  # only a finished fit is kept
+        return self
+
+    @torch.no_grad()
+    def predict(self, inputs) -> Prediction:
+        if self.net is None:
+            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
+        net = self.net.to(self.device).eval()
+        size = tuple(inputs.image_size)
+        x_all = self._standardised(inputs)
+        scores, maps = [], []
+        for start in range(0, len(x_all), self.hp["batch_size"]):
+            x = x_all[start:start + self.hp["batch_size"]].to(self.device)
+            raw = (net(x) - x).pow(2).sum(1)
+            m, s = finish_maps(raw, size, float(self.hp["smoothing_sigma"]), self.hp["score"])
+            maps.append(m.cpu())
+            scores.append(s.cpu())
+        if not maps:
+            return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
+        return Prediction(
+            image_scores=torch.cat(scores).double().numpy(),
+            anomaly_maps=torch.cat(maps).float().numpy(),
+        )
+
+    def get_state(self) -> dict:
+        if self.net is None:
+            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
+        return {
+            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "mean": self.mean.clone(),
+            "std": self.std.clone(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.mean, self.std = state["mean"].float(), state["std"].float()
+        net = FeatureAutoencoder(self.mean.shape[1], self.hp["latent"])
+        net.load_state_dict(state["net"])
+        self.net = net.to(self.device).eval()

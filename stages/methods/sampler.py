@@ -1,0 +1,53 @@
+"""Greedy coreset subsampling (PatchCore, Roth et al. 2021, Sec. 3.2), vectorised.
+
+Follows the official ApproximateGreedyCoresetSampler: features are randomly projected to a low
+dimension (Johnson-Lindenstrauss), the minimum distance of every point to the coreset is kept
+up to date with one matrix-vector pass per selected point, and the farthest point is added next.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from stages.common import PipelineError
+
+
+def check_ratio(ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise PipelineError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    ratio: float,
+    projection_dim: int | None = 128,
+    n_starting_points: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Indices (sorted) of the `ratio` fraction of rows chosen by approximate greedy k-center."""
+    check_ratio(ratio)
+    n = len(features)
+    n_select = max(1, int(n * ratio))
+    if n_select >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    reduced = features.float()
+    if projection_dim is not None and projection_dim < features.shape[1]:
+        # Seeded Gaussian projection, as nn.Linear(bias=False) would draw it in the official code.
+        matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        reduced = reduced @ matrix.to(reduced.device)
+    n_start = min(n_starting_points, n)
+    start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
+    # Approximate distance to the (not yet chosen) coreset: mean distance to a few random anchors.
+    min_dist = torch.cdist(reduced, reduced[start]).mean(dim=1)
+    squared_norms = (reduced * reduced).sum(dim=1)
+    selected = torch.empty(n_select, dtype=torch.long)
+    for step in tqdm(range(n_select), desc="coreset", unit="pt", disable=not progress, mininterval=1.0):
+        index = int(torch.argmax(min_dist))
+        selected[step] = index
+        point = reduced[index]
+        # ||x - p||^2 = ||x||^2 - 2 x.p + ||p||^2: one matrix-vector product per step
+        dist = (squared_norms - 2 * (reduced @ point) + squared_norms[index]).clamp_min_(0).sqrt_()
+        torch.minimum(min_dist, dist, out=min_dist)
+    return selected.sort().values

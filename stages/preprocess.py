@@ -1,0 +1,85 @@
+"""DVC stage `preprocess`: resize + centre-crop one raw category into data/features/pixels/{train,val,test}.npz.
+
+A seeded fraction of train/good is held out as the validation split of good images (used for
+early stopping and for the mean + 2 sigma threshold, never for fitting).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from stages.common import PipelineError, atomic_path, check, load_params, param, run_main
+from stages.data.prepared import Split, save_split
+from stages.data.raw import RawImage, list_category, read_image, resize_and_crop
+
+OUTPUT = Path("data/features/pixels")
+
+
+def raw_dir(params: dict) -> Path:
+    return Path("data/raw") / param(params, "data.source") / param(params, "data.category")
+
+
+def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
+    images, masks = [], []
+    for item in tqdm(items, desc=desc, unit="img"):
+        image = read_image(item.path, "RGB")  # grayscale categories become 3-channel here
+        images.append(resize_and_crop(image, resize, crop, Image.BILINEAR))
+        if with_masks:
+            if item.mask_path is None:
+                masks.append(np.zeros((crop, crop), dtype=bool))
+                continue
+            mask = read_image(item.mask_path, "L")
+            if mask.size != image.size:
+                raise PipelineError(
+                    f"{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs from its image "
+                    f"{item.path} ({image.size[0]}x{image.size[1]})"
+                )
+            masks.append(resize_and_crop(mask, resize, crop, Image.NEAREST) > 127)
+    return Split(
+        images=np.stack(images).astype(np.uint8),
+        names=[item.name for item in items],
+        labels=np.array([int(item.defect_type != "good") for item in items], dtype=np.int64),
+        defect_types=[item.defect_type for item in items],
+        masks=np.stack(masks) if with_masks else None,
+    )
+
+
+def main() -> None:
+    params = load_params()
+    resize = param(params, "preprocess.resize")
+    crop = param(params, "preprocess.crop_size")
+    val_fraction = param(params, "preprocess.val_fraction")
+    seed = param(params, "preprocess.seed")
+    check(isinstance(resize, int) and resize >= 16, f"preprocess.resize must be an integer >= 16, got {resize!r}")
+    check(
+        isinstance(crop, int) and 16 <= crop <= resize,
+        f"preprocess.crop_size must be an integer in [16, preprocess.resize], got {crop!r}",
+    )
+    check(
+        isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1,
+        f"preprocess.val_fraction must be in (0, 1), got {val_fraction!r}",
+    )
+
+    train_items, test_items, has_masks = list_category(raw_dir(params))
+    n_val = max(1, round(len(train_items) * val_fraction))
+    check(
+        n_val < len(train_items),
+        f"preprocess.val_fraction={val_fraction} leaves no training images ({len(train_items)} in train/good)",
+    )
+    order = np.random.default_rng(seed).permutation(len(train_items))
+    val_items = [train_items[i] for i in sorted(order[:n_val])]
+    fit_items = [train_items[i] for i in sorted(order[n_val:])]
+
+    with atomic_path(OUTPUT) as out:
+        out.mkdir(parents=True)
+        save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
+        save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
+        save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
+    print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {OUTPUT}")
+
+
+if __name__ == "__main__":
+    run_main(main)

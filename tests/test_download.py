@@ -1,0 +1,392 @@
+"""Offline tests for stages/data/mvtec.py: file:// and localhost HTTP downloads, no internet."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.common import PipelineError
+from stages.data import mvtec
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+def _png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+
+
+def make_category(root: Path, seed: int = 0) -> Path:
+    """A tiny MVTec-layout category folder."""
+    _png(root / "train/good/000.png", 10 + seed)
+    _png(root / "train/good/001.png", 20 + seed)
+    _png(root / "test/good/000.png", 30 + seed)
+    _png(root / "test/cut/000.png", 40 + seed)
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:5, 2:5] = 255
+    (root / "ground_truth/cut").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(root / "ground_truth/cut/000_mask.png")
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def pack(archive: Path, entries: dict[str, Path]) -> Path:
+    """Write a .tar.xz with each folder in `entries` stored under its arcname."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:xz") as tar:
+        for arcname, folder in entries.items():
+            tar.add(folder, arcname=arcname)
+    return archive
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    return make_category(tmp_path / "src" / "carpet")
+
+
+@pytest.fixture
+def carpet_archive(tmp_path, source) -> Path:
+    return pack(tmp_path / "serve" / "carpet.tar.xz", {"carpet": source})
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """An empty parent folder for dest, so leftovers are easy to spot."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve tmp_path/serve on localhost; yields the base URL."""
+    root = tmp_path / "serve"
+    root.mkdir(exist_ok=True)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+# ----------------------------------------------------------------------------------- download
+
+
+def test_file_url_with_sha256(carpet_archive, source, out):
+    dest = out / "carpet"
+    result = mvtec.download_category("carpet", dest, url=carpet_archive.as_uri(), sha256=sha(carpet_archive))
+    assert result == dest
+    assert tree(dest) == tree(source)
+    assert "ground_truth/cut/000_mask.png" in tree(dest)
+    assert leftovers(out) == ["carpet"]
+
+
+def test_http_download(carpet_archive, source, out, http_root):
+    dest = out / "carpet"
+    mvtec.download_category("carpet", dest, url=f"{http_root}/carpet.tar.xz", timeout=10)
+    assert tree(dest) == tree(source)
+    assert leftovers(out) == ["carpet"]
+
+
+def test_http_404_names_url(out, http_root):
+    url = f"{http_root}/missing.tar.xz"
+    with pytest.raises(PipelineError, match=r"could not download .*missing\.tar\.xz: HTTP 404") as info:
+        mvtec.download_category("carpet", out / "carpet", url=url, timeout=10)
+    assert "\n" not in str(info.value)
+    assert leftovers(out) == []
+
+
+def test_missing_file_url(tmp_path, out):
+    url = (tmp_path / "nope.tar.xz").as_uri()
+    with pytest.raises(PipelineError, match="could not download"):
+        mvtec.download_category("carpet", out / "carpet", url=url)
+    assert leftovers(out) == []
+
+
+def test_full_layout_extracts_only_category(tmp_path, source, out):
+    wood = make_category(tmp_path / "src2" / "wood", seed=5)
+    grid = make_category(tmp_path / "src3" / "grid", seed=7)
+    readme = tmp_path / "readme.txt"
+    readme.write_text("license\n")
+    archive = tmp_path / "serve" / "mvtec_anomaly_detection.tar.xz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(readme, arcname="mvtec_anomaly_detection/readme.txt")
+        tar.add(wood, arcname="mvtec_anomaly_detection/wood")
+        tar.add(source, arcname="mvtec_anomaly_detection/carpet")
+        tar.add(grid, arcname="mvtec_anomaly_detection/grid")
+    dest = out / "carpet"
+    mvtec.download_category("carpet", dest, url=archive.as_uri(), sha256=sha(archive), archive="full")
+    assert tree(dest) == tree(source)
+    assert leftovers(out) == ["carpet"]
+
+
+def test_dot_slash_members(tmp_path, source, out):
+    archive = pack(tmp_path / "dot.tar.xz", {"./carpet": source})
+    dest = mvtec.download_category("carpet", out / "carpet", url=archive.as_uri())
+    assert tree(dest) == tree(source)
+
+
+def test_checksum_mismatch_leaves_nothing(carpet_archive, out):
+    dest = out / "carpet"
+    with pytest.raises(PipelineError, match="sha256|checksum") as info:
+        mvtec.download_category("carpet", dest, url=carpet_archive.as_uri(), sha256="0" * 64)
+    message = str(info.value)
+    assert carpet_archive.as_uri() in message and "0" * 64 in message and sha(carpet_archive) in message
+    assert not dest.exists()
+    assert leftovers(out) == []
+
+
+def test_truncated_archive_leaves_nothing(tmp_path, carpet_archive, out):
+    data = carpet_archive.read_bytes()
+    truncated = tmp_path / "truncated.tar.xz"
+    truncated.write_bytes(data[: len(data) // 2])
+    dest = out / "carpet"
+    with pytest.raises(PipelineError, match="truncated or corrupt") as info:
+        mvtec.download_category("carpet", dest, url=truncated.as_uri())
+    assert truncated.as_uri() in str(info.value)
+    assert not dest.exists()
+    assert leftovers(out) == []
+
+
+def test_tail_truncation_detected(tmp_path, carpet_archive, out):
+    """Cut only in the trailing padding: every member is intact but the xz stream is incomplete."""
+    data = carpet_archive.read_bytes()
+    truncated = tmp_path / "tail.tar.xz"
+    truncated.write_bytes(data[:-40])
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        mvtec.download_category("carpet", out / "carpet", url=truncated.as_uri())
+    assert leftovers(out) == []
+
+
+def test_interrupt_leaves_nothing(monkeypatch, carpet_archive, out):
+    real_fetch = mvtec._fetch
+
+    def fetch_then_interrupt(url, target, timeout):
+        real_fetch(url, target, timeout)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mvtec, "_fetch", fetch_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        mvtec.download_category("carpet", out / "carpet", url=carpet_archive.as_uri())
+    assert leftovers(out) == []
+
+
+def test_not_an_archive(tmp_path, out):
+    junk = tmp_path / "junk.tar.xz"
+    junk.write_bytes(b"<html>not found</html>")
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        mvtec.download_category("carpet", out / "carpet", url=junk.as_uri())
+    assert leftovers(out) == []
+
+
+def test_category_missing_from_archive(carpet_archive, out):
+    with pytest.raises(PipelineError, match="no 'wood/' folder"):
+        mvtec.download_category("wood", out / "wood", url=carpet_archive.as_uri())
+    assert leftovers(out) == []
+
+
+def test_bad_layout_in_archive(tmp_path, out):
+    bad = tmp_path / "bad" / "carpet"
+    (bad / "train" / "good").mkdir(parents=True)
+    _png(bad / "test/good/000.png", 1)
+    archive = pack(tmp_path / "bad.tar.xz", {"carpet": bad})
+    with pytest.raises(PipelineError, match="train/good: no training images"):
+        mvtec.download_category("carpet", out / "carpet", url=archive.as_uri())
+    assert leftovers(out) == []
+
+
+def test_failed_download_keeps_existing_dest(tmp_path, carpet_archive, source, out):
+    dest = out / "carpet"
+    mvtec.download_category("carpet", dest, url=carpet_archive.as_uri())
+    before = tree(dest)
+    data = carpet_archive.read_bytes()
+    truncated = tmp_path / "truncated.tar.xz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError):
+        mvtec.download_category("carpet", dest, url=truncated.as_uri())
+    with pytest.raises(PipelineError):
+        mvtec.download_category("carpet", dest, url=carpet_archive.as_uri(), sha256="f" * 64)
+    assert tree(dest) == before == tree(source)
+    assert leftovers(out) == ["carpet"]
+
+
+def test_redownload_replaces_dest(tmp_path, carpet_archive, out):
+    dest = out / "carpet"
+    mvtec.download_category("carpet", dest, url=carpet_archive.as_uri())
+    (dest / "stale.txt").write_text("old")
+    other = make_category(tmp_path / "other" / "carpet", seed=50)
+    archive = pack(tmp_path / "other.tar.xz", {"carpet": other})
+    mvtec.download_category("carpet", dest, url=archive.as_uri())
+    assert tree(dest) == tree(other)
+    assert leftovers(out) == ["carpet"]
+
+
+def test_unsafe_member_rejected(tmp_path, source, out):
+    archive = tmp_path / "evil.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(source, arcname="carpet")
+        info = tarfile.TarInfo("carpet/../../escape.txt")
+        payload = b"gotcha"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(PipelineError, match="unsafe member"):
+        mvtec.download_category("carpet", out / "carpet", url=archive.as_uri())
+    assert leftovers(out) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_links_are_skipped(tmp_path, source, out):
+    archive = tmp_path / "links.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(source, arcname="carpet")
+        link = tarfile.TarInfo("carpet/train/good/link.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    dest = mvtec.download_category("carpet", out / "carpet", url=archive.as_uri())
+    assert not (dest / "train/good/link.png").exists() and not (dest / "train/good/link.png").is_symlink()
+    assert tree(dest) == tree(source)
+
+
+def test_cache_dir_keeps_and_reuses_archive(tmp_path, carpet_archive, source, out):
+    cache = tmp_path / "cache"
+    url = carpet_archive.as_uri()
+    digest = sha(carpet_archive)
+    mvtec.download_category("carpet", out / "a", url=url, sha256=digest, cache_dir=cache)
+    cached = list(cache.iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("carpet.tar.xz")
+    carpet_archive.unlink()  # a second call must not need the source any more
+    mvtec.download_category("carpet", out / "b", url=url, sha256=digest, cache_dir=cache)
+    assert tree(out / "b") == tree(source)
+    assert leftovers(out) == ["a", "b"]
+
+
+def test_cache_dir_no_leftovers_on_mismatch(tmp_path, carpet_archive, out):
+    cache = tmp_path / "cache"
+    with pytest.raises(PipelineError, match="checksum"):
+        mvtec.download_category("carpet", out / "carpet", url=carpet_archive.as_uri(), sha256="a" * 64, cache_dir=cache)
+    assert leftovers(cache) == [] and leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------- params
+
+
+def test_unknown_category_names_param(out):
+    with pytest.raises(PipelineError, match=r"data\.category"):
+        mvtec.download_category("spaceship", out / "spaceship")
+    assert leftovers(out) == []
+
+
+def test_unknown_archive_names_param(out):
+    with pytest.raises(PipelineError, match=r"data\.mvtec\.archive"):
+        mvtec.download_category("carpet", out / "carpet", archive="zip")
+
+
+def test_urls_table():
+    assert len(mvtec.CATEGORIES) == 15 and set(mvtec.CATEGORY_URLS) == set(mvtec.CATEGORIES)
+    assert mvtec.CATEGORY_URLS["carpet"] == f"{mvtec.BASE_URL}/420937484-1629951672/carpet.tar.xz"
+    for category, url in mvtec.CATEGORY_URLS.items():
+        assert url.startswith(mvtec.BASE_URL + "/") and url.endswith(f"/{category}.tar.xz")
+    assert mvtec.FULL_ARCHIVE_URL.endswith("/420938113-1629952094/mvtec_anomaly_detection.tar.xz")
+
+
+def test_full_archive_defaults(monkeypatch, out):
+    """archive='full' without url/sha256 fetches FULL_ARCHIVE_URL and checks FULL_ARCHIVE_SHA256."""
+    seen = {}
+
+    def fake_fetch(url, target, timeout):
+        seen["url"] = url
+        target.write_bytes(b"x")
+        return "b" * 64
+
+    monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
+    with pytest.raises(PipelineError, match=mvtec.FULL_ARCHIVE_SHA256):
+        mvtec.download_category("carpet", out / "carpet", archive="full")
+    assert seen["url"] == mvtec.FULL_ARCHIVE_URL
+    assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------ layout + copy
+
+
+def test_validate_layout_ok(source):
+    mvtec.validate_layout(source)
+
+
+def test_validate_layout_missing_folder(tmp_path):
+    with pytest.raises(PipelineError, match="category folder not found"):
+        mvtec.validate_layout(tmp_path / "nope")
+
+
+def test_validate_layout_empty_train_good(tmp_path):
+    root = tmp_path / "carpet"
+    (root / "train" / "good").mkdir(parents=True)
+    (root / "train" / "good" / "notes.txt").write_text("not an image")
+    _png(root / "test/good/000.png", 1)
+    with pytest.raises(PipelineError, match=r"train/good: no training images"):
+        mvtec.validate_layout(root)
+
+
+def test_validate_layout_needs_test_images(tmp_path):
+    root = tmp_path / "carpet"
+    _png(root / "train/good/000.PNG", 1)  # suffix check is case-insensitive
+    with pytest.raises(PipelineError, match="test"):
+        mvtec.validate_layout(root)
+    (root / "test" / "good").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="no test images"):
+        mvtec.validate_layout(root)
+    _png(root / "test/good/000.png", 2)
+    mvtec.validate_layout(root)  # ground_truth/ is optional
+
+
+def test_copy_folder(source, out):
+    before = tree(source)
+    dest = mvtec.copy_folder(source, out / "carpet")
+    assert dest == out / "carpet"
+    assert tree(dest) == before
+    assert tree(source) == before
+    assert leftovers(out) == ["carpet"]
+
+
+def test_copy_folder_replaces_and_rejects_bad(tmp_path, source, out):
+    dest = out / "carpet"
+    mvtec.copy_folder(source, dest)
+    (dest / "stale.txt").write_text("old")
+    mvtec.copy_folder(source, dest)
+    assert tree(dest) == tree(source)
+    with pytest.raises(PipelineError, match="category folder not found"):
+        mvtec.copy_folder(tmp_path / "missing", dest)
+    with pytest.raises(PipelineError, match="overlap"):
+        mvtec.copy_folder(source, source)
+    assert tree(dest) == tree(source)
+    assert leftovers(out) == ["carpet"]
