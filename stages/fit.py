@@ -9,12 +9,19 @@ from stages.common import PipelineError, atomic_path, load_params, param, resolv
 from stages.models import model_config
 
 PLOTS_ROOT = Path("plots")
+CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric
 
 
 def log_history(history: list[dict], directory: Path) -> None:
-    """Per-epoch losses as DVC plots (dvclive), so `dvc plots show` draws the learning curves."""
+    """Per-epoch losses as DVC plots (dvclive), so `dvc plots show` draws the learning curves.
+
+    Methods that do not train (kNN, PatchCore) leave an empty curve folder: DVC needs the output.
+    """
     from dvclive import Live
 
+    (directory / CURVES).mkdir(parents=True, exist_ok=True)
+    if not history:
+        return
     with Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         for row in history:
             for key in ("train_loss", "val_loss"):

@@ -1,0 +1,47 @@
+"""Shared test helpers: run a stage script as DVC would, in a scratch project folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(module: str, *args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m stages.<module> args` with cwd as the project root (params.yaml, data/ live there)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"stage {module} failed:\n{result.stderr}")
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The stage's one-line error: exit code 1, no traceback, last stderr line starts with 'error:'."""
+    assert result.returncode == 1, f"expected exit 1, got {result.returncode}:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.stderr
+    return line
+
+
+def write_params(folder: Path, params: dict) -> None:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty scratch project folder with the repo's params.yaml."""
+    write_params(tmp_path, default_params())
+    return tmp_path

@@ -1,0 +1,115 @@
+"""Backbones load real weights offline: the packaged EfficientNet-Lite0 and torchvision's hub cache."""
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from skimage import data
+
+from stages.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, load_backbone
+from stages.common import PipelineError
+
+
+def _classify(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR)) / 255.0
+    x = torch.tensor(resized, dtype=torch.float32).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(x)[0].softmax(0)
+
+
+def test_efficientnet_lite0_mapping_classifies_real_photos():
+    model = load_backbone("efficientnet_lite0")
+    coffee = _classify(model, data.coffee())
+    assert int(coffee.argmax()) == 967  # espresso
+    assert float(coffee[967]) > 0.5
+    cat = _classify(model, data.chelsea())
+    assert 281 <= int(cat.argmax()) <= 285  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+
+
+def test_efficientnet_lite0_features_have_expected_shapes():
+    extractor = FeatureExtractor("efficientnet_lite0", load_backbone("efficientnet_lite0"))
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    out = extractor(images, batch_size=2)
+    assert out.global_embeddings.shape == (3, 1280)
+    assert out.global_embeddings.dtype == torch.float32
+    assert [tuple(m.shape) for m in out.feature_maps.values()] == [(3, 40, 8, 8), (3, 112, 4, 4)]
+    # batching must not change the result
+    again = extractor(images, batch_size=3)
+    assert torch.allclose(out.global_embeddings, again.global_embeddings, atol=1e-5)
+
+
+def _cached_weights(tmp_path, monkeypatch, arch: str, weights_name: str):
+    """Write a checkpoint (random init) where torchvision's cache looks, under a temporary TORCH_HOME."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_weight(weights_name)
+    torch.manual_seed(0)
+    state = torchvision.models.get_model(arch, weights=None).state_dict()
+    target = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    return state
+
+
+def _no_network(monkeypatch):
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_resnet50_loads_from_torch_hub_cache_without_network(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    state = _cached_weights(tmp_path, monkeypatch, "resnet50", "ResNet50_Weights.IMAGENET1K_V2")
+    model = load_backbone("resnet50")
+    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
+    assert torch.equal(model.state_dict()["layer3.0.conv1.weight"], state["layer3.0.conv1.weight"])
+    out = FeatureExtractor("resnet50", model)(np.zeros((2, 224, 224, 3), dtype=np.uint8))
+    assert out.global_embeddings.shape == (2, 2048)
+    assert [tuple(m.shape) for m in out.feature_maps.values()] == [(2, 512, 28, 28), (2, 1024, 14, 14)]
+
+
+def test_vit_b_16_cls_token_and_patch_maps(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    _cached_weights(tmp_path, monkeypatch, "vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1")
+    extractor = FeatureExtractor("vit_b_16", load_backbone("vit_b_16"))
+    out = extractor(np.zeros((1, 224, 224, 3), dtype=np.uint8))
+    assert out.global_embeddings.shape == (1, 768)
+    assert [tuple(m.shape) for m in out.feature_maps.values()] == [(1, 768, 14, 14), (1, 768, 14, 14)]
+    with pytest.raises(PipelineError, match="needs 224x224 inputs"):
+        extractor(np.zeros((1, 64, 64, 3), dtype=np.uint8))
+
+
+def test_missing_weights_without_network_says_which_file_to_put_where(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PipelineError) as excinfo:
+        load_backbone("wide_resnet50_2")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    url = torchvision.models.get_weight("Wide_ResNet50_2_Weights.IMAGENET1K_V1").url
+    assert url.rsplit("/", 1)[-1] in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "backbones.wide_resnet50_2.weights" in message
+
+
+def test_weights_path_param(tmp_path):
+    torch.manual_seed(1)
+    state = torchvision.models.get_model("resnet50", weights=None).state_dict()
+    path = tmp_path / "my_resnet.pth"
+    torch.save(state, path)
+    model = load_backbone("resnet50", weights=str(path))
+    assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
+    with pytest.raises(PipelineError, match="backbones.resnet50.weights: file not found"):
+        load_backbone("resnet50", weights=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_and_layer():
+    with pytest.raises(PipelineError, match="unknown backbone 'resnet9000'"):
+        load_backbone("resnet9000")
+    with pytest.raises(PipelineError, match="'blocks.99' is not a module"):
+        FeatureExtractor("efficientnet_lite0", load_backbone("efficientnet_lite0"), layers=["blocks.99"])

@@ -1,0 +1,145 @@
+"""Global kNN, PatchCore, the coreset sampler and the chunked neighbour search on small tensors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.common import PipelineError
+from stages.features import FeatureSet
+from stages.methods import get_method
+from stages.methods.global_knn import GlobalKNN
+from stages.methods.neighbours import knn_distances
+from stages.methods.patchcore import PatchCore
+from stages.methods.sampler import greedy_coreset
+
+
+def feature_set(global_embeddings=None, maps=None, image_size=(32, 32)) -> FeatureSet:
+    n = len(global_embeddings) if global_embeddings is not None else len(next(iter(maps.values())))
+    return FeatureSet(
+        global_embeddings=global_embeddings if global_embeddings is not None else torch.zeros(n, 4),
+        feature_maps=maps or {},
+        image_size=image_size,
+        names=[f"img{i}" for i in range(n)],
+    )
+
+
+def test_knn_distances_chunked_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(37, 5, generator=g), torch.randn(53, 5, generator=g)
+    brute = torch.cdist(queries, bank).sort(dim=1)
+    for max_elements in (7, 100, 10**6):  # blocks far smaller than the full matrix, and one block
+        dist, index = knn_distances(queries, bank, k=4, max_elements=max_elements)
+        assert torch.allclose(dist, brute.values[:, :4], atol=1e-5)
+        assert torch.equal(index, brute.indices[:, :4])
+
+
+def test_global_knn_score_is_mean_distance_to_k_nearest():
+    g = torch.Generator().manual_seed(1)
+    train = torch.randn(20, 6, generator=g)
+    test = torch.randn(5, 6, generator=g)
+    model = GlobalKNN(k=3).fit(feature_set(train))
+    scores = model.predict(feature_set(test)).image_scores
+    expected = np.sort(np.linalg.norm(test.numpy()[:, None] - train.numpy()[None], axis=2), axis=1)[:, :3].mean(1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    assert model.predict(feature_set(test)).anomaly_maps is None
+
+
+def test_global_knn_keeps_highest_variance_dimensions():
+    train = torch.zeros(10, 4)
+    train[:, 1] = torch.arange(10.0)  # the only dimension that varies much
+    train[:, 3] = torch.arange(10.0) * 0.1
+    model = GlobalKNN(k=2, top_variance_dims=1).fit(feature_set(train))
+    assert model.dims.tolist() == [1]
+    query = torch.tensor([[100.0, 4.0, -100.0, 0.0]])  # differs only in dropped dimensions
+    assert model.predict(feature_set(query)).image_scores[0] == pytest.approx(0.5)
+
+
+def test_global_knn_rejects_k_larger_than_bank():
+    with pytest.raises(PipelineError, match="k=50 is larger than the memory bank \\(10 training images\\)"):
+        GlobalKNN(k=50).fit(feature_set(torch.zeros(10, 3)))
+
+
+def _naive_greedy(points: torch.Tensor, n_select: int, start: torch.Tensor) -> list[int]:
+    min_dist = torch.cdist(points, points[start]).mean(1)
+    chosen = []
+    for _ in range(n_select):
+        i = int(torch.argmax(min_dist))
+        chosen.append(i)
+        min_dist = torch.minimum(min_dist, torch.cdist(points, points[i : i + 1])[:, 0])
+    return sorted(chosen)
+
+
+def test_greedy_coreset_matches_naive_k_center():
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(300, 8, generator=g)
+    selected = greedy_coreset(points, 0.1, projection_dim=None, n_starting_points=10, seed=7, progress=False)
+    start = torch.randperm(300, generator=torch.Generator().manual_seed(7))[:10]
+    assert selected.tolist() == _naive_greedy(points, 30, start)
+    # same seed, same coreset; ratio 1 keeps everything
+    assert torch.equal(selected, greedy_coreset(points, 0.1, projection_dim=None, seed=7, progress=False))
+    assert greedy_coreset(points, 1.0, progress=False).tolist() == list(range(300))
+
+
+def test_greedy_coreset_picks_one_point_per_cluster():
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(5, 16, generator=g) * 20
+    points = torch.cat([c + torch.randn(200, 16, generator=g) for c in centres])
+    selected = greedy_coreset(points, 0.005, projection_dim=8, seed=0, progress=False)
+    # 5 points out of 1000: k-center puts one in each cluster (a random pick would in 4% of cases)
+    assert len(selected) == 5
+    assert sorted(int(i) // 200 for i in selected) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "half"])
+def test_coreset_ratio_outside_unit_interval(ratio):
+    with pytest.raises(PipelineError, match="coreset_ratio must be in \\(0, 1\\]"):
+        PatchCore(coreset_ratio=ratio)
+
+
+def _texture_maps(n: int, seed: int, anomaly_at=None):
+    """Two layers (8x8 and 4x4) of a smooth periodic pattern plus noise; optional anomaly at (row, col)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    base = torch.stack([torch.sin(xx + c) + torch.cos(yy * 0.5 + c) for c in range(6)])
+    fine = base[None].repeat(n, 1, 1, 1) + 0.05 * torch.randn(n, 6, 8, 8, generator=g)
+    if anomaly_at is not None:
+        fine[:, :, anomaly_at[0], anomaly_at[1]] += 5.0
+    coarse = torch.nn.functional.avg_pool2d(fine, 2).repeat(1, 2, 1, 1)
+    return {"layer2": fine.half(), "layer3": coarse.half()}
+
+
+def test_patchcore_localises_an_anomalous_patch(tmp_path):
+    train = feature_set(maps=_texture_maps(6, seed=0), image_size=(32, 32))
+    good = feature_set(maps=_texture_maps(2, seed=1), image_size=(32, 32))
+    bad = feature_set(maps=_texture_maps(2, seed=2, anomaly_at=(2, 5)), image_size=(32, 32))
+    model = PatchCore(coreset_ratio=0.5, pretrain_embed_dimension=16, target_embed_dimension=16, smoothing_sigma=1)
+    model.fit(train)
+    assert len(model.bank) == int(6 * 64 * 0.5)
+    good_pred, bad_pred = model.predict(good), model.predict(bad)
+    assert bad_pred.anomaly_maps.shape == (2, 32, 32)
+    assert bad_pred.image_scores.min() > 3 * good_pred.image_scores.max()
+    row, col = np.unravel_index(bad_pred.anomaly_maps[0].argmax(), (32, 32))
+    # feature cell (2, 5) covers pixels rows 8-11, cols 20-23 at stride 4
+    assert 6 <= row <= 13 and 18 <= col <= 25
+
+    model.save(tmp_path / "pc")
+    loaded = get_method("patchcore").load(tmp_path / "pc")
+    np.testing.assert_array_equal(loaded.predict(bad).image_scores, bad_pred.image_scores)
+
+    reweighted = PatchCore(
+        coreset_ratio=0.5, pretrain_embed_dimension=16, target_embed_dimension=16, smoothing_sigma=1, reweight=True
+    ).fit(train)
+    weighted_scores = reweighted.predict(bad).image_scores
+    assert np.all(weighted_scores <= bad_pred.image_scores + 1e-6) and np.all(weighted_scores > 0)
+
+
+def test_patchcore_is_deterministic():
+    train = feature_set(maps=_texture_maps(4, seed=5))
+    fit = lambda: PatchCore(coreset_ratio=0.25, pretrain_embed_dimension=8, target_embed_dimension=8).fit(train).bank
+    assert torch.equal(fit(), fit())
+
+
+def test_unknown_method():
+    with pytest.raises(PipelineError, match="unknown method 'magic'"):
+        get_method("magic")
