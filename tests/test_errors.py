@@ -1,0 +1,162 @@
+"""Bad input: one clear line naming the file or param, exit code 1, and no output DVC could cache."""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from stages.data.synthetic import generate_category
+from tests.conftest import error_line, run_stage, write_params
+
+def assert_no_output(path: Path) -> None:
+    """Neither the output nor a temporary sibling of it is left behind."""
+    assert not path.exists()
+    if path.parent.exists():
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp")]
+
+
+TINY = dict(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, seed=0)
+
+
+def raw_category(project: Path, source: str = "synthetic", category: str = "carpet") -> Path:
+    root = project / "data" / "raw" / source / category
+    generate_category(root, defect_types=("color", "hole"), **TINY)
+    return root
+
+
+def tiny_params(project: Path, **models) -> dict:
+    from tests.conftest import default_params
+
+    params = default_params()
+    params["data"]["synthetic"].update(TINY)
+    params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
+    params["models"] = models or params["models"]
+    write_params(project, params)
+    return params
+
+
+def test_unknown_source(project):
+    params = tiny_params(project)
+    params["data"]["source"] = "ftp"
+    write_params(project, params)
+    line = error_line(run_stage("download", cwd=project))
+    assert "data.source" in line and "'ftp'" in line
+    assert not (project / "data").exists()
+
+
+def test_checksum_mismatch_leaves_no_dataset(project):
+    root = raw_category(project, source="staging")
+    archive = project / "carpet.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(root, arcname="carpet")
+    params = tiny_params(project)
+    params["data"]["source"] = "mvtec"
+    params["data"]["mvtec"].update(url=archive.as_uri(), sha256="0" * 64)
+    write_params(project, params)
+    line = error_line(run_stage("download", cwd=project))
+    assert "checksum mismatch" in line and archive.as_uri() in line
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() in line
+    assert_no_output(project / "data" / "raw" / "mvtec" / "carpet")
+    # the right checksum downloads and extracts
+    params["data"]["mvtec"]["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
+    write_params(project, params)
+    run_stage("download", cwd=project, check=True)
+    assert len(list((project / "data/raw/mvtec/carpet/train/good").iterdir())) == TINY["n_train"]
+
+
+def test_missing_category_folder(project):
+    tiny_params(project)
+    line = error_line(run_stage("preprocess", cwd=project))
+    assert "data/raw/synthetic/carpet: category folder not found" in line
+    assert_no_output(project / "data" / "features" / "pixels")
+
+
+def test_missing_folder_source(project):
+    params = tiny_params(project)
+    params["data"].update(source="folder", folder=str(project / "nowhere"))
+    write_params(project, params)
+    line = error_line(run_stage("download", cwd=project))
+    assert str(project / "nowhere") in line
+    assert not (project / "data" / "raw").exists() or not any((project / "data" / "raw").rglob("*.png"))
+
+
+def test_empty_train_good(project):
+    root = raw_category(project)
+    for image in (root / "train" / "good").iterdir():
+        image.unlink()
+    tiny_params(project)
+    line = error_line(run_stage("preprocess", cwd=project))
+    assert "train/good: no training images" in line
+    assert_no_output(project / "data" / "features" / "pixels")
+
+
+def test_truncated_image(project):
+    root = raw_category(project)
+    victim = root / "test" / "hole" / "000.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    tiny_params(project)
+    line = error_line(run_stage("preprocess", cwd=project))
+    assert str(Path("test") / "hole" / "000.png") in line and "unreadable or truncated" in line
+    assert_no_output(project / "data" / "features" / "pixels")
+
+
+def test_mask_size_mismatch(project):
+    from PIL import Image
+
+    root = raw_category(project)
+    Image.new("L", (32, 32)).save(root / "ground_truth" / "color" / "000_mask.png")
+    tiny_params(project)
+    line = error_line(run_stage("preprocess", cwd=project))
+    assert "000_mask.png: mask size 32x32 differs from its image" in line
+
+
+@pytest.fixture
+def prepared(project):
+    raw_category(project)
+    tiny_params(project)
+    run_stage("preprocess", cwd=project, check=True)
+    return project
+
+
+def test_unknown_backbone(prepared):
+    params = tiny_params(prepared)
+    params["backbones"] = {"resnet9000": {"batch_size": 4}}
+    write_params(prepared, params)
+    line = error_line(run_stage("extract", "resnet9000", cwd=prepared))
+    assert "unknown backbone 'resnet9000'" in line
+    assert_no_output(prepared / "data" / "features" / "resnet9000")
+
+
+@pytest.fixture
+def extracted(prepared):
+    run_stage("extract", "efficientnet_lite0", cwd=prepared, check=True)
+    return prepared
+
+
+def test_unknown_method(extracted):
+    tiny_params(extracted, bad={"method": "magic", "backbone": "efficientnet_lite0"})
+    line = error_line(run_stage("fit", "bad", cwd=extracted))
+    assert "models.bad.method" in line and "unknown method 'magic'" in line
+    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
+
+
+def test_k_larger_than_bank(extracted):
+    tiny_params(extracted, knn={"method": "global_knn", "backbone": "efficientnet_lite0", "k": 50})
+    line = error_line(run_stage("fit", "knn", cwd=extracted))
+    assert "models.knn" in line and "k=50 is larger than the memory bank (6 training images)" in line
+    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
+
+
+def test_coreset_ratio_out_of_range(extracted):
+    tiny_params(extracted, pc={"method": "patchcore", "backbone": "efficientnet_lite0", "coreset_ratio": 1.5})
+    line = error_line(run_stage("fit", "pc", cwd=extracted))
+    assert "models.pc" in line and "coreset_ratio must be in (0, 1], got 1.5" in line
+    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
+
+
+def test_model_backbone_not_configured(extracted):
+    tiny_params(extracted, knn={"method": "global_knn", "backbone": "resnet50", "k": 2})
+    line = error_line(run_stage("fit", "knn", cwd=extracted))
+    assert "models.knn.backbone" in line and "'resnet50' is not configured" in line
