@@ -74,6 +74,10 @@ def repo(tmp_path_factory) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
+    # a repo with a commit, as a clone is (dvclive reads the current revision)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", *git_user, "commit", "-qm", "tiny pipeline"], cwd=root, check=True)
     return root
 
 
@@ -106,12 +110,16 @@ def test_forced_repro_is_deterministic(repo, first_run):
         assert read_metrics(repo) == first_run
 
 
-def test_model_hyperparameter_reruns_only_that_model(repo, first_run):
-    set_param(repo, "models.knn_effnet.k", 4)
-    status = json.loads(dvc(repo, "status", "--json"))
-    assert set(status) == {"fit@knn_effnet", "evaluate@knn_effnet", "report"}
-    assert ran(dvc(repo, "repro")) == {"fit@knn_effnet", "evaluate@knn_effnet", "report"}
-    assert read_metrics(repo)["metrics/models/patchcore_effnet.json"] == first_run["metrics/models/patchcore_effnet.json"]
+@pytest.mark.parametrize("model, key, value", [("knn_effnet", "k", 4), ("skipae_ssim", "epochs", 3)])
+def test_model_hyperparameter_reruns_only_that_model(repo, first_run, model, key, value):
+    before = read_metrics(repo)
+    set_param(repo, f"models.{model}.{key}", value)
+    expected = {f"fit@{model}", f"evaluate@{model}", "report"}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == expected
+    assert ran(dvc(repo, "repro")) == expected
+    after = read_metrics(repo)
+    others = [f for f in before if f.startswith("metrics/models/") and f != f"metrics/models/{model}.json"]
+    assert others and all(after[f] == before[f] for f in others)
 
 
 def test_preprocess_param_reruns_everything_downstream_only(repo, first_run):

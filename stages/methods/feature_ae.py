@@ -46,7 +46,7 @@ def _mse(net: nn.Module, x: Tensor) -> Tensor:
 class FeatureAE(AnomalyDetector):
     method = "feature_ae"
     uses = "features"
-    DEFAULTS: dict[str, Any] = dict(latent=64, neighbourhood=3, score="max", **TRAINING_DEFAULTS)
+    DEFAULTS: dict[str, Any] = dict(latent=32, neighbourhood=3, score="max", **TRAINING_DEFAULTS)
 
     def __init__(self, device: str = "cpu", **hparams: Any):
         super().__init__(device=device, **hparams)

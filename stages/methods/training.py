@@ -24,7 +24,7 @@ from stages.common import PipelineError
 from stages.methods.base import TrainingDiverged
 
 # The hparams every trained method accepts, with their defaults.
-TRAINING_DEFAULTS: dict[str, Any] = dict(lr=1e-3, epochs=25, batch_size=16, patience=5, seed=0, smoothing_sigma=4.0)
+TRAINING_DEFAULTS: dict[str, Any] = dict(lr=1e-3, epochs=30, batch_size=8, patience=5, seed=0, smoothing_sigma=4.0)
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
