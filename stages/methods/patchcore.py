@@ -95,7 +95,12 @@ class PatchCore(AnomalyDetector):
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PatchCore":
         if len(train) == 0:
             raise PipelineError("no training images to build the memory bank")
-        patches = torch.cat([emb.cpu() for emb, _ in self._batches(train, "embed train")])
+        patches, filled = None, 0
+        for embeddings, grid in self._batches(train, "embed train"):
+            if patches is None:  # one allocation: no second copy of the full patch set
+                patches = torch.empty(len(train) * grid[0] * grid[1], embeddings.shape[1])
+            patches[filled : filled + len(embeddings)] = embeddings.cpu()
+            filled += len(embeddings)
         selected = greedy_coreset(
             patches.to(self.device),
             self.hparams["coreset_ratio"],
