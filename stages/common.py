@@ -64,11 +64,12 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder if it is there (cleanup must not fail on what is already gone)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -80,13 +81,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
-    _remove(final)
+    remove_path(final)
     os.replace(tmp, final)
 
 

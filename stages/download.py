@@ -9,6 +9,7 @@ from pathlib import Path
 from stages.common import PipelineError, atomic_path, load_params, param, run_main
 from stages.data import mvtec
 from stages.data.synthetic import generate_category
+from stages.paths import RAW_ROOT
 
 SOURCES = ("synthetic", "mvtec", "folder")
 
@@ -21,28 +22,21 @@ def main() -> None:
         raise PipelineError(f"data.source: unknown source '{source}' (known: {', '.join(SOURCES)})")
     if not isinstance(category, str) or not category or "/" in category or category.startswith("."):
         raise PipelineError(f"data.category: invalid category name {category!r}")
-    dest = Path("data/raw") / source / category
+    dest = RAW_ROOT / source / category
 
     if source == "synthetic":
-        options = param(params, "data.synthetic")
+        keys = ("image_size", "n_train", "n_test_good", "n_test_per_defect", "seed", "defect_types")
+        options = {key: param(params, f"data.synthetic.{key}") for key in keys}
+        options["defect_types"] = tuple(options["defect_types"])
         with atomic_path(dest) as tmp:
-            generate_category(
-                tmp,
-                image_size=options["image_size"],
-                n_train=options["n_train"],
-                n_test_good=options["n_test_good"],
-                n_test_per_defect=options["n_test_per_defect"],
-                seed=options["seed"],
-                defect_types=tuple(options["defect_types"]),
-            )
+            generate_category(tmp, **options)
     elif source == "mvtec":
-        options = param(params, "data.mvtec")
         mvtec.download_category(
             category,
             dest,
-            url=options.get("url"),
-            sha256=options.get("sha256"),
-            archive=options.get("archive", "category"),
+            url=param(params, "data.mvtec.url", None),
+            sha256=param(params, "data.mvtec.sha256", None),
+            archive=param(params, "data.mvtec.archive", "category"),
         )
     else:
         folder = param(params, "data.folder")

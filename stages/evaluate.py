@@ -7,16 +7,13 @@ and plots/<model>/{scores,roc}.csv for `dvc plots`.
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 from stages import metrics
-from stages.common import PipelineError, atomic_path, load_params, param, resolve_device, run_main, write_json
+from stages.common import PipelineError, atomic_path, param, run_main, write_json
 from stages.data.prepared import load_split
-from stages.models import FEATURES_ROOT, PIXELS, model_config
-
-METRICS_ROOT = Path("metrics/models")
-PLOTS_ROOT = Path("plots")
+from stages.models import model_from_argv
+from stages.paths import FEATURES_ROOT, METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -28,22 +25,21 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise PipelineError("usage: python -m stages.evaluate <model name from params.yaml models>")
-    name = sys.argv[1]
-    params = load_params()
-    config = model_config(params, name)
-    device = resolve_device(param(params, "device", "auto"))
+    params, config, device = model_from_argv("evaluate")
+    name = config.name
     fpr_limit = param(params, "evaluate.fpr_limit")
     n_std = param(params, "evaluate.threshold_n_std")
 
     detector = config.detector_class().load(config.directory, device=device)
-    test = load_split(FEATURES_ROOT / PIXELS / "test.npz")  # labels, defect types, masks
-    inputs = config.load_inputs("test")
-    if list(inputs.names) != test.names:
-        raise PipelineError(f"{FEATURES_ROOT / config.backbone}: features do not match the prepared test images; rerun extract")
-    prediction = detector.predict(inputs)
-    val_scores = detector.predict(config.load_inputs("val")).image_scores
+    test = load_split(PIXELS_DIR / "test.npz")  # labels, defect types, masks
+    inputs = {split: config.load_inputs(split) for split in ("test", "val")}
+    for split, loaded in inputs.items():
+        if list(loaded.names) != load_split(PIXELS_DIR / f"{split}.npz").names:
+            raise PipelineError(
+                f"{FEATURES_ROOT / config.backbone}: {split} features do not match the prepared images; rerun extract"
+            )
+    prediction = detector.predict(inputs["test"])
+    val_scores = detector.predict(inputs["val"]).image_scores
 
     with_maps = prediction.anomaly_maps is not None and test.masks is not None
     result = metrics.evaluate(

@@ -13,7 +13,7 @@ from stages.backbones import FeatureExtractor, get_spec, load_backbone
 from stages.common import PipelineError, atomic_path, check, load_params, param, resolve_device, run_main
 from stages.data.prepared import SPLITS, load_split
 from stages.features import FeatureSet, save_features
-from stages.preprocess import OUTPUT as PIXELS
+from stages.paths import FEATURES_ROOT, PIXELS_DIR
 
 
 def main() -> None:
@@ -31,10 +31,10 @@ def main() -> None:
     torch.manual_seed(0)  # nothing random in inference; fixed anyway for any stochastic layer
 
     extractor = FeatureExtractor(arch, load_backbone(arch, options.get("weights")), options.get("layers"), device)
-    with atomic_path(Path("data/features") / name) as out:
+    with atomic_path(FEATURES_ROOT / name) as out:
         out.mkdir(parents=True)
         for split_name in SPLITS:
-            split = load_split(PIXELS / f"{split_name}.npz")
+            split = load_split(PIXELS_DIR / f"{split_name}.npz")
             extracted = extractor(split.images, batch_size=batch_size, desc=f"{name} {split_name}")
             save_features(
                 out / f"{split_name}.pt",

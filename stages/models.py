@@ -1,18 +1,16 @@
 """Named model entries of params.yaml (`models.<name>`: method + backbone + hyper-parameters)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import PipelineError, check, param
+from stages.common import PipelineError, check, load_params, param, resolve_device
 from stages.data.prepared import load_split
 from stages.features import load_features
 from stages.methods import get_method
 from stages.methods.base import AnomalyDetector
-
-PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves
-FEATURES_ROOT = Path("data/features")
-MODELS_ROOT = Path("models")
+from stages.paths import FEATURES_ROOT, MODELS_ROOT, PIXELS
 
 
 @dataclass
@@ -36,8 +34,8 @@ class ModelConfig:
         cls = self.detector_class()
         try:
             return cls(device=device, **self.hparams)
-        except TypeError as exc:  # an unknown or missing hyper-parameter
-            raise PipelineError(f"models.{self.name}: {exc}") from exc
+        except TypeError as exc:  # an unknown or mistyped hyper-parameter name
+            raise PipelineError(f"models.{self.name}: unknown hyper-parameter ({exc})") from exc
         except PipelineError as exc:
             raise PipelineError(f"models.{self.name}: {exc}") from exc
 
@@ -68,3 +66,12 @@ def model_config(params: dict, name: str) -> ModelConfig:
             f"models.{name}.backbone: '{backbone}' is not configured under `backbones:` in params.yaml",
         )
     return config
+
+
+def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
+    """The shared start of fit/evaluate: `python -m stages.<stage> <model>` -> params, config, device."""
+    if len(sys.argv) != 2:
+        raise PipelineError(f"usage: python -m stages.{stage} <model name from params.yaml models>")
+    params = load_params()
+    config = model_config(params, sys.argv[1])
+    return params, config, resolve_device(param(params, "device", "auto"))

@@ -14,12 +14,11 @@ from tqdm import tqdm
 from stages.common import PipelineError, atomic_path, check, load_params, param, run_main
 from stages.data.prepared import Split, save_split
 from stages.data.raw import RawImage, list_category, read_image, resize_and_crop
-
-OUTPUT = Path("data/features/pixels")
+from stages.paths import PIXELS_DIR, RAW_ROOT
 
 
 def raw_dir(params: dict) -> Path:
-    return Path("data/raw") / param(params, "data.source") / param(params, "data.category")
+    return RAW_ROOT / param(params, "data.source") / param(params, "data.category")
 
 
 def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
@@ -73,12 +72,12 @@ def main() -> None:
     val_items = [train_items[i] for i in sorted(order[:n_val])]
     fit_items = [train_items[i] for i in sorted(order[n_val:])]
 
-    with atomic_path(OUTPUT) as out:
+    with atomic_path(PIXELS_DIR) as out:
         out.mkdir(parents=True)
         save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
         save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
         save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
-    print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {OUTPUT}")
+    print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {PIXELS_DIR}")
 
 
 if __name__ == "__main__":

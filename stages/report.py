@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 from stages.common import PipelineError, atomic_path, load_params, param, run_main, write_json
-from stages.evaluate import METRICS_ROOT
-
-OUTPUT = Path("metrics")
+from stages.paths import METRICS_ROOT, SUMMARY_ROOT as OUTPUT
 COLUMNS = (
     "image_auroc",
     "pixel_auroc",

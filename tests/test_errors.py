@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import tarfile
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def test_mask_size_mismatch(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", cwd=project))
     assert "000_mask.png: mask size 32x32 differs from its image" in line
+    assert_no_output(project / "data" / "features" / "pixels")
 
 
 @pytest.fixture
@@ -160,3 +162,18 @@ def test_model_backbone_not_configured(extracted):
     tiny_params(extracted, knn={"method": "global_knn", "backbone": "resnet50", "k": 2})
     line = error_line(run_stage("fit", "knn", cwd=extracted))
     assert "models.knn.backbone" in line and "'resnet50' is not configured" in line
+
+
+def test_unknown_hyperparameter_name(extracted):
+    tiny_params(extracted, knn={"method": "global_knn", "backbone": "efficientnet_lite0", "k": 2, "top_variance_dim": 5})
+    line = error_line(run_stage("fit", "knn", cwd=extracted))
+    assert "models.knn: unknown hyper-parameter" in line and "top_variance_dim" in line
+
+
+def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):
+    model = {"method": "autoencoder", "backbone": "pixels", "image_size": 32, "epochs": 3, "lr": 1e30}
+    tiny_params(prepared, ae=model)
+    line = error_line(run_stage("fit", "ae", cwd=prepared))
+    assert re.search(r"models\.ae: loss became (NaN|infinite) at epoch \d+", line), line
+    assert_no_output(prepared / "models" / "ae")
+    assert_no_output(prepared / "plots" / "ae" / "train")

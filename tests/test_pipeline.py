@@ -64,6 +64,12 @@ def read_metrics(repo: Path) -> dict:
     return {str(f.relative_to(repo)): json.loads(f.read_text()) for f in files}
 
 
+def output_hashes(repo: Path) -> dict:
+    """md5 of every stage output recorded in dvc.lock: fitted models, features, plots, metrics."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
@@ -97,7 +103,20 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
         metrics = first_run[f"metrics/models/{name}.json"]
         assert 0.0 <= metrics["image_auroc"] <= 1.0
         assert summary[name]["image_auroc"] == metrics["image_auroc"]
-    assert summary["patchcore_effnet"]["aupro"] is not None and summary["knn_effnet"]["aupro"] is None
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for name, model in models.items():
+        has_maps = model["method"] != "global_knn"  # every method but the global kNN gives anomaly maps
+        assert (summary[name]["pixel_auroc"] is not None) == has_maps, name
+        assert (summary[name]["aupro"] is not None) == has_maps, name
+    trained = [name for name, model in models.items() if "epochs" in model]
+    assert trained, "the configuration should include trained models"
+    plots = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+    for name in trained:
+        curve = f"plots/{name}/train/plots/metrics/train_loss.tsv"
+        assert any(curve in key for key in plots), f"no learning curve for {name} in dvc plots show"
+        rows = (repo / curve).read_text().splitlines()
+        assert rows[0] == "step\ttrain_loss" and len(rows) == 1 + params["models"][name]["epochs"]
+    assert any("plots/patchcore_effnet/roc.csv" in key for key in plots)
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     shown = dvc(repo, "metrics", "show")
     for name in models:
@@ -105,9 +124,11 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
 
 
 def test_forced_repro_is_deterministic(repo, first_run):
+    hashes = output_hashes(repo)  # checkpoints, features and plots, byte for byte
     for _ in range(2):
         dvc(repo, "repro", "--force")
         assert read_metrics(repo) == first_run
+        assert output_hashes(repo) == hashes
 
 
 @pytest.mark.parametrize("model, key, value", [("knn_effnet", "k", 4), ("skipae_ssim", "epochs", 3)])

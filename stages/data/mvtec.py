@@ -25,6 +25,8 @@ from typing import BinaryIO, ContextManager
 from tqdm import tqdm
 
 from stages.common import PipelineError
+from stages.common import remove_path as _remove
+from stages.data.raw import check_layout
 
 CATEGORIES = (
     "bottle",
@@ -69,7 +71,6 @@ FULL_ARCHIVE_URL = f"{BASE_URL}/420938113-1629952094/mvtec_anomaly_detection.tar
 FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 
 ARCHIVES = ("category", "full")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CHUNK = 1 << 20
 USER_AGENT = "Mozilla/5.0 (compatible; mvtec-anomaly-pipeline)"
 
@@ -81,43 +82,13 @@ _READ_ERRORS = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
 # --------------------------------------------------------------------------------------- layout
 
 
-def _images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-
-
-def _check_layout(root: Path, shown: str) -> None:
-    """validate_layout, with `shown` used in messages instead of `root` (e.g. for a temp dir)."""
-    if not root.is_dir():
-        raise PipelineError(f"{shown}: category folder not found")
-    if not _images_in(root / "train" / "good"):
-        raise PipelineError(f"{shown}/train/good: no training images")
-    test = root / "test"
-    if not test.is_dir():
-        raise PipelineError(f"{shown}/test: test folder not found")
-    if not any(_images_in(sub) for sub in test.iterdir() if sub.is_dir()):
-        raise PipelineError(f"{shown}/test: no test images (expected test/<defect type>/*.png)")
-    # ground_truth/ is optional: without it the category is evaluated at image level only.
-
-
 def validate_layout(root: Path) -> None:
     """Check `root` looks like one MVTec AD category: train/good/*.png and test/<type>/*.png."""
     root = Path(root)
-    _check_layout(root, str(root))
+    check_layout(root, str(root))
 
 
 # ---------------------------------------------------------------------------- atomic placement
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _sibling_tmpdir(dest: Path, tag: str) -> Path:
@@ -384,7 +355,7 @@ def download_category(
             if from_cache and sha256 is None:
                 _remove(archive_path)  # unverifiable cache entry is bad: fetch afresh next time
             raise
-        _check_layout(staging, f"{url}: {category}")
+        check_layout(staging, f"{url}: {category}")
         _install(staging, dest)
         staging = None
     finally:

@@ -26,17 +26,29 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def check_layout(root: Path, shown: str | None = None) -> None:
+    """One MVTec AD category: train/good/*.png and test/<type>/*.png; ground_truth/ is optional.
+
+    `shown` replaces `root` in the messages (e.g. the URL of an archive being extracted to a temp dir).
+    """
+    shown = shown or str(root)
+    if not root.is_dir():
+        raise PipelineError(f"{shown}: category folder not found")
+    if not list_images(root / "train" / "good"):
+        raise PipelineError(f"{shown}/train/good: no training images")
+    test = root / "test"
+    if not test.is_dir():
+        raise PipelineError(f"{shown}/test: test folder not found")
+    if not any(list_images(sub) for sub in test.iterdir() if sub.is_dir()):
+        raise PipelineError(f"{shown}/test: no test images (expected test/<defect type>/*.png)")
+
+
 def list_category(root: Path) -> tuple[list[RawImage], list[RawImage], bool]:
     """Training (good) images, test images, and whether pixel ground truth exists."""
     root = Path(root)
-    if not root.is_dir():
-        raise PipelineError(f"{root}: category folder not found")
+    check_layout(root)
     train = [RawImage(p, str(p.relative_to(root)), "good", None) for p in list_images(root / "train" / "good")]
-    if not train:
-        raise PipelineError(f"{root / 'train' / 'good'}: no training images")
     test_root = root / "test"
-    if not test_root.is_dir():
-        raise PipelineError(f"{test_root}: test folder not found")
     has_masks = (root / "ground_truth").is_dir()
     test = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
@@ -47,8 +59,6 @@ def list_category(root: Path) -> tuple[list[RawImage], list[RawImage], bool]:
                 if not mask.is_file():
                     raise PipelineError(f"{mask}: ground-truth mask missing for {path}")
             test.append(RawImage(path, str(path.relative_to(root)), type_dir.name, mask))
-    if not test:
-        raise PipelineError(f"{test_root}: no test images")
     return train, test, has_masks
 
 

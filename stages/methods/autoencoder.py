@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from stages.common import PipelineError, seed_everything
 from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, finish_maps, resolve_hparams, train
+from stages.methods.training import TRAINING_DEFAULTS, predict_error_maps, resolve_hparams, train
 
 PIXEL_AE_DEFAULTS: dict[str, Any] = dict(
     image_size=128, channels=[32, 64, 128, 256], latent=16, score="max", **TRAINING_DEFAULTS
@@ -119,21 +119,10 @@ class Autoencoder(AnomalyDetector):
     def predict(self, inputs) -> Prediction:
         if self.net is None:
             raise PipelineError(f"{self.method}: predict() called before fit() or load()")
-        net = self.net.to(self.device).eval()
-        images = inputs.images
-        size = tuple(images.shape[1:3])
-        scores, maps = [], []
-        for start in range(0, len(images), self.hp["batch_size"]):
-            x = to_unit_tensor(images[start:start + self.hp["batch_size"]], self.hp["image_size"]).to(self.device)
-            raw = self.error_maps(net(x), x)
-            m, s = finish_maps(raw, size, float(self.hp["smoothing_sigma"]), self.hp["score"])
-            maps.append(m.cpu())
-            scores.append(s.cpu())
-        if not maps:
-            return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
-        return Prediction(
-            image_scores=torch.cat(scores).double().numpy(),
-            anomaly_maps=torch.cat(maps).float().numpy(),
+        return predict_error_maps(
+            self.net, self._inputs(inputs), self.error_maps,
+            size=tuple(inputs.images.shape[1:3]), batch_size=self.hp["batch_size"],
+            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
         )
 
     def get_state(self) -> dict:

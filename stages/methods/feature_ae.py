@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from stages.common import PipelineError, seed_everything
 from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, finish_maps, resolve_hparams, train
+from stages.methods.training import TRAINING_DEFAULTS, predict_error_maps, resolve_hparams, train
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -108,21 +108,10 @@ class FeatureAE(AnomalyDetector):
     def predict(self, inputs) -> Prediction:
         if self.net is None:
             raise PipelineError(f"{self.method}: predict() called before fit() or load()")
-        net = self.net.to(self.device).eval()
-        size = tuple(inputs.image_size)
-        x_all = self._standardised(inputs)
-        scores, maps = [], []
-        for start in range(0, len(x_all), self.hp["batch_size"]):
-            x = x_all[start:start + self.hp["batch_size"]].to(self.device)
-            raw = (net(x) - x).pow(2).sum(1)
-            m, s = finish_maps(raw, size, float(self.hp["smoothing_sigma"]), self.hp["score"])
-            maps.append(m.cpu())
-            scores.append(s.cpu())
-        if not maps:
-            return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
-        return Prediction(
-            image_scores=torch.cat(scores).double().numpy(),
-            anomaly_maps=torch.cat(maps).float().numpy(),
+        return predict_error_maps(
+            self.net, self._standardised(inputs), lambda recon, x: (recon - x).pow(2).sum(1),
+            size=tuple(inputs.image_size), batch_size=self.hp["batch_size"],
+            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
         )
 
     def get_state(self) -> dict:

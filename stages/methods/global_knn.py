@@ -18,8 +18,8 @@ class GlobalKNN(AnomalyDetector):
     method = "global_knn"
     uses = "features"
 
-    def __init__(self, device: str = "cpu", k: int = 50, top_variance_dims: int | None = None, **hparams):
-        super().__init__(device=device, k=k, top_variance_dims=top_variance_dims, **hparams)
+    def __init__(self, device: str = "cpu", k: int = 50, top_variance_dims: int | None = None):
+        super().__init__(device=device, k=k, top_variance_dims=top_variance_dims)
         if not isinstance(k, int) or k < 1:
             raise PipelineError(f"k must be a positive integer, got {k!r}")
         if top_variance_dims is not None and (not isinstance(top_variance_dims, int) or top_variance_dims < 1):

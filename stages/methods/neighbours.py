@@ -28,12 +28,16 @@ def knn_distances(
         q = queries[q_start : q_start + query_chunk]
         best_d = best_i = None
         for b_start in range(0, len(bank), bank_chunk):
-            d = torch.cdist(q, bank[b_start : b_start + bank_chunk])
-            i = torch.arange(b_start, b_start + d.shape[1], device=d.device).expand_as(d)
+            block = torch.cdist(q, bank[b_start : b_start + bank_chunk])
+            # reduce the block to its own top-k first, then merge with the running top-k (2k columns)
+            d, i = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False)
+            del block
+            i += b_start
             if best_d is not None:
                 d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
-            top_d, top_pos = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
-            best_d, best_i = top_d, torch.gather(i, 1, top_pos)
+                d, pos = torch.topk(d, k, dim=1, largest=False)
+                i = torch.gather(i, 1, pos)
+            best_d, best_i = d, i
         all_dists.append(best_d)
         all_index.append(best_i)
     return torch.cat(all_dists), torch.cat(all_index)

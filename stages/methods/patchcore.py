@@ -43,7 +43,6 @@ class PatchCore(AnomalyDetector):
         smoothing_sigma: float = 4.0,
         seed: int = 0,
         batch_size: int = 8,
-        **hparams,
     ):
         super().__init__(
             device=device,
@@ -57,7 +56,6 @@ class PatchCore(AnomalyDetector):
             smoothing_sigma=smoothing_sigma,
             seed=seed,
             batch_size=batch_size,
-            **hparams,
         )
         check_ratio(coreset_ratio)
         if patch_size < 1 or patch_size % 2 == 0:

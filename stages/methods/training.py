@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from stages.common import PipelineError
-from stages.methods.base import TrainingDiverged
+from stages.methods.base import Prediction, TrainingDiverged
 
 # The hparams every trained method accepts, with their defaults.
 TRAINING_DEFAULTS: dict[str, Any] = dict(lr=1e-3, epochs=30, batch_size=8, patience=5, seed=0, smoothing_sigma=4.0)
@@ -178,3 +178,29 @@ def finish_maps(raw: Tensor, size: tuple[int, int], sigma: float, score: str = "
     flat = maps.flatten(1)
     scores = flat.amax(1) if score == "max" else flat.mean(1)
     return maps, scores
+
+
+@torch.no_grad()
+def predict_error_maps(
+    net: nn.Module,
+    inputs: Tensor,
+    error_maps: Callable[[Tensor, Tensor], Tensor],
+    *,
+    size: tuple[int, int],
+    batch_size: int,
+    sigma: float,
+    score: str,
+    device: str,
+    desc: str,
+):
+    """Reconstruct `inputs` batch by batch; error maps -> Prediction at the image `size`."""
+    net = net.to(device).eval()
+    scores, maps = [], []
+    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
+        x = inputs[start : start + batch_size].to(device)
+        m, s = finish_maps(error_maps(net(x), x), size, sigma, score)
+        maps.append(m.cpu())
+        scores.append(s.cpu())
+    if not maps:
+        return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
+    return Prediction(image_scores=torch.cat(scores).double().numpy(), anomaly_maps=torch.cat(maps).float().numpy())

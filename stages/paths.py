@@ -1,0 +1,11 @@
+"""Where each stage reads and writes; dvc.yaml declares the same paths."""
+from pathlib import Path
+
+RAW_ROOT = Path("data/raw")  # data/raw/<source>/<category>, MVTec layout
+FEATURES_ROOT = Path("data/features")  # data/features/<backbone>/{train,val,test}.pt
+PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves
+PIXELS_DIR = FEATURES_ROOT / PIXELS  # data/features/pixels/{train,val,test}.npz, written by preprocess
+MODELS_ROOT = Path("models")  # models/<model>/model.pt
+METRICS_ROOT = Path("metrics/models")  # metrics/models/<model>.json
+SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}
+PLOTS_ROOT = Path("plots")  # plots/<model>/{roc,scores}.csv and plots/<model>/train/
