@@ -137,37 +137,30 @@ def extracted(prepared):
     return prepared
 
 
-def test_unknown_method(extracted):
-    tiny_params(extracted, bad={"method": "magic", "backbone": "efficientnet_lite0"})
-    line = error_line(run_stage("fit", "bad", cwd=extracted))
-    assert "models.bad.method" in line and "unknown method 'magic'" in line
-    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
-
-
-def test_k_larger_than_bank(extracted):
-    tiny_params(extracted, knn={"method": "global_knn", "backbone": "efficientnet_lite0", "k": 50})
-    line = error_line(run_stage("fit", "knn", cwd=extracted))
-    assert "models.knn" in line and "k=50 is larger than the memory bank (6 training images)" in line
-    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
-
-
-def test_coreset_ratio_out_of_range(extracted):
-    tiny_params(extracted, pc={"method": "patchcore", "backbone": "efficientnet_lite0", "coreset_ratio": 1.5})
-    line = error_line(run_stage("fit", "pc", cwd=extracted))
-    assert "models.pc" in line and "coreset_ratio must be in (0, 1], got 1.5" in line
-    assert not (extracted / "models").exists() or not any((extracted / "models").iterdir())
-
-
-def test_model_backbone_not_configured(extracted):
-    tiny_params(extracted, knn={"method": "global_knn", "backbone": "resnet50", "k": 2})
-    line = error_line(run_stage("fit", "knn", cwd=extracted))
-    assert "models.knn.backbone" in line and "'resnet50' is not configured" in line
-
-
-def test_unknown_hyperparameter_name(extracted):
-    tiny_params(extracted, knn={"method": "global_knn", "backbone": "efficientnet_lite0", "k": 2, "top_variance_dim": 5})
-    line = error_line(run_stage("fit", "knn", cwd=extracted))
-    assert "models.knn: unknown hyper-parameter" in line and "top_variance_dim" in line
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ({"method": "magic", "backbone": "efficientnet_lite0"}, "models.m.method: unknown method 'magic'"),
+        (
+            {"method": "global_knn", "backbone": "efficientnet_lite0", "k": 50},
+            "models.m: k=50 is larger than the memory bank (6 training images)",
+        ),
+        (
+            {"method": "patchcore", "backbone": "efficientnet_lite0", "coreset_ratio": 1.5},
+            "models.m: coreset_ratio must be in (0, 1], got 1.5",
+        ),
+        ({"method": "global_knn", "backbone": "resnet50", "k": 2}, "models.m.backbone: 'resnet50' is not configured"),
+        (
+            {"method": "global_knn", "backbone": "efficientnet_lite0", "k": 2, "top_variance_dim": 5},
+            "models.m: unknown hyper-parameter",
+        ),
+    ],
+)
+def test_bad_model_entry(extracted, model, expected):
+    tiny_params(extracted, m=model)
+    line = error_line(run_stage("fit", "m", cwd=extracted))
+    assert expected in line
+    assert_no_output(extracted / "models" / "m")
 
 
 def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):

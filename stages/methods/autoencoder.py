@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.common import PipelineError, seed_everything
+from stages.common import PipelineError
 from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, predict_error_maps, resolve_hparams, train
+from stages.methods.training import TRAINING_DEFAULTS, fit_network, predict_error_maps, resolve_hparams
 
 PIXEL_AE_DEFAULTS: dict[str, Any] = dict(
     image_size=128, channels=[32, 64, 128, 256], latent=16, score="max", **TRAINING_DEFAULTS
@@ -102,17 +102,8 @@ class Autoencoder(AnomalyDetector):
         return to_unit_tensor(split.images, self.hp["image_size"])
 
     def fit(self, train_split, val=None) -> "Autoencoder":
-        hp = self.hp
-        x_train = self._inputs(train_split)
         x_val = self._inputs(val) if val is not None and len(val) > 0 else None
-        seed_everything(hp["seed"])
-        net = self.build_net()
-        history = train(
-            net, self.loss, x_train, x_val,
-            lr=hp["lr"], epochs=hp["epochs"], batch_size=hp["batch_size"], patience=hp["patience"],
-            seed=hp["seed"], device=self.device, desc=self.method,
-        )
-        self.net, self.history = net, history  # only a finished fit is kept
+        fit_network(self, self.build_net, self.loss, self._inputs(train_split), x_val)
         return self
 
     @torch.no_grad()

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.common import PipelineError, seed_everything
+from stages.common import PipelineError
 from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, predict_error_maps, resolve_hparams, train
+from stages.methods.training import TRAINING_DEFAULTS, fit_network, predict_error_maps, resolve_hparams
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -86,22 +86,14 @@ class FeatureAE(AnomalyDetector):
         return (x - self.mean) / self.std
 
     def fit(self, train_features, val=None) -> "FeatureAE":
-        hp = self.hp
         x = self._raw_features(train_features)
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = x.std(dim=(0, 2, 3), keepdim=True)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: just centre them
         x = (x - mean) / std
         x_val = (self._raw_features(val) - mean) / std if val is not None and len(val) > 0 else None
-        seed_everything(hp["seed"])
-        net = FeatureAutoencoder(x.shape[1], hp["latent"])
-        history = train(
-            net, _mse, x, x_val,
-            lr=hp["lr"], epochs=hp["epochs"], batch_size=hp["batch_size"], patience=hp["patience"],
-            seed=hp["seed"], device=self.device, desc=self.method,
-        )
-        self.mean, self.std = mean, std
-        self.net, self.history = net, history  # only a finished fit is kept
+        fit_network(self, lambda: FeatureAutoencoder(x.shape[1], self.hp["latent"]), _mse, x, x_val)
+        self.mean, self.std = mean, std  # only a finished fit is kept
         return self
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.common import PipelineError
+from stages.common import PipelineError, seed_everything
 from stages.methods.base import Prediction, TrainingDiverged
 
 # The hparams every trained method accepts, with their defaults.
@@ -152,6 +152,19 @@ def train(
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def fit_network(detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x_train: Tensor, x_val: Tensor | None) -> None:
+    """Seed, build and train a trained detector's network; set detector.net/history only on success."""
+    hp = detector.hp
+    seed_everything(hp["seed"])  # weight initialisation
+    net = build_net()
+    history = train(
+        net, loss_fn, x_train, x_val,
+        lr=hp["lr"], epochs=hp["epochs"], batch_size=hp["batch_size"], patience=hp["patience"],
+        seed=hp["seed"], device=detector.device, desc=detector.method,
+    )
+    detector.net, detector.history = net, history
 
 
 def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
