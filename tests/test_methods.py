@@ -143,3 +143,32 @@ def test_patchcore_is_deterministic():
 def test_unknown_method():
     with pytest.raises(PipelineError, match="unknown method 'magic'"):
         get_method("magic")
+
+
+def _official_embed(maps, p, pretrain_dim, target_dim):
+    """The official PatchCore order: unfold every layer into p x p patches, upsample the coarser
+    layers' patch tensors to the finest grid, then MeanMapper per layer and the Aggregator."""
+    ref_h, ref_w = maps[0].shape[-2:]
+    per_layer = []
+    for layer in maps:
+        n, c, h, w = layer.shape
+        patches = torch.nn.functional.unfold(layer, p, padding=p // 2).reshape(n, c, p, p, h, w)
+        if (h, w) != (ref_h, ref_w):
+            flat = patches.reshape(-1, 1, h, w)
+            flat = torch.nn.functional.interpolate(flat, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+            patches = flat.reshape(n, c, p, p, ref_h, ref_w)
+        features = patches.permute(0, 4, 5, 1, 2, 3).reshape(n * ref_h * ref_w, 1, -1)
+        per_layer.append(torch.nn.functional.adaptive_avg_pool1d(features, pretrain_dim).squeeze(1))
+    stacked = torch.stack(per_layer, dim=1).reshape(len(per_layer[0]), 1, -1)
+    return torch.nn.functional.adaptive_avg_pool1d(stacked, target_dim).squeeze(1)
+
+
+def test_patchcore_embedding_matches_the_official_order_of_operations():
+    g = torch.Generator().manual_seed(6)
+    maps = [torch.randn(2, 5, 8, 8, generator=g), torch.randn(2, 7, 4, 4, generator=g)]
+    model = PatchCore(pretrain_embed_dimension=12, target_embed_dimension=10)
+    ours, grid = model.embed(maps)
+    assert grid == (8, 8)
+    torch.testing.assert_close(ours, _official_embed(maps, 3, 12, 10), rtol=1e-5, atol=1e-6)
+    # listing the coarse layer first still embeds on the finest grid
+    assert model.embed(maps[::-1])[1] == (8, 8)

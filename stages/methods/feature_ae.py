@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.common import PipelineError
+from stages.features import finest_grid
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.training import TRAINING_DEFAULTS, fit_network, predict_error_maps, resolve_hparams
 
@@ -66,7 +67,7 @@ class FeatureAE(AnomalyDetector):
         if not maps:
             raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
         k = self.hp["neighbourhood"]
-        grid = tuple(maps[0].shape[-2:])
+        grid = finest_grid(maps)
         out = []
         for m in maps:
             if k > 1:

@@ -1,10 +1,14 @@
-"""PatchCore (Roth et al., arXiv 2106.08265).
+"""PatchCore (Roth et al., arXiv 2106.08265), following the official implementation.
 
-Locally aware patch features from two mid-level layers (3x3 neighbourhood average, each layer
-projected to a fixed dimension, upsampled to the finer grid, concatenated and projected again),
-a greedy coreset memory bank, and the nearest-bank distance of every test patch. Image score =
-max patch score (optionally the paper's reweighting); anomaly map = patch scores upsampled to the
-image size and Gaussian-smoothed (sigma 4), as in the official code.
+Locally aware patch features from two mid-level layers: every position is described by its
+zero-padded 3x3 neighbourhood (the official PatchMaker unfold), whose C*9 values are
+average-pooled to `pretrain_embed_dimension` per layer (MeanMapper); coarser layers are
+upsampled bilinearly to the finest grid; the layers are concatenated and pooled to
+`target_embed_dimension` (Aggregator). A greedy coreset of the training patches is the memory
+bank; a test patch's score is its Euclidean distance to the nearest bank patch (the paper's
+distance; the official code's faiss returns it squared, which leaves image AUROC unchanged).
+Image score = max patch score (optionally the paper's eq. 7 reweighting); anomaly map = patch
+scores upsampled bilinearly to the image size and Gaussian-smoothed (sigma 4).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from stages.common import PipelineError
-from stages.features import FeatureSet
+from stages.features import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.neighbours import knn_distances
 from stages.methods.sampler import check_ratio, greedy_coreset
@@ -66,16 +70,17 @@ class PatchCore(AnomalyDetector):
     def embed(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Feature maps of a batch, finest first -> (N * h * w, D) patch embeddings and the grid (h, w)."""
         p = self.hparams["patch_size"]
-        grid = maps[0].shape[-2:]
+        grid = finest_grid(maps)
         per_layer = []
         for layer in maps:
             layer = layer.float().to(self.device)
-            # locally aware: average over the p x p neighbourhood of each position
-            layer = F.avg_pool2d(layer, p, stride=1, padding=p // 2, count_include_pad=False)
             n, c, h, w = layer.shape
-            flat = _project(layer.permute(0, 2, 3, 1).reshape(-1, c), self.hparams["pretrain_embed_dimension"])
+            # locally aware: each position described by its p x p neighbourhood, (N, C*p*p, h*w)
+            patches = F.unfold(layer, p, padding=p // 2)
+            flat = _project(patches.transpose(1, 2).reshape(-1, c * p * p), self.hparams["pretrain_embed_dimension"])
+            # projecting before upsampling equals the official order: both steps are linear
             layer = flat.reshape(n, h, w, -1).permute(0, 3, 1, 2)
-            if (h, w) != tuple(grid):
+            if (h, w) != grid:
                 layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
             per_layer.append(layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]))
         stacked = torch.cat(per_layer, dim=1)

@@ -34,7 +34,8 @@ def greedy_coreset(
     generator = torch.Generator().manual_seed(seed)
     reduced = features.float()
     if projection_dim is not None and projection_dim < features.shape[1]:
-        # Seeded Gaussian projection, as nn.Linear(bias=False) would draw it in the official code.
+        # Seeded random projection (the official code uses an untrained nn.Linear(bias=False));
+        # any such map roughly preserves distances, which is all the farthest-point search needs.
         matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         reduced = reduced @ matrix.to(reduced.device)
     n_start = min(n_starting_points, n)
