@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.common import PipelineError
-from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, fit_network, predict_error_maps, resolve_hparams
+from stages.methods.training import TRAINING_DEFAULTS, ReconstructionDetector, fit_network, resolve_hparams
 
 PIXEL_AE_DEFAULTS: dict[str, Any] = dict(
     image_size=128, channels=[32, 64, 128, 256], latent=16, score="max", **TRAINING_DEFAULTS
@@ -60,7 +59,7 @@ def to_unit_tensor(images: np.ndarray, size: int) -> Tensor:
     return x.contiguous()
 
 
-class Autoencoder(AnomalyDetector):
+class Autoencoder(ReconstructionDetector):
     method = "autoencoder"
     uses = "pixels"
     DEFAULTS: dict[str, Any] = PIXEL_AE_DEFAULTS
@@ -93,35 +92,14 @@ class Autoencoder(AnomalyDetector):
     def loss(self, net: nn.Module, x: Tensor) -> Tensor:
         return F.mse_loss(net(x), x)
 
-    def error_maps(self, recon: Tensor, x: Tensor) -> Tensor:
-        """(N, 3, S, S) pair -> (N, S, S) raw anomaly maps at the model resolution."""
-        return (recon - x).pow(2).sum(1)
-
     # --- shared -------------------------------------------------------------------------------
-    def _inputs(self, split) -> Tensor:
+    def model_inputs(self, split) -> Tensor:
         return to_unit_tensor(split.images, self.hp["image_size"])
 
+    def image_size(self, split) -> tuple[int, int]:
+        return tuple(split.images.shape[1:3])
+
     def fit(self, train_split, val=None) -> "Autoencoder":
-        x_val = self._inputs(val) if val is not None and len(val) > 0 else None
-        fit_network(self, self.build_net, self.loss, self._inputs(train_split), x_val)
+        x_val = self.model_inputs(val) if val is not None and len(val) > 0 else None
+        fit_network(self, self.build_net, self.loss, self.model_inputs(train_split), x_val)
         return self
-
-    @torch.no_grad()
-    def predict(self, inputs) -> Prediction:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
-        return predict_error_maps(
-            self.net, self._inputs(inputs), self.error_maps,
-            size=tuple(inputs.images.shape[1:3]), batch_size=self.hp["batch_size"],
-            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
-        )
-
-    def get_state(self) -> dict:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
-        return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
-
-    def set_state(self, state: dict) -> None:
-        net = self.build_net()
-        net.load_state_dict(state["net"])
-        self.net = net.to(self.device).eval()

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from stages.common import PipelineError
 from stages.features import finest_grid
-from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.training import TRAINING_DEFAULTS, fit_network, predict_error_maps, resolve_hparams
+from stages.methods.training import TRAINING_DEFAULTS, ReconstructionDetector, fit_network, resolve_hparams
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -44,7 +43,7 @@ def _mse(net: nn.Module, x: Tensor) -> Tensor:
     return F.mse_loss(net(x), x)
 
 
-class FeatureAE(AnomalyDetector):
+class FeatureAE(ReconstructionDetector):
     method = "feature_ae"
     uses = "features"
     DEFAULTS: dict[str, Any] = dict(latent=32, neighbourhood=3, score="max", **TRAINING_DEFAULTS)
@@ -93,31 +92,22 @@ class FeatureAE(AnomalyDetector):
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: just centre them
         x = (x - mean) / std
         x_val = (self._raw_features(val) - mean) / std if val is not None and len(val) > 0 else None
-        fit_network(self, lambda: FeatureAutoencoder(x.shape[1], self.hp["latent"]), _mse, x, x_val)
-        self.mean, self.std = mean, std  # only a finished fit is kept
+        self.mean, self.std = mean, std
+        fit_network(self, self.build_net, _mse, x, x_val)
         return self
 
-    @torch.no_grad()
-    def predict(self, inputs) -> Prediction:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
-        return predict_error_maps(
-            self.net, self._standardised(inputs), lambda recon, x: (recon - x).pow(2).sum(1),
-            size=tuple(inputs.image_size), batch_size=self.hp["batch_size"],
-            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
-        )
+    def build_net(self) -> nn.Module:
+        return FeatureAutoencoder(self.mean.shape[1], self.hp["latent"])
+
+    def model_inputs(self, features) -> Tensor:
+        return self._standardised(features)
+
+    def image_size(self, features) -> tuple[int, int]:
+        return tuple(features.image_size)
 
     def get_state(self) -> dict:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
-        return {
-            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
-            "mean": self.mean.clone(),
-            "std": self.std.clone(),
-        }
+        return {**super().get_state(), "mean": self.mean.clone(), "std": self.std.clone()}
 
     def set_state(self, state: dict) -> None:
         self.mean, self.std = state["mean"].float(), state["std"].float()
-        net = FeatureAutoencoder(self.mean.shape[1], self.hp["latent"])
-        net.load_state_dict(state["net"])
-        self.net = net.to(self.device).eval()
+        super().set_state(state)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from stages.common import PipelineError, seed_everything
-from stages.methods.base import Prediction, TrainingDiverged
+from stages.methods.base import AnomalyDetector, Prediction, TrainingDiverged
 
 # The hparams every trained method accepts, with their defaults.
 TRAINING_DEFAULTS: dict[str, Any] = dict(lr=1e-3, epochs=30, batch_size=8, patience=5, seed=0, smoothing_sigma=4.0)
@@ -217,3 +217,46 @@ def predict_error_maps(
     if not maps:
         return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
     return Prediction(image_scores=torch.cat(scores).double().numpy(), anomaly_maps=torch.cat(maps).float().numpy())
+
+
+class ReconstructionDetector(AnomalyDetector):
+    """A trained method whose anomaly map is a reconstruction error: shared predict and save/load.
+
+    Subclasses say how to build the network, what it reconstructs (`model_inputs`) and at which
+    image size the maps come back (`image_size`); `error_maps` defaults to the squared error
+    summed over channels.
+    """
+
+    net: nn.Module | None = None
+
+    def build_net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_inputs(self, inputs) -> Tensor:
+        raise NotImplementedError
+
+    def image_size(self, inputs) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def error_maps(self, recon: Tensor, x: Tensor) -> Tensor:
+        """(N, C, h, w) pair -> (N, h, w) raw anomaly maps at the model resolution."""
+        return (recon - x).pow(2).sum(1)
+
+    def predict(self, inputs) -> Prediction:
+        if self.net is None:
+            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
+        return predict_error_maps(
+            self.net, self.model_inputs(inputs), self.error_maps,
+            size=self.image_size(inputs), batch_size=self.hp["batch_size"],
+            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
+        )
+
+    def get_state(self) -> dict:
+        if self.net is None:
+            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
+        return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
+
+    def set_state(self, state: dict) -> None:
+        net = self.build_net()
+        net.load_state_dict(state["net"])
+        self.net = net.to(self.device).eval()
