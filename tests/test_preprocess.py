@@ -1,0 +1,83 @@
+"""The preprocess stage: resize + centre crop applied identically to images and masks, grayscale
+to 3 channels, a seeded validation split, and categories without ground truth (folder source)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.data.prepared import load_split
+from tests.conftest import default_params, run_stage, write_params
+
+
+def make_category(root: Path, grayscale: bool, with_masks: bool, size=(80, 64)) -> None:
+    """A tiny MVTec-layout category; each defect image has a bright square exactly where its mask is."""
+    rng = np.random.default_rng(0)
+    mode = "L" if grayscale else "RGB"
+
+    def save(array, path, image_mode=mode):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array, mode=image_mode).save(path)
+
+    def texture():
+        shape = (size[1], size[0]) if grayscale else (size[1], size[0], 3)
+        return rng.integers(40, 90, shape, dtype=np.uint8)
+
+    for i in range(6):
+        save(texture(), root / "train" / "good" / f"{i:03d}.png")
+    save(texture(), root / "test" / "good" / "000.png")
+    for i, (top, left) in enumerate([(20, 30), (28, 36)]):
+        image, mask = texture(), np.zeros((size[1], size[0]), np.uint8)
+        image[top : top + 12, left : left + 12] = 255
+        mask[top : top + 12, left : left + 12] = 255
+        save(image, root / "test" / "spot" / f"{i:03d}.png")
+        if with_masks:
+            save(mask, root / "ground_truth" / "spot" / f"{i:03d}_mask.png", image_mode="L")
+
+
+def prepare(tmp_path: Path, grayscale: bool, with_masks: bool, seed: int = 0) -> Path:
+    source = tmp_path / "my_category"
+    make_category(source, grayscale, with_masks)
+    params = default_params()
+    params["data"].update(source="folder", category="spots", folder=str(source))
+    params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34, seed=seed)
+    write_params(tmp_path, params)
+    run_stage("download", cwd=tmp_path, check=True)
+    run_stage("preprocess", cwd=tmp_path, check=True)
+    return tmp_path / "data" / "features" / "pixels"
+
+
+def test_masks_follow_their_images_through_resize_and_crop(tmp_path):
+    out = prepare(tmp_path, grayscale=False, with_masks=True)
+    test = load_split(out / "test.npz")
+    assert test.images.shape == (3, 40, 40, 3) and test.masks.shape == (3, 40, 40)
+    assert test.defect_types == ["good", "spot", "spot"] and test.labels.tolist() == [0, 1, 1]
+    assert not test.masks[0].any()
+    for image, mask in zip(test.images[1:], test.masks[1:]):
+        bright = image.mean(axis=2) > 200
+        assert mask.sum() > 20
+        # the defect pixels and the mask coincide after the same resize + crop (edges may blur)
+        assert (bright & mask).sum() >= 0.8 * mask.sum() and (bright & ~mask).sum() <= 0.2 * mask.sum()
+
+
+def test_grayscale_category_without_ground_truth(tmp_path):
+    out = prepare(tmp_path, grayscale=True, with_masks=False)
+    train, val, test = (load_split(out / f"{s}.npz") for s in ("train", "val", "test"))
+    assert train.images.shape[1:] == (40, 40, 3)  # grayscale became 3-channel
+    assert np.array_equal(train.images[..., 0], train.images[..., 2])
+    assert test.masks is None  # image-level evaluation only
+    assert len(train) == 4 and len(val) == 2  # round(6 * 0.34) = 2 held out
+    assert not set(train.names) & set(val.names)
+    assert all(name.startswith("train/good/") for name in train.names + val.names)
+
+
+def test_validation_split_is_seeded(tmp_path):
+    first = load_split(prepare(tmp_path / "a", grayscale=True, with_masks=False, seed=0) / "val.npz").names
+    again = load_split(prepare(tmp_path / "b", grayscale=True, with_masks=False, seed=0) / "val.npz").names
+    assert first == again
+    others = {
+        tuple(load_split(prepare(tmp_path / f"s{seed}", grayscale=True, with_masks=False, seed=seed) / "val.npz").names)
+        for seed in (1, 2, 3)
+    }
+    assert len(others | {tuple(first)}) > 1
