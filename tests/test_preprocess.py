@@ -2,6 +2,7 @@
 to 3 channels, a seeded validation split, and categories without ground truth (folder source)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,20 @@ def test_validation_split_is_seeded(tmp_path):
         for seed in (1, 2, 3)
     }
     assert len(others | {tuple(first)}) > 1
+
+
+def test_category_without_ground_truth_is_evaluated_at_image_level(tmp_path):
+    prepare(tmp_path, grayscale=True, with_masks=False)
+    params = default_params()
+    params["data"].update(source="folder", category="spots", folder=str(tmp_path / "my_category"))
+    params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34)
+    params["models"] = {
+        "pc": {"method": "patchcore", "backbone": "efficientnet_lite0", "coreset_ratio": 0.5,
+               "pretrain_embed_dimension": 32, "target_embed_dimension": 32},
+    }
+    write_params(tmp_path, params)
+    for stage, arg in (("extract", "efficientnet_lite0"), ("fit", "pc"), ("evaluate", "pc")):
+        run_stage(stage, arg, cwd=tmp_path, check=True)
+    metrics = json.loads((tmp_path / "metrics" / "models" / "pc.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and set(metrics["per_defect_auroc"]) == {"spot"}
+    assert "pixel_auroc" not in metrics and "aupro" not in metrics
