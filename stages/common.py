@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
@@ -94,6 +95,15 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows of dicts as CSV (columns: the first row's keys unless given; missing cells stay empty)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns or list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def seed_everything(seed: int) -> None:

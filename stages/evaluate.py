@@ -6,22 +6,11 @@ and plots/<model>/{scores,roc}.csv for `dvc plots`.
 """
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from stages import metrics
-from stages.common import PipelineError, atomic_path, param, run_main, write_json
+from stages.common import PipelineError, param, run_main, write_csv, write_json
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
 from stages.paths import FEATURES_ROOT, METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def main() -> None:
@@ -31,10 +20,11 @@ def main() -> None:
     n_std = param(params, "evaluate.threshold_n_std")
 
     detector = config.detector_class().load(config.directory, device=device)
-    test = load_split(PIXELS_DIR / "test.npz")  # labels, defect types, masks
-    inputs = {split: config.load_inputs(split) for split in ("test", "val")}
+    prepared = {split: load_split(PIXELS_DIR / f"{split}.npz") for split in ("test", "val")}
+    test = prepared["test"]  # labels, defect types, masks
+    inputs = {split: config.load_inputs(split) for split in prepared}
     for split, loaded in inputs.items():
-        if list(loaded.names) != load_split(PIXELS_DIR / f"{split}.npz").names:
+        if list(loaded.names) != prepared[split].names:
             raise PipelineError(
                 f"{FEATURES_ROOT / config.backbone}: {split} features do not match the prepared images; rerun extract"
             )

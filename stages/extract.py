@@ -5,7 +5,6 @@ Run once per backbone in `backbones:` and shared by every model that names it.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 

@@ -1,13 +1,11 @@
 """DVC stage `report`: one table of every configured model -> metrics/summary.{json,md,csv}."""
 from __future__ import annotations
 
-import csv
-import io
 import json
-from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, load_params, param, run_main, write_json
+from stages.common import PipelineError, atomic_path, load_params, param, run_main, write_csv, write_json
 from stages.paths import METRICS_ROOT, SUMMARY_ROOT as OUTPUT
+
 COLUMNS = (
     "image_auroc",
     "pixel_auroc",
@@ -56,12 +54,7 @@ def main() -> None:
     write_json(OUTPUT / "summary.json", {row["model"]: {c: row.get(c) for c in columns[3:]} for row in rows})
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(markdown_table(rows, columns))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(OUTPUT / "summary.csv") as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_csv(OUTPUT / "summary.csv", rows, columns)
     print(markdown_table(rows, columns))
 
 

@@ -5,7 +5,6 @@ the k nearest training embeddings. Image-level only (no anomaly maps).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from stages.common import PipelineError
