@@ -38,7 +38,7 @@ def run_one(n_train: int, n_test: int, shapes: str, coreset_ratio: float) -> dic
 
     train, test = features(n_train, 0), features(n_test, 1)
     baseline_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch + the features
-    model = PatchCore(coreset_ratio=coreset_ratio)
+    model = PatchCore(fit={"coreset_ratio": coreset_ratio})
     start = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - start

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import yaml
 
 
 class PipelineError(Exception):
@@ -21,16 +20,10 @@ class PipelineError(Exception):
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: params file not found (run from the project root)")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(params, dict):
-        raise PipelineError(f"{path}: expected a mapping at the top level")
-    return params
+    """params.yaml as DVC reads it, every section checked against its schema (stages/params.py)."""
+    from stages.params import load_params as load_checked
+
+    return load_checked(path)
 
 
 def param(params: dict, dotted: str, default: Any = ...) -> Any:

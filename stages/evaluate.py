@@ -19,7 +19,7 @@ def main() -> None:
     fpr_limit = param(params, "evaluate.fpr_limit")
     n_std = param(params, "evaluate.threshold_n_std")
 
-    detector = config.detector_class().load(config.directory, device=device)
+    detector = config.load(device)
     prepared = {split: load_split(PIXELS_DIR / f"{split}.npz") for split in ("test", "val")}
     test = prepared["test"]  # labels, defect types, masks
     inputs = {split: config.load_inputs(split) for split in prepared}
@@ -28,8 +28,11 @@ def main() -> None:
             raise PipelineError(
                 f"{FEATURES_ROOT / config.backbone}: {split} features do not match the prepared images; rerun extract"
             )
-    prediction = detector.predict(inputs["test"])
-    val_scores = detector.predict(inputs["val"]).image_scores
+    try:
+        prediction = detector.predict(inputs["test"])
+        val_scores = detector.predict(inputs["val"]).image_scores
+    except PipelineError as exc:
+        raise PipelineError(f"models.{name}: {exc}") from exc
 
     with_maps = prediction.anomaly_maps is not None and test.masks is not None
     result = metrics.evaluate(

@@ -4,7 +4,9 @@ Run once per backbone in `backbones:` and shared by every model that names it.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -12,7 +14,19 @@ from stages.backbones import FeatureExtractor, get_spec, load_backbone
 from stages.common import PipelineError, atomic_path, check, load_params, param, resolve_device, run_main
 from stages.data.prepared import SPLITS, load_split
 from stages.features import FeatureSet, save_features
-from stages.paths import FEATURES_ROOT, PIXELS_DIR
+from stages.paths import FEATURES_ROOT, PIXELS_DIR, WEIGHTS_ROOT
+
+
+def weights_file(name: str, weights: str | None) -> str | None:
+    """A local checkpoint must lie under weights/, which every extract stage declares as a dependency,
+    so replacing the file in place reruns the extraction instead of leaving stale features."""
+    if weights is None:
+        return None
+    path = Path(weights)
+    inside = Path(os.path.abspath(path)).is_relative_to(Path.cwd() / WEIGHTS_ROOT)  # a link in weights/ is fine
+    check(inside, f"backbones.{name}.weights: {weights} is not under {WEIGHTS_ROOT}/ (copy it there so DVC tracks it)")
+    check(path.is_file(), f"backbones.{name}.weights: file not found: {weights}")
+    return str(path)
 
 
 def main() -> None:
@@ -20,16 +34,17 @@ def main() -> None:
         raise PipelineError("usage: python -m stages.extract <backbone name from params.yaml backbones>")
     name = sys.argv[1]
     params = load_params()
-    options = param(params, f"backbones.{name}")
-    check(isinstance(options, dict), f"backbones.{name}: expected a mapping")
-    arch = options.get("arch", name)
+    backbones = param(params, "backbones")
+    check(name in backbones, f"backbones.{name}: no such backbone in params.yaml (known: {', '.join(backbones) or 'none'})")
+    options = backbones[name]
+    arch = options["arch"] or name
     get_spec(arch)  # unknown backbone -> clear error before any work
-    batch_size = options.get("batch_size", 16)
-    check(isinstance(batch_size, int) and batch_size > 0, f"backbones.{name}.batch_size must be a positive integer")
-    device = resolve_device(param(params, "device", "auto"))
+    weights = weights_file(name, options["weights"])
+    device = resolve_device(param(params, "device"))
     torch.manual_seed(0)  # nothing random in inference; fixed anyway for any stochastic layer
 
-    extractor = FeatureExtractor(arch, load_backbone(arch, options.get("weights")), options.get("layers"), device)
+    extractor = FeatureExtractor(arch, load_backbone(arch, weights), options["layers"], device)
+    batch_size = options["batch_size"]
     with atomic_path(FEATURES_ROOT / name) as out:
         out.mkdir(parents=True)
         for split_name in SPLITS:

@@ -34,7 +34,7 @@ def log_history(history: list[dict], directory: Path) -> None:
 
 def main() -> None:
     _, config, device = model_from_argv("fit")
-    seed_everything(config.hparams.get("seed", 0))
+    seed_everything(getattr(config.fit, "seed", 0))
     detector = config.build(device)
     train, val = config.load_inputs("train"), config.load_inputs("val")
     start = time.perf_counter()

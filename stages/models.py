@@ -1,16 +1,22 @@
-"""Named model entries of params.yaml (`models.<name>`: method + backbone + hyper-parameters)."""
+"""Named model entries of params.yaml: `models.<name>` = method + backbone + `fit` + `score` blocks.
+
+`fit` holds what fitting reads (it shapes the saved model; the fit stage declares it), `score` what
+scoring reads (the evaluate stage declares it, and passes it to the loaded model), each checked
+against the method's own schema (`Fit` / `Score` in stages/methods/<method>.py).
+"""
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import PipelineError, check, load_params, param, resolve_device
+from stages.common import PipelineError, load_params, param, resolve_device
 from stages.data.prepared import load_split
 from stages.features import load_features
 from stages.methods import get_method
 from stages.methods.base import AnomalyDetector
 from stages.paths import FEATURES_ROOT, MODELS_ROOT, PIXELS
+from stages.schema import Schema, parse
 
 
 @dataclass
@@ -18,26 +24,22 @@ class ModelConfig:
     name: str
     method: str
     backbone: str
-    hparams: dict
+    fit: Schema
+    score: Schema
 
     @property
     def directory(self) -> Path:
         return MODELS_ROOT / self.name
 
     def detector_class(self) -> type[AnomalyDetector]:
-        try:
-            return get_method(self.method)
-        except PipelineError as exc:
-            raise PipelineError(f"models.{self.name}.method: {exc}") from exc
+        return get_method(self.method)
 
     def build(self, device: str) -> AnomalyDetector:
-        cls = self.detector_class()
-        try:
-            return cls(device=device, **self.hparams)
-        except TypeError as exc:  # an unknown or mistyped hyper-parameter name
-            raise PipelineError(f"models.{self.name}: unknown hyper-parameter ({exc})") from exc
-        except PipelineError as exc:
-            raise PipelineError(f"models.{self.name}: {exc}") from exc
+        return self.detector_class()(fit=self.fit, score=self.score, device=device)
+
+    def load(self, device: str) -> AnomalyDetector:
+        """The fitted model as the fit stage saved it, scoring with today's `score` params."""
+        return self.detector_class().load(self.directory, score=self.score, device=device)
 
     def load_inputs(self, split: str):
         """The representation this model reads: prepared pixels or a backbone's cached features."""
@@ -48,24 +50,24 @@ class ModelConfig:
 
 
 def model_config(params: dict, name: str) -> ModelConfig:
-    entry = param(params, f"models.{name}")
-    check(isinstance(entry, dict), f"models.{name}: expected a mapping with method and backbone")
-    hparams = dict(entry)
-    method = hparams.pop("method", None)
-    backbone = hparams.pop("backbone", None)
-    check(isinstance(method, str), f"models.{name}.method: missing")
-    check(isinstance(backbone, str), f"models.{name}.backbone: missing (a name from `backbones:`, or '{PIXELS}')")
-    config = ModelConfig(name, method, backbone, hparams)
-    cls = config.detector_class()
-    if cls.uses == "pixels" and backbone != PIXELS:
-        raise PipelineError(f"models.{name}.backbone: method {method} reads images; set backbone: {PIXELS}")
-    if cls.uses == "features":
-        check(backbone != PIXELS, f"models.{name}.backbone: method {method} needs a feature backbone, not '{PIXELS}'")
-        check(
-            backbone in (params.get("backbones") or {}),
-            f"models.{name}.backbone: '{backbone}' is not configured under `backbones:` in params.yaml",
-        )
-    return config
+    """`params` as stages.params.load_params returns them (entry shape, method and backbone checked)."""
+    models = param(params, "models")
+    if name not in models:
+        known = ", ".join(models) or "none"
+        raise PipelineError(f"models.{name}: no such model in params.yaml (known: {known})")
+    entry = models[name]
+    where = f"models.{name}"
+    try:
+        cls = get_method(entry["method"])
+    except PipelineError as exc:
+        raise PipelineError(f"{where}.method: {exc}") from exc
+    if cls.uses == "pixels" and entry["backbone"] != PIXELS:
+        raise PipelineError(f"{where}.backbone: method {cls.method} reads images; set backbone: {PIXELS}")
+    if cls.uses == "features" and entry["backbone"] == PIXELS:
+        raise PipelineError(f"{where}.backbone: method {cls.method} needs a feature backbone, not '{PIXELS}'")
+    fit = parse(cls.Fit, entry["fit"], f"{where}.fit")
+    score = parse(cls.Score, entry["score"], f"{where}.score")
+    return ModelConfig(name, cls.method, entry["backbone"], fit, score)
 
 
 def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
@@ -74,4 +76,4 @@ def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
         raise PipelineError(f"usage: python -m stages.{stage} <model name from params.yaml models>")
     params = load_params()
     config = model_config(params, sys.argv[1])
-    return params, config, resolve_device(param(params, "device", "auto"))
+    return params, config, resolve_device(param(params, "device"))

@@ -8,4 +8,5 @@ PIXELS_DIR = FEATURES_ROOT / PIXELS  # data/features/pixels/{train,val,test}.npz
 MODELS_ROOT = Path("models")  # models/<model>/model.pt
 METRICS_ROOT = Path("metrics/models")  # metrics/models/<model>.json
 SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}
+WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.weights), a dep of every extract stage
 PLOTS_ROOT = Path("plots")  # plots/<model>/{roc,scores}.csv and plots/<model>/train/

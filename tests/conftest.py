@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of in-process stage calls
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +22,23 @@ def run_stage(module: str, *args: str, cwd: Path, check: bool = False) -> subpro
     if check and result.returncode != 0:
         raise AssertionError(f"stage {module} failed:\n{result.stderr}")
     return result
+
+
+def call_stage(module: str, *args: str, cwd: Path) -> None:
+    """Run a stage's main() in this process (no interpreter start-up): for setting up a test's data.
+
+    A failure raises the stage's PipelineError; tests of the command-line behaviour use run_stage.
+    """
+    import importlib
+
+    previous_dir, previous_argv = Path.cwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [f"stages/{module}.py", *args]
+    try:
+        importlib.import_module(f"stages.{module}").main()
+    finally:
+        os.chdir(previous_dir)
+        sys.argv = previous_argv
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

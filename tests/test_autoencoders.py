@@ -4,6 +4,7 @@ Small images, few epochs, one thread: the whole file runs in a few seconds on a 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,14 @@ from stages.methods.training import train
 torch.set_num_threads(1)
 
 TINY = dict(image_size=16, channels=[4, 8], latent=2, batch_size=4, smoothing_sigma=1.0)
+
+
+def build(cls, **params):
+    """A detector from flat keyword params: scoring ones (smoothing_sigma, image_score) go to `score`."""
+    score_names = {f.name for f in dataclasses.fields(cls.Score)} - {"batch_size"}
+    score = {k: v for k, v in params.items() if k in score_names}
+    fit = {k: v for k, v in params.items() if k not in score_names}
+    return cls(fit=fit, score=score)
 
 
 def textures(n: int, size: int, seed: int) -> np.ndarray:
@@ -84,7 +93,7 @@ def test_registry_knows_the_trained_methods():
 @pytest.mark.parametrize("cls, extra", [(Autoencoder, {}), (SkipAutoencoder, {"loss": "mse"}), (SkipAutoencoder, {"loss": "ssim"})])
 def test_training_lowers_the_loss_and_records_history(cls, extra):
     train_split, val_split = split(textures(8, 16, 0)), split(textures(4, 16, 1))
-    model = cls(**TINY, **extra, epochs=6, patience=0, lr=3e-3).fit(train_split, val_split)
+    model = build(cls, **TINY, **extra, epochs=6, patience=0, lr=3e-3).fit(train_split, val_split)
     history = model.history
     assert [h["epoch"] for h in history] == list(range(1, 7))
     assert all(isinstance(h["train_loss"], float) and isinstance(h["val_loss"], float) for h in history)
@@ -92,7 +101,7 @@ def test_training_lowers_the_loss_and_records_history(cls, extra):
 
 
 def test_feature_ae_lowers_the_loss_without_val():
-    model = FeatureAE(latent=4, epochs=6, batch_size=4, patience=0, lr=3e-3).fit(feature_set(8, 0), None)
+    model = build(FeatureAE, latent=4, epochs=6, batch_size=4, patience=0, lr=3e-3).fit(feature_set(8, 0), None)
     assert [h["val_loss"] for h in model.history] == [None] * 6
     assert model.history[-1]["train_loss"] < model.history[0]["train_loss"]
 
@@ -106,8 +115,7 @@ def test_autoencoder_finds_a_pasted_defect():
     mask[0, 10:16, 18:24] = True
     bad[mask] = 255  # a bright square blob
 
-    model = Autoencoder(
-        image_size=size, channels=[8, 16], latent=4, epochs=60, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
+    model = build(Autoencoder, image_size=size, channels=[8, 16], latent=4, epochs=60, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
     ).fit(train_split)
     pred = model.predict(split(np.concatenate([good, bad]), np.concatenate([np.zeros_like(mask), mask])))
 
@@ -119,12 +127,12 @@ def test_autoencoder_finds_a_pasted_defect():
 
 
 def test_maps_come_back_at_the_prepared_size():
-    model = Autoencoder(**TINY, epochs=1).fit(split(textures(4, 24, 0)))
+    model = build(Autoencoder, **TINY, epochs=1).fit(split(textures(4, 24, 0)))
     images = textures(3, 24, 1)  # prepared size 24, model size 16
     pred = model.predict(split(images))
     assert pred.anomaly_maps.shape == (3, 24, 24)
     assert np.isfinite(pred.image_scores).all()
-    mean_model = Autoencoder(**{**TINY, "score": "mean"}, epochs=1).fit(split(textures(4, 24, 0)))
+    mean_model = build(Autoencoder, **{**TINY, "image_score": "mean"}, epochs=1).fit(split(textures(4, 24, 0)))
     mean_pred = mean_model.predict(split(images))
     np.testing.assert_allclose(mean_pred.image_scores, mean_pred.anomaly_maps.reshape(3, -1).mean(1), rtol=1e-5)
 
@@ -161,9 +169,9 @@ def test_local_ssim_map_averages_to_pytorch_msssim():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (Autoencoder(**TINY, epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
-        lambda: (SkipAutoencoder(**TINY, loss="ssim", epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
-        lambda: (FeatureAE(latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
+        lambda: (build(Autoencoder, **TINY, epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
+        lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
+        lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
     ],
     ids=["autoencoder", "skip_autoencoder", "feature_ae"],
 )
@@ -195,9 +203,9 @@ def test_nan_loss_raises_training_diverged_with_the_epoch():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (Autoencoder(**TINY, lr=1e30, epochs=3), split(textures(8, 16, 0))),
-        lambda: (SkipAutoencoder(**TINY, lr=1e30, epochs=3), split(textures(8, 16, 0))),
-        lambda: (FeatureAE(latent=4, batch_size=4, epochs=3), _nan_features()),
+        lambda: (build(Autoencoder, **TINY, lr=1e30, epochs=3), split(textures(8, 16, 0))),
+        lambda: (build(SkipAutoencoder, **TINY, lr=1e30, epochs=3), split(textures(8, 16, 0))),
+        lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=3), _nan_features()),
     ],
     ids=["autoencoder_huge_lr", "skip_autoencoder_huge_lr", "feature_ae_nan_features"],
 )
@@ -220,9 +228,9 @@ def _nan_features() -> FeatureSet:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (Autoencoder(**TINY, epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
-        lambda: (SkipAutoencoder(**TINY, loss="ssim", epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
-        lambda: (FeatureAE(latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
+        lambda: (build(Autoencoder, **TINY, epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
+        lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
+        lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
     ],
     ids=["autoencoder", "skip_autoencoder", "feature_ae"],
 )
@@ -231,15 +239,15 @@ def test_save_load_round_trip_gives_identical_predictions(make, tmp_path):
     model.fit(train_data)
     before = model.predict(test_data)
     model.save(tmp_path)
-    loaded = get_method(model.method).load(tmp_path)
-    assert loaded.hparams == model.hparams
+    loaded = get_method(model.method).load(tmp_path, score=model.score_params)
+    assert loaded.fit_params == model.fit_params
     after = loaded.predict(test_data)
     np.testing.assert_array_equal(before.image_scores, after.image_scores)
     np.testing.assert_array_equal(before.anomaly_maps, after.anomaly_maps)
 
 
 def test_feature_ae_maps_have_the_image_size_and_finite_scores():
-    model = FeatureAE(latent=4, batch_size=4, epochs=3, neighbourhood=3, smoothing_sigma=2.0)
+    model = build(FeatureAE, latent=4, batch_size=4, epochs=3, neighbourhood=3, smoothing_sigma=2.0)
     model.fit(feature_set(8, 0), feature_set(2, 2))
     pred = model.predict(feature_set(5, 1, image_size=(32, 40)))
     assert pred.anomaly_maps.shape == (5, 32, 40) and pred.anomaly_maps.dtype == np.float32
@@ -251,23 +259,23 @@ def test_feature_ae_maps_have_the_image_size_and_finite_scores():
 
 
 def test_unknown_loss_names_the_parameter():
-    with pytest.raises(PipelineError, match="'loss'"):
-        SkipAutoencoder(loss="l1")
+    with pytest.raises(PipelineError, match="^fit.loss: must be one of mse, ssim, got 'l1'$"):
+        build(SkipAutoencoder, loss="l1")
 
 
 @pytest.mark.parametrize(
     "cls, hparams, name",
     [
         (Autoencoder, {"colour": 3}, "colour"),
-        (Autoencoder, {"score": "median"}, "score"),
+        (Autoencoder, {"image_score": "median"}, "image_score"),
         (Autoencoder, {"image_size": 100}, "image_size"),
         (Autoencoder, {"epochs": 0}, "epochs"),
         (FeatureAE, {"neighbourhood": 2}, "neighbourhood"),
     ],
 )
 def test_bad_hparams_are_one_line_errors(cls, hparams, name):
-    with pytest.raises(PipelineError, match=name):
-        cls(**hparams)
+    with pytest.raises(PipelineError, match=rf"^(fit|score)\.{name}: (unknown parameter|must be)"):
+        build(cls, **hparams)
 
 
 def test_without_validation_data_early_stopping_watches_the_train_loss():
@@ -289,8 +297,7 @@ def test_autoencoder_on_synthetic_carpet_finds_a_real_defect(defect):
     train_split = split(np.stack([render_image(0, 0, i, size)[0] for i in range(16)]))
     good = render_image(0, 1, 0, size)[0]
     bad, mask = render_image(0, 2, 0, size, defect=defect)
-    model = Autoencoder(
-        image_size=size, channels=[16, 32], latent=8, epochs=40, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
+    model = build(Autoencoder, image_size=size, channels=[16, 32], latent=8, epochs=40, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
     ).fit(train_split)
     pred = model.predict(split(np.stack([good, bad])))
     assert pred.image_scores[1] > 1.3 * pred.image_scores[0]

@@ -38,7 +38,7 @@ def test_global_knn_score_is_mean_distance_to_k_nearest():
     g = torch.Generator().manual_seed(1)
     train = torch.randn(20, 6, generator=g)
     test = torch.randn(5, 6, generator=g)
-    model = GlobalKNN(k=3).fit(feature_set(train))
+    model = GlobalKNN(score={"k": 3}).fit(feature_set(train))
     scores = model.predict(feature_set(test)).image_scores
     expected = np.sort(np.linalg.norm(test.numpy()[:, None] - train.numpy()[None], axis=2), axis=1)[:, :3].mean(1)
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
@@ -49,15 +49,16 @@ def test_global_knn_keeps_highest_variance_dimensions():
     train = torch.zeros(10, 4)
     train[:, 1] = torch.arange(10.0)  # the only dimension that varies much
     train[:, 3] = torch.arange(10.0) * 0.1
-    model = GlobalKNN(k=2, top_variance_dims=1).fit(feature_set(train))
+    model = GlobalKNN(fit={"top_variance_dims": 1}, score={"k": 2}).fit(feature_set(train))
     assert model.dims.tolist() == [1]
     query = torch.tensor([[100.0, 4.0, -100.0, 0.0]])  # differs only in dropped dimensions
     assert model.predict(feature_set(query)).image_scores[0] == pytest.approx(0.5)
 
 
 def test_global_knn_rejects_k_larger_than_bank():
+    model = GlobalKNN(score={"k": 50}).fit(feature_set(torch.zeros(10, 3)))
     with pytest.raises(PipelineError, match="k=50 is larger than the memory bank \\(10 training images\\)"):
-        GlobalKNN(k=50).fit(feature_set(torch.zeros(10, 3)))
+        model.predict(feature_set(torch.zeros(2, 3)))
 
 
 def _naive_greedy(points: torch.Tensor, n_select: int, start: torch.Tensor) -> list[int]:
@@ -91,10 +92,10 @@ def test_greedy_coreset_picks_one_point_per_cluster():
     assert sorted(int(i) // 200 for i in selected) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "half"])
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "half", float("nan")])
 def test_coreset_ratio_outside_unit_interval(ratio):
-    with pytest.raises(PipelineError, match="coreset_ratio must be in \\(0, 1\\]"):
-        PatchCore(coreset_ratio=ratio)
+    with pytest.raises(PipelineError, match=r"fit.coreset_ratio: must be a finite number in \(0, 1\], got"):
+        PatchCore(fit={"coreset_ratio": ratio})
 
 
 def _texture_maps(n: int, seed: int, anomaly_at=None):
@@ -113,7 +114,8 @@ def test_patchcore_localises_an_anomalous_patch(tmp_path):
     train = feature_set(maps=_texture_maps(6, seed=0), image_size=(32, 32))
     good = feature_set(maps=_texture_maps(2, seed=1), image_size=(32, 32))
     bad = feature_set(maps=_texture_maps(2, seed=2, anomaly_at=(2, 5)), image_size=(32, 32))
-    model = PatchCore(coreset_ratio=0.5, pretrain_embed_dimension=16, target_embed_dimension=16, smoothing_sigma=1)
+    fit = dict(coreset_ratio=0.5, pretrain_embed_dimension=16, target_embed_dimension=16)
+    model = PatchCore(fit=fit, score={"smoothing_sigma": 1})
     model.fit(train)
     assert len(model.bank) == int(6 * 64 * 0.5)
     good_pred, bad_pred = model.predict(good), model.predict(bad)
@@ -124,19 +126,21 @@ def test_patchcore_localises_an_anomalous_patch(tmp_path):
     assert 6 <= row <= 13 and 18 <= col <= 25
 
     model.save(tmp_path / "pc")
-    loaded = get_method("patchcore").load(tmp_path / "pc")
+    loaded = get_method("patchcore").load(tmp_path / "pc", score={"smoothing_sigma": 1})
     np.testing.assert_array_equal(loaded.predict(bad).image_scores, bad_pred.image_scores)
+    np.testing.assert_array_equal(loaded.predict(bad).anomaly_maps, bad_pred.anomaly_maps)
 
-    reweighted = PatchCore(
-        coreset_ratio=0.5, pretrain_embed_dimension=16, target_embed_dimension=16, smoothing_sigma=1, reweight=True
-    ).fit(train)
+    # scoring params come from the caller, not the checkpoint: the same bank, re-scored with eq. 7
+    reweighted = get_method("patchcore").load(tmp_path / "pc", score={"smoothing_sigma": 1, "reweight": True})
+    assert torch.equal(reweighted.bank, model.bank)
     weighted_scores = reweighted.predict(bad).image_scores
     assert np.all(weighted_scores <= bad_pred.image_scores + 1e-6) and np.all(weighted_scores > 0)
 
 
 def test_patchcore_is_deterministic():
     train = feature_set(maps=_texture_maps(4, seed=5))
-    fit = lambda: PatchCore(coreset_ratio=0.25, pretrain_embed_dimension=8, target_embed_dimension=8).fit(train).bank
+    params = dict(coreset_ratio=0.25, pretrain_embed_dimension=8, target_embed_dimension=8)
+    fit = lambda: PatchCore(fit=params).fit(train).bank
     assert torch.equal(fit(), fit())
 
 
@@ -166,7 +170,7 @@ def _official_embed(maps, p, pretrain_dim, target_dim):
 def test_patchcore_embedding_matches_the_official_order_of_operations():
     g = torch.Generator().manual_seed(6)
     maps = [torch.randn(2, 5, 8, 8, generator=g), torch.randn(2, 7, 4, 4, generator=g)]
-    model = PatchCore(pretrain_embed_dimension=12, target_embed_dimension=10)
+    model = PatchCore(fit=dict(pretrain_embed_dimension=12, target_embed_dimension=10))
     ours, grid = model.embed(maps)
     assert grid == (8, 8)
     torch.testing.assert_close(ours, _official_embed(maps, 3, 12, 10), rtol=1e-5, atol=1e-6)

@@ -1,11 +1,18 @@
 """The small estimator-like interface every method implements.
 
-fit(train, val) on defect-free data; predict(inputs) -> Prediction(image_scores, anomaly_maps);
-save(directory) / load(directory). Feature methods take a FeatureSet (cached by the extract stage),
-pixel methods take a prepared Split.
+A method declares two parameter schemas: `Fit` (what fitting reads: it shapes the saved model) and
+`Score` (what scoring reads: smoothing, neighbours, how a map becomes an image score). The fit stage
+reads `models.<name>.fit`, the evaluate stage `models.<name>.score`, so changing a scoring param
+re-scores without refitting.
+
+fit(train, val) on defect-free data; predict(inputs) -> Prediction(image_scores, anomaly_maps)
+with the current `score_params`; save(directory) keeps the fit params and the state;
+load(directory, score=...) restores them with scoring params of the caller's choosing. Feature
+methods take a FeatureSet (cached by the extract stage), pixel methods a prepared Split.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,6 +21,7 @@ import numpy as np
 import torch
 
 from stages.common import PipelineError
+from stages.schema import Schema, parse
 
 STATE_FILE = "model.pt"
 
@@ -28,12 +36,27 @@ class TrainingDiverged(PipelineError):
     """Raised by trained methods when the loss becomes NaN or infinite."""
 
 
-class AnomalyDetector:
-    method: ClassVar[str]  # registry key
-    uses: ClassVar[str]  # "features" or "pixels"
+@dataclasses.dataclass(frozen=True)
+class NoParams(Schema):
+    """A block with nothing to set."""
 
-    def __init__(self, device: str = "cpu", **hparams: Any):
-        self.hparams = hparams  # exactly the params.yaml entry (minus method/backbone); saved with the model
+
+def as_params(schema: type[Schema], given: Schema | dict | None, where: str) -> Schema:
+    """A schema instance from an instance, a params.yaml mapping or None (all defaults)."""
+    if isinstance(given, schema):
+        return given
+    return parse(schema, given, where)
+
+
+class AnomalyDetector:
+    method: ClassVar[str]  # registry key, and the name of the method's file in stages/methods/
+    uses: ClassVar[str]  # "features" or "pixels"
+    Fit: ClassVar[type[Schema]] = NoParams
+    Score: ClassVar[type[Schema]] = NoParams
+
+    def __init__(self, fit: Schema | dict | None = None, score: Schema | dict | None = None, device: str = "cpu"):
+        self.fit_params = as_params(self.Fit, fit, "fit")
+        self.score_params = as_params(self.Score, score, "score")
         self.device = device  # where fit/predict run; not part of the saved state
         self.history: list[dict] = []  # per-epoch losses of trained methods, logged by the fit stage
 
@@ -53,19 +76,17 @@ class AnomalyDetector:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"method": self.method, "hparams": self.hparams, "state": self.get_state()},
-            directory / STATE_FILE,
-        )
+        blob = {"method": self.method, "fit": self.fit_params.as_dict(), "state": self.get_state()}
+        torch.save(blob, directory / STATE_FILE)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "AnomalyDetector":
+    def load(cls, directory: str | Path, score: Schema | dict | None = None, device: str = "cpu") -> "AnomalyDetector":
         path = Path(directory) / STATE_FILE
         if not path.is_file():
             raise PipelineError(f"{path}: fitted model not found (run the fit stage)")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob["method"] != cls.method:
-            raise PipelineError(f"{path}: holds a '{blob['method']}' model, not '{cls.method}'")
-        detector = cls(device=device, **blob["hparams"])
+        blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        if blob.get("method") != cls.method or "fit" not in blob:
+            raise PipelineError(f"{path}: holds no '{cls.method}' model of this version (run the fit stage again)")
+        detector = cls(fit=blob["fit"], score=score, device=device)
         detector.set_state(blob["state"])
         return detector

@@ -6,12 +6,12 @@ and concatenated along channels; each channel is standardised with the training 
 in the saved state). A 1x1-convolution autoencoder C -> (C + latent) // 2 -> latent -> (C +
 latent) // 2 -> C (BatchNorm + ReLU between layers, linear output) is trained with MSE. The anomaly
 map is the per-location squared reconstruction error summed over channels, upsampled bilinearly to
-FeatureSet.image_size and Gaussian-smoothed; the image score is its max. Features are never
+FeatureSet.image_size and Gaussian-smoothed; the image score is its max (or mean). Features are never
 recomputed here: the extract stage's cache is the only input.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from stages.common import PipelineError
 from stages.features import finest_grid
-from stages.methods.training import TRAINING_DEFAULTS, ReconstructionDetector, fit_network, resolve_hparams
+from stages.methods.training import ReconstructionDetector, TrainingFit, fit_network
+from stages.schema import option
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -42,29 +43,30 @@ def _mse(net: nn.Module, x: Tensor) -> Tensor:
     return F.mse_loss(net(x), x)
 
 
+def _odd(value: int) -> bool:
+    return value % 2 == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit(TrainingFit):
+    latent: int = option(32, "bottleneck channels of the 1x1-conv autoencoder", ge=1)
+    neighbourhood: int = option(3, "average each feature over this window first (1: off)", ge=1, check=_odd, allowed="an odd integer >= 1")
+
+
 class FeatureAE(ReconstructionDetector):
     method = "feature_ae"
     uses = "features"
-    DEFAULTS: dict[str, Any] = dict(latent=32, neighbourhood=3, score="max", **TRAINING_DEFAULTS)
+    Fit = Fit
 
-    def __init__(self, device: str = "cpu", **hparams: Any):
-        super().__init__(device=device, **hparams)
-        self.hp = resolve_hparams(self.method, self.DEFAULTS, hparams)
-        latent, k = self.hp["latent"], self.hp["neighbourhood"]
-        if not (isinstance(latent, int) and not isinstance(latent, bool) and latent > 0):
-            raise PipelineError(f"params.yaml: 'latent' of method '{self.method}' must be a positive integer, got {latent!r}")
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1):
-            raise PipelineError(f"params.yaml: 'neighbourhood' of method '{self.method}' must be an odd integer >= 1, got {k!r}")
-        self.net: nn.Module | None = None
-        self.mean: Tensor | None = None
-        self.std: Tensor | None = None
+    mean: Tensor | None = None
+    std: Tensor | None = None
 
     def _raw_features(self, features) -> Tensor:
         """FeatureSet -> (N, C, h, w) float32 on the finest grid, not yet standardised."""
         maps = features.maps()
         if not maps:
             raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
-        k = self.hp["neighbourhood"]
+        k = self.fit_params.neighbourhood
         grid = finest_grid(maps)
         out = []
         for m in maps:
@@ -96,7 +98,7 @@ class FeatureAE(ReconstructionDetector):
         return self
 
     def build_net(self) -> nn.Module:
-        return FeatureAutoencoder(self.mean.shape[1], self.hp["latent"])
+        return FeatureAutoencoder(self.mean.shape[1], self.fit_params.latent)
 
     def model_inputs(self, features) -> Tensor:
         return self._standardised(features)

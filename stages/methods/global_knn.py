@@ -1,9 +1,12 @@
 """Global-embedding kNN: the study's 'ResNet50 + kNN' and 'ViT + kNN'.
 
-Memory bank = one global embedding per training image; image score = mean Euclidean distance to
-the k nearest training embeddings. Image-level only (no anomaly maps).
+Memory bank = one global embedding per training image (optionally only its highest-variance
+dimensions); image score = mean Euclidean distance to the k nearest training embeddings.
+Image-level only (no anomaly maps).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -11,44 +14,51 @@ from stages.common import PipelineError
 from stages.features import FeatureSet
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.neighbours import knn_distances
+from stages.schema import Schema, option
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit(Schema):
+    top_variance_dims: int | None = option(None, "keep only this many highest-variance embedding dimensions (null: all)", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score(Schema):
+    k: int = option(50, "image score = mean distance to the k nearest training embeddings", ge=1)
 
 
 class GlobalKNN(AnomalyDetector):
     method = "global_knn"
     uses = "features"
+    Fit = Fit
+    Score = Score
 
-    def __init__(self, device: str = "cpu", k: int = 50, top_variance_dims: int | None = None):
-        super().__init__(device=device, k=k, top_variance_dims=top_variance_dims)
-        if not isinstance(k, int) or k < 1:
-            raise PipelineError(f"k must be a positive integer, got {k!r}")
-        if top_variance_dims is not None and (not isinstance(top_variance_dims, int) or top_variance_dims < 1):
-            raise PipelineError(f"top_variance_dims must be a positive integer or null, got {top_variance_dims!r}")
-        self.k = k
-        self.top_variance_dims = top_variance_dims
-        self.bank: torch.Tensor | None = None
-        self.dims: torch.Tensor | None = None  # kept embedding dimensions
+    bank: torch.Tensor | None = None
+    dims: torch.Tensor | None = None  # kept embedding dimensions
 
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "GlobalKNN":
         embeddings = train.global_embeddings.float()
-        if self.k > len(embeddings):
-            raise PipelineError(f"k={self.k} is larger than the memory bank ({len(embeddings)} training images)")
-        if self.top_variance_dims is not None:
-            if self.top_variance_dims > embeddings.shape[1]:
-                raise PipelineError(
-                    f"top_variance_dims={self.top_variance_dims} exceeds the embedding size {embeddings.shape[1]}"
-                )
+        if len(embeddings) == 0:
+            raise PipelineError("no training images to build the memory bank")
+        top = self.fit_params.top_variance_dims
+        if top is not None:
+            if top > embeddings.shape[1]:
+                raise PipelineError(f"top_variance_dims={top} exceeds the embedding size {embeddings.shape[1]}")
             variance = embeddings.var(dim=0)
             # stable sort so ties are broken the same way on every run
             order = torch.sort(variance, descending=True, stable=True).indices
-            self.dims = order[: self.top_variance_dims].sort().values
+            self.dims = order[:top].sort().values
         else:
             self.dims = torch.arange(embeddings.shape[1])
         self.bank = embeddings[:, self.dims].contiguous()
         return self
 
     def predict(self, inputs: FeatureSet) -> Prediction:
+        k = self.score_params.k
+        if k > len(self.bank):
+            raise PipelineError(f"k={k} is larger than the memory bank ({len(self.bank)} training images)")
         queries = inputs.global_embeddings.float()[:, self.dims].to(self.device)
-        distances, _ = knn_distances(queries, self.bank.to(self.device), k=self.k)
+        distances, _ = knn_distances(queries, self.bank.to(self.device), k=k)
         return Prediction(image_scores=distances.mean(dim=1).double().cpu().numpy(), anomaly_maps=None)
 
     def get_state(self) -> dict:

@@ -18,7 +18,7 @@ its public `ssim` only returns the spatial mean.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ from pytorch_msssim import ssim as _ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 from torch import Tensor, nn
 
-from stages.common import PipelineError
-from stages.methods.autoencoder import PIXEL_AE_DEFAULTS, Autoencoder
+from stages.methods.training import PixelFit, PixelReconstructionDetector
+from stages.schema import SchemaError, option
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5  # pytorch-msssim's (and Wang et al.'s) default window sigma
@@ -96,31 +96,30 @@ class REDNet(nn.Module):
         raise AssertionError("unreachable")
 
 
-class SkipAutoencoder(Autoencoder):
-    method = "skip_autoencoder"
-    uses = "pixels"
-    DEFAULTS: dict[str, Any] = dict(PIXEL_AE_DEFAULTS, loss="mse", skip_every=2)
+@dataclasses.dataclass(frozen=True)
+class Fit(PixelFit):
+    loss: str = option("mse", "mse (map: squared error) | ssim (map: 1 - local SSIM)", choices=LOSSES)
+    skip_every: int = option(2, "an encoder output joins its mirrored decoder layer every this many layers", ge=1)
 
-    def _check_hparams(self) -> None:
-        super()._check_hparams()
-        loss, every = self.hp["loss"], self.hp["skip_every"]
-        if loss not in LOSSES:
-            raise PipelineError(f"params.yaml: 'loss' of method '{self.method}' must be 'mse' or 'ssim', got {loss!r}")
-        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-            raise PipelineError(f"params.yaml: 'skip_every' of method '{self.method}' must be an integer >= 1, got {every!r}")
-        if loss == "ssim" and self.hp["image_size"] < SSIM_WINDOW:
-            raise PipelineError(
-                f"params.yaml: 'image_size' of method '{self.method}' must be at least {SSIM_WINDOW} for the SSIM loss"
-            )
+    def validate_block(self) -> None:
+        super().validate_block()
+        if self.loss == "ssim" and self.image_size < SSIM_WINDOW:
+            raise SchemaError("image_size", f"must be at least {SSIM_WINDOW} for the SSIM loss, got {self.image_size}")
+
+
+class SkipAutoencoder(PixelReconstructionDetector):
+    method = "skip_autoencoder"
+    Fit = Fit
 
     def build_net(self) -> nn.Module:
-        return REDNet(list(self.hp["channels"]), self.hp["latent"], self.hp["skip_every"])
+        fit = self.fit_params
+        return REDNet(list(fit.channels), fit.latent, fit.skip_every)
 
     def loss(self, net: nn.Module, x: Tensor) -> Tensor:
         recon = net(x)
-        return ssim_loss(recon, x) if self.hp["loss"] == "ssim" else F.mse_loss(recon, x)
+        return ssim_loss(recon, x) if self.fit_params.loss == "ssim" else F.mse_loss(recon, x)
 
     def error_maps(self, recon: Tensor, x: Tensor) -> Tensor:
-        if self.hp["loss"] == "ssim":
+        if self.fit_params.loss == "ssim":
             return one_minus_ssim_map(recon, x)
         return super().error_maps(recon, x)

@@ -1,9 +1,10 @@
 """What the trained methods (autoencoder, skip_autoencoder, feature_ae) share.
 
-- `resolve_hparams`: params.yaml entry + method defaults, unknown names rejected with a one-line error;
+- `TrainingFit` / `MapScore`: the fitting and scoring params every trained method accepts;
 - `train`: one generic Adam loop with early stopping on the validation loss, the best epoch's
   weights kept in memory, a tqdm bar, a per-epoch history and a NaN/inf guard;
-- `gaussian_smooth` / `score_maps`: the anomaly-map post-processing.
+- `ReconstructionDetector`: predict (reconstruction error -> maps -> scores) and save/load;
+- `PixelFit` / `PixelReconstructionDetector`: what the two pixel autoencoders add on top.
 
 Determinism: the caller seeds the weight initialisation (`seed_everything(seed)` right before it
 builds the network); shuffling uses a private torch.Generator seeded with the same seed, so the
@@ -11,8 +12,9 @@ same params and data give bit-identical weights on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,49 +24,26 @@ from tqdm import tqdm
 
 from stages.common import PipelineError, seed_everything
 from stages.methods.base import AnomalyDetector, Prediction, TrainingDiverged
-
-# The hparams every trained method accepts, with their defaults.
-TRAINING_DEFAULTS: dict[str, Any] = dict(lr=1e-3, epochs=30, batch_size=8, patience=5, seed=0, smoothing_sigma=4.0)
+from stages.methods.maps import IMAGE_SCORES, finish_maps
+from stages.schema import Schema, SchemaError, option
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
 
-def resolve_hparams(method: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """Fill in defaults, reject unknown names and check the training hparams' ranges."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise PipelineError(
-            f"params.yaml: unknown parameter(s) {', '.join(repr(u) for u in unknown)} for method "
-            f"'{method}' (known: {', '.join(sorted(defaults))})"
-        )
-    hp = {**defaults, **given}
+@dataclasses.dataclass(frozen=True)
+class TrainingFit(Schema):
+    lr: float = option(1e-3, "Adam learning rate", gt=0)
+    epochs: int = option(30, "maximum training epochs", ge=1)
+    batch_size: int = option(8, "training mini-batch size", ge=1)
+    patience: int | None = option(5, "early stopping: epochs without validation improvement (0 or null: never stop early)", ge=0)
+    seed: int = option(0, "seed of the weight initialisation and the shuffling")
 
-    def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise PipelineError(f"params.yaml: '{name}' of method '{method}' must be {what}, got {hp[name]!r}")
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-    if "lr" in hp:
-        need(is_num(hp["lr"]) and hp["lr"] > 0, "lr", "a positive number")
-    if "epochs" in hp:
-        need(is_int(hp["epochs"]) and hp["epochs"] >= 1, "epochs", "an integer >= 1")
-    if "batch_size" in hp:
-        need(is_int(hp["batch_size"]) and hp["batch_size"] >= 1, "batch_size", "an integer >= 1")
-    if "patience" in hp:
-        need(hp["patience"] is None or (is_int(hp["patience"]) and hp["patience"] >= 0), "patience",
-             "an integer >= 0 (0 or null: no early stopping)")
-    if "seed" in hp:
-        need(is_int(hp["seed"]), "seed", "an integer")
-    if "smoothing_sigma" in hp:
-        need(is_num(hp["smoothing_sigma"]) and hp["smoothing_sigma"] >= 0, "smoothing_sigma", "a number >= 0")
-    if "score" in hp:
-        need(hp["score"] in ("max", "mean"), "score", "'max' or 'mean'")
-    return hp
+@dataclasses.dataclass(frozen=True)
+class MapScore(Schema):
+    image_score: str = option("max", "how the anomaly map becomes the image score", choices=IMAGE_SCORES)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
+    batch_size: int = option(8, "images scored at once", ge=1)
 
 
 def _check_finite(loss: float, epoch: int) -> None:
@@ -156,41 +135,15 @@ def train(
 
 def fit_network(detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x_train: Tensor, x_val: Tensor | None) -> None:
     """Seed, build and train a trained detector's network; set detector.net/history only on success."""
-    hp = detector.hp
-    seed_everything(hp["seed"])  # weight initialisation
+    fit = detector.fit_params
+    seed_everything(fit.seed)  # weight initialisation
     net = build_net()
     history = train(
         net, loss_fn, x_train, x_val,
-        lr=hp["lr"], epochs=hp["epochs"], batch_size=hp["batch_size"], patience=hp["patience"],
-        seed=hp["seed"], device=detector.device, desc=detector.method,
+        lr=fit.lr, epochs=fit.epochs, batch_size=fit.batch_size, patience=fit.patience,
+        seed=fit.seed, device=detector.device, desc=detector.method,
     )
     detector.net, detector.history = net, history
-
-
-def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, H, W) maps (reflect padding, kernel truncated at 4 sigma)."""
-    if sigma <= 0:
-        return maps
-    h, w = maps.shape[-2:]
-    radius = max(1, min(int(4.0 * sigma + 0.5), h - 1, w - 1))
-    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
-
-
-def finish_maps(raw: Tensor, size: tuple[int, int], sigma: float, score: str = "max") -> tuple[Tensor, Tensor]:
-    """(N, h, w) raw error maps -> maps upsampled bilinearly to `size` and smoothed, plus image scores."""
-    maps = raw.unsqueeze(1)
-    if tuple(maps.shape[-2:]) != tuple(size):
-        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    maps = gaussian_smooth(maps.squeeze(1), sigma)
-    flat = maps.flatten(1)
-    scores = flat.amax(1) if score == "max" else flat.mean(1)
-    return maps, scores
 
 
 @torch.no_grad()
@@ -202,7 +155,7 @@ def predict_error_maps(
     size: tuple[int, int],
     batch_size: int,
     sigma: float,
-    score: str,
+    image_score: str,
     device: str,
     desc: str,
 ):
@@ -211,12 +164,12 @@ def predict_error_maps(
     scores, maps = [], []
     for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
         x = inputs[start : start + batch_size].to(device)
-        m, s = finish_maps(error_maps(net(x), x), size, sigma, score)
-        maps.append(m.cpu())
-        scores.append(s.cpu())
+        m, s = finish_maps(error_maps(net(x), x), size, sigma, image_score)
+        maps.append(m)
+        scores.append(s)
     if not maps:
         return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
-    return Prediction(image_scores=torch.cat(scores).double().numpy(), anomaly_maps=torch.cat(maps).float().numpy())
+    return Prediction(image_scores=np.concatenate(scores), anomaly_maps=np.concatenate(maps))
 
 
 class ReconstructionDetector(AnomalyDetector):
@@ -227,6 +180,7 @@ class ReconstructionDetector(AnomalyDetector):
     summed over channels.
     """
 
+    Score = MapScore
     net: nn.Module | None = None
 
     def build_net(self) -> nn.Module:
@@ -245,10 +199,11 @@ class ReconstructionDetector(AnomalyDetector):
     def predict(self, inputs) -> Prediction:
         if self.net is None:
             raise PipelineError(f"{self.method}: predict() called before fit() or load()")
+        score = self.score_params
         return predict_error_maps(
             self.net, self.model_inputs(inputs), self.error_maps,
-            size=self.image_size(inputs), batch_size=self.hp["batch_size"],
-            sigma=float(self.hp["smoothing_sigma"]), score=self.hp["score"], device=self.device, desc="score",
+            size=self.image_size(inputs), batch_size=score.batch_size,
+            sigma=float(score.smoothing_sigma), image_score=score.image_score, device=self.device, desc="score",
         )
 
     def get_state(self) -> dict:
@@ -260,3 +215,49 @@ class ReconstructionDetector(AnomalyDetector):
         net = self.build_net()
         net.load_state_dict(state["net"])
         self.net = net.to(self.device).eval()
+
+
+def _positive_ints(values: list) -> bool:
+    return all(v > 0 for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelFit(TrainingFit):
+    image_size: int = option(128, "training / scoring resolution; maps are upsampled to the prepared size", ge=1)
+    channels: list[int] = option([32, 64, 128, 256], "encoder widths, one stride-2 level each", ge=1)
+    latent: int = option(16, "bottleneck channels at 1 / 2**len(channels) of the resolution", ge=1)
+
+    def validate_block(self) -> None:
+        factor = 2 ** len(self.channels)
+        if self.image_size % factor:
+            raise SchemaError("image_size", f"must be a multiple of {factor} (2 ** len(channels)), got {self.image_size}")
+
+
+def to_unit_tensor(images: np.ndarray, size: int) -> Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float32 in [0, 1] (antialiased bilinear resize)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)
+    return x.contiguous()
+
+
+class PixelReconstructionDetector(ReconstructionDetector):
+    """An autoencoder on the prepared images: scaled to [0, 1] and resized to `image_size`."""
+
+    uses = "pixels"
+    Fit = PixelFit
+
+    def loss(self, net: nn.Module, x: Tensor) -> Tensor:
+        return F.mse_loss(net(x), x)
+
+    def model_inputs(self, split) -> Tensor:
+        return to_unit_tensor(split.images, self.fit_params.image_size)
+
+    def image_size(self, split) -> tuple[int, int]:
+        return tuple(split.images.shape[1:3])
+
+    def fit(self, train_split, val=None) -> "PixelReconstructionDetector":
+        x_val = self.model_inputs(val) if val is not None and len(val) > 0 else None
+        fit_network(self, self.build_net, self.loss, self.model_inputs(train_split), x_val)
+        return self

@@ -1,0 +1,156 @@
+"""params.yaml, read exactly as DVC reads it and checked against one declared schema per section.
+
+DVC parses params.yaml with ruamel.yaml's safe loader (YAML 1.2: `1e-4` is a float, `yes` is a
+string); reading it any other way would let a stage see another value than the one DVC tracks.
+`load_params` validates every section except the method blocks of `models.<name>.fit/score`,
+which `stages.models` validates against the method's own schema when the model is built.
+The result is a plain nested dict with every default filled in, so `param(params, "a.b")` works.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from stages.common import PipelineError
+from stages.paths import PIXELS
+from stages.schema import Schema, SchemaError, check_keys, option, parse
+
+SOURCES = ("synthetic", "mvtec", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Synthetic(Schema):
+    image_size: int = option(256, "side of the generated square images", ge=32)
+    n_train: int = option(100, "defect-free training images", ge=1)
+    n_test_good: int = option(20, "defect-free test images", ge=0)
+    n_test_per_defect: int = option(8, "test images per defect type", ge=0)
+    # which names exist is the generator's business (stages/data/synthetic.py checks them)
+    defect_types: list[str] = option(["color", "cut", "hole", "metal_contamination", "thread"], "defect types to draw")
+    seed: int = option(0, "generator seed", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mvtec(Schema):
+    archive: str = option("category", "category: the per-category archive; full: the whole dataset", choices=("category", "full"))
+    url: str | None = option(None, "null: the official URL; or a mirror / file:// URL")
+    sha256: str | None = option(
+        None, "null: the known checksum when there is one",
+        check=lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, allowed="a SHA-256 hex digest (64 hex digits)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(Schema):
+    source: str = option("synthetic", "synthetic (offline default), mvtec (official archive) or folder (a local copy)", choices=SOURCES)
+    category: str = option("carpet", "the category to run")
+    synthetic: dict = option({}, "the generator's settings")  # parsed into Synthetic below
+    mvtec: dict = option({}, "the official archive's settings")
+    folder: str | None = option(None, "source: folder -> an MVTec-layout category folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess(Schema):
+    resize: int = option(256, "shorter side after resizing", ge=16)
+    crop_size: int = option(224, "side of the centre crop", ge=16)
+    val_fraction: float = option(0.1, "held-out good training images (early stopping, threshold)", gt=0, lt=1)
+    seed: int = option(0, "seed of the validation split")
+
+    def validate_block(self) -> None:
+        if self.crop_size > self.resize:
+            raise SchemaError("crop_size", f"must be at most preprocess.resize ({self.resize}), got {self.crop_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone(Schema):
+    arch: str | None = option(None, "architecture when the entry name is not one (null: the entry name)")
+    weights: str | None = option(None, "a checkpoint file under weights/ (null: the packaged / torchvision weights)")
+    layers: list[str] | None = option(None, "mid-level modules to cache (null: the architecture's defaults)")
+    batch_size: int = option(16, "images per forward pass", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluate(Schema):
+    fpr_limit: float = option(0.3, "AUPRO integrated up to this false-positive rate", gt=0, le=1)
+    threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
+
+
+def _valid_device(value: str) -> bool:
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Top(Schema):
+    device: str = option("auto", "where extract, fit and evaluate run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
+                         allowed="auto, cpu, cuda or cuda:N")
+    data: dict = option({}, "stage download")
+    preprocess: dict = option({}, "stage preprocess")
+    backbones: dict = option({}, "one extract@<name> stage each")
+    models: dict = option({}, "one fit@<name> and evaluate@<name> stage each")
+    evaluate: dict = option({}, "stage evaluate")
+
+
+MODEL_KEYS = ["method", "backbone", "fit", "score"]
+
+
+def read_yaml(path: Path) -> object:
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+def _check_model_entry(name: str, entry: object, backbones: dict) -> dict:
+    """The entry's shape; its method and blocks are checked by stages.models against the method."""
+    where = f"models.{name}"
+    if not isinstance(entry, dict):
+        raise PipelineError(f"{where}: expected a mapping with method, backbone, fit and score")
+    check_keys(entry, MODEL_KEYS, where)
+    method, backbone = entry.get("method"), entry.get("backbone")
+    if not isinstance(method, str):
+        raise PipelineError(f"{where}.method: missing (a method name, e.g. patchcore)")
+    if not isinstance(backbone, str):
+        raise PipelineError(f"{where}.backbone: missing (a name from `backbones:`, or '{PIXELS}')")
+    if backbone != PIXELS and backbone not in backbones:
+        known = ", ".join([PIXELS, *backbones])
+        raise PipelineError(f"{where}.backbone: {backbone!r} is not configured under `backbones:` (known: {known})")
+    for block in ("fit", "score"):
+        if not isinstance(entry.get(block, {}), dict):
+            raise PipelineError(f"{where}.{block}: expected a mapping of parameters, got {entry[block]!r}")
+    return {"method": method, "backbone": backbone, "fit": entry.get("fit") or {}, "score": entry.get("score") or {}}
+
+
+def validate(raw: object, path: Path) -> dict:
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping at the top level")
+    top = parse(Top, raw, "")
+    data = parse(Data, top.data, "data")
+    backbones = top.backbones or {}
+    if not isinstance(backbones, dict):
+        raise PipelineError("backbones: expected a mapping of backbone entries")
+    models = top.models or {}
+    if not isinstance(models, dict):
+        raise PipelineError("models: expected a mapping of model entries")
+    return {
+        "device": top.device,
+        "data": {
+            **data.as_dict(),
+            "synthetic": parse(Synthetic, data.synthetic, "data.synthetic").as_dict(),
+            "mvtec": parse(Mvtec, data.mvtec, "data.mvtec").as_dict(),
+        },
+        "preprocess": parse(Preprocess, top.preprocess, "preprocess").as_dict(),
+        "backbones": {name: parse(Backbone, entry, f"backbones.{name}").as_dict() for name, entry in backbones.items()},
+        "models": {name: _check_model_entry(name, entry, backbones) for name, entry in models.items()},
+        "evaluate": parse(Evaluate, top.evaluate, "evaluate").as_dict(),
+    }
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """params.yaml -> validated dict with defaults filled in; a one-line error names any bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: params file not found (run from the project root)")
+    return validate(read_yaml(path), path)
+
