@@ -137,6 +137,20 @@ def test_patchcore_localises_an_anomalous_patch(tmp_path):
     assert np.all(weighted_scores <= bad_pred.image_scores + 1e-6) and np.all(weighted_scores > 0)
 
 
+@pytest.mark.parametrize("batch_size, projection_dim", [(1, 8), (4, 8), (3, None)])
+def test_streamed_fit_keeps_the_one_shot_coreset(batch_size, projection_dim):
+    """Embedding and projecting batch by batch selects the same patches as projecting all at once."""
+    g = torch.Generator().manual_seed(8)
+    maps = {"layer2": torch.randn(7, 6, 8, 8, generator=g).half(), "layer3": torch.randn(7, 10, 4, 4, generator=g).half()}
+    fit = dict(coreset_ratio=0.2, pretrain_embed_dimension=16, target_embed_dimension=12, projection_dim=projection_dim,
+               batch_size=batch_size, seed=3)
+    model = PatchCore(fit=fit).fit(feature_set(maps=maps))
+    patches, _ = model.embed(list(maps.values()))
+    expected = patches[greedy_coreset(patches, 0.2, projection_dim=projection_dim, seed=3, progress=False)]
+    assert len(model.bank) == int(7 * 64 * 0.2)
+    assert torch.equal(model.bank, expected)
+
+
 def test_patchcore_is_deterministic():
     train = feature_set(maps=_texture_maps(4, seed=5))
     params = dict(coreset_ratio=0.25, pretrain_embed_dimension=8, target_embed_dimension=8)

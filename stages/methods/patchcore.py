@@ -24,7 +24,7 @@ from stages.features import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.maps import smooth, upsample
 from stages.methods.neighbours import knn_distances
-from stages.methods.sampler import greedy_coreset
+from stages.methods.sampler import RandomProjection, greedy_select
 from stages.schema import Schema, option
 
 
@@ -94,21 +94,26 @@ class PatchCore(AnomalyDetector):
 
     # -- estimator API ------------------------------------------------------------------------
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PatchCore":
+        """Streamed: pass 1 keeps only the coreset's random projection of every patch (128-d by
+        default), the greedy selection runs on that, pass 2 re-embeds and gathers the selected
+        full-dimension patches. Memory grows with the bank, not with patches x dimension."""
         if len(train) == 0:
             raise PipelineError("no training images to build the memory bank")
-        patches, filled = None, 0
-        for embeddings, grid in self._batches(train, self.fit_params.batch_size, "embed train"):
-            if patches is None:  # one allocation: no second copy of the full patch set
-                patches = torch.empty(len(train) * grid[0] * grid[1], embeddings.shape[1])
-            patches[filled : filled + len(embeddings)] = embeddings.cpu()
-            filled += len(embeddings)
-        selected = greedy_coreset(
-            patches.to(self.device),
-            self.fit_params.coreset_ratio,
-            projection_dim=self.fit_params.projection_dim,
-            seed=self.fit_params.seed,
-        )
-        self.bank = patches[selected.cpu()].contiguous()
+        fit = self.fit_params
+        projection, reduced = None, []
+        for embeddings, _ in self._batches(train, fit.batch_size, "embed train"):
+            if projection is None:
+                projection = RandomProjection(embeddings.shape[1], fit.projection_dim, fit.seed)
+            reduced.append(projection(embeddings))
+        reduced = torch.cat(reduced)
+        selected = greedy_select(reduced, fit.coreset_ratio, projection.generator).to(self.device)
+        del reduced
+        bank, offset = [], 0
+        for embeddings, _ in self._batches(train, fit.batch_size, "gather bank"):
+            in_batch = selected[(selected >= offset) & (selected < offset + len(embeddings))] - offset
+            bank.append(embeddings[in_batch].cpu())
+            offset += len(embeddings)
+        self.bank = torch.cat(bank).contiguous()
         return self
 
     def predict(self, inputs: FeatureSet) -> Prediction:

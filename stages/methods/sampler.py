@@ -17,6 +17,29 @@ def check_ratio(ratio: float) -> None:
         raise PipelineError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
 
 
+class RandomProjection:
+    """The coreset's seeded random projection (the official code uses an untrained nn.Linear(bias=False));
+    any such map roughly preserves distances, which is all the farthest-point search needs.
+
+    Built once per fit and applied batch by batch, so the full-dimension features never have to
+    be held at once; `generator` then draws the starting points, as in one-shot use.
+    """
+
+    def __init__(self, in_dim: int, projection_dim: int | None, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.matrix = None
+        if projection_dim is not None and projection_dim < in_dim:
+            self.matrix = torch.randn(in_dim, projection_dim, generator=self.generator) / projection_dim**0.5
+
+    @property
+    def out_dim(self) -> int | None:
+        return None if self.matrix is None else self.matrix.shape[1]
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        return features if self.matrix is None else features @ self.matrix.to(features.device)
+
+
 def greedy_coreset(
     features: torch.Tensor,
     ratio: float,
@@ -26,18 +49,23 @@ def greedy_coreset(
     progress: bool = True,
 ) -> torch.Tensor:
     """Indices (sorted) of the `ratio` fraction of rows chosen by approximate greedy k-center."""
+    projection = RandomProjection(features.shape[1], projection_dim, seed)
+    return greedy_select(projection(features), ratio, projection.generator, n_starting_points, progress)
+
+
+def greedy_select(
+    reduced: torch.Tensor,
+    ratio: float,
+    generator: torch.Generator,
+    n_starting_points: int = 10,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Greedy k-center on already projected rows; `generator` draws the starting points."""
     check_ratio(ratio)
-    n = len(features)
+    n = len(reduced)
     n_select = max(1, int(n * ratio))
     if n_select >= n:
         return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    reduced = features.float()
-    if projection_dim is not None and projection_dim < features.shape[1]:
-        # Seeded random projection (the official code uses an untrained nn.Linear(bias=False));
-        # any such map roughly preserves distances, which is all the farthest-point search needs.
-        matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        reduced = reduced @ matrix.to(reduced.device)
     n_start = min(n_starting_points, n)
     start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
     # Approximate distance to the (not yet chosen) coreset: mean distance to a few random anchors.
