@@ -18,6 +18,7 @@ from stages.methods import get_method
 from stages.methods.autoencoder import Autoencoder
 from stages.methods.base import TrainingDiverged
 from stages.methods.feature_ae import FeatureAE
+from stages.methods.feature_vae import FeatureVariationalAE
 from stages.methods.skip_autoencoder import SkipAutoencoder, one_minus_ssim_map, ssim_loss, ssim_map
 from stages.methods.training import train
 
@@ -85,6 +86,7 @@ def test_registry_knows_the_trained_methods():
         ("autoencoder", Autoencoder, "pixels"),
         ("skip_autoencoder", SkipAutoencoder, "pixels"),
         ("feature_ae", FeatureAE, "features"),
+        ("feature_vae", FeatureVariationalAE, "features"),
     ]:
         assert get_method(name) is cls
         assert cls.method == name and cls.uses == uses
@@ -172,8 +174,9 @@ def test_local_ssim_map_averages_to_pytorch_msssim():
         lambda: (build(Autoencoder, **TINY, epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
         lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
         lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
+        lambda: (build(FeatureVariationalAE, latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
     ],
-    ids=["autoencoder", "skip_autoencoder", "feature_ae"],
+    ids=["autoencoder", "skip_autoencoder", "feature_ae", "feature_vae"],
 )
 def test_same_seed_same_weights_and_scores(make):
     model_a, train_data, test_data = make()
@@ -231,8 +234,9 @@ def _nan_features() -> FeatureSet:
         lambda: (build(Autoencoder, **TINY, epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
         lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
         lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
+        lambda: (build(FeatureVariationalAE, latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
     ],
-    ids=["autoencoder", "skip_autoencoder", "feature_ae"],
+    ids=["autoencoder", "skip_autoencoder", "feature_ae", "feature_vae"],
 )
 def test_save_load_round_trip_gives_identical_predictions(make, tmp_path):
     model, train_data, test_data = make()
@@ -303,3 +307,16 @@ def test_autoencoder_on_synthetic_carpet_finds_a_real_defect(defect):
     assert pred.image_scores[1] > 1.3 * pred.image_scores[0]
     peak = np.unravel_index(pred.anomaly_maps[1].argmax(), (size, size))
     assert mask[peak], f"anomaly-map peak {peak} lies outside the {defect} mask"
+
+
+def test_feature_vae_learns_and_its_elbo_map_adds_the_kl_term(tmp_path):
+    model = build(FeatureVariationalAE, latent=4, batch_size=4, epochs=8, patience=0, lr=3e-3, smoothing_sigma=0.0)
+    model.fit(feature_set(8, 0), feature_set(3, 2))
+    assert model.history[-1]["train_loss"] < model.history[0]["train_loss"]
+    test = feature_set(3, 1)
+    reconstruction = model.predict(test)
+    model.save(tmp_path)
+    # the map kind is a scoring param: the same fitted model, re-scored
+    elbo = FeatureVariationalAE.load(tmp_path, score={"anomaly_map": "elbo", "smoothing_sigma": 0.0}).predict(test)
+    assert np.all(elbo.anomaly_maps >= reconstruction.anomaly_maps - 1e-6)
+    assert np.all(elbo.image_scores > reconstruction.image_scores)  # the KL term is positive somewhere

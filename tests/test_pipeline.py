@@ -49,7 +49,8 @@ def tiny_params() -> dict:
     params["data"]["synthetic"].update(image_size=64, n_train=16, n_test_good=4, n_test_per_defect=2)
     params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
     params["device"] = "cpu"
-    del params["models"]["skipae_mse"]  # one entry per method: it differs from skipae_ssim in fit.loss only
+    # fewer stages: skipae_mse differs from skipae_ssim in fit.loss only, feature_vae runs the feature_ae code path
+    del params["models"]["skipae_mse"], params["models"]["feature_vae"]
     for name, model in params["models"].items():
         if model["method"] == "global_knn":
             model["score"]["k"] = 5

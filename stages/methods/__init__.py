@@ -15,6 +15,7 @@ REGISTRY = {
     "autoencoder": "stages.methods.autoencoder:Autoencoder",
     "skip_autoencoder": "stages.methods.skip_autoencoder:SkipAutoencoder",
     "feature_ae": "stages.methods.feature_ae:FeatureAE",
+    "feature_vae": "stages.methods.feature_vae:FeatureVariationalAE",
 }
 
 

@@ -4,7 +4,8 @@
 - `train`: one generic Adam loop with early stopping on the validation loss, the best epoch's
   weights kept in memory, a tqdm bar, a per-epoch history and a NaN/inf guard;
 - `ReconstructionDetector`: predict (reconstruction error -> maps -> scores) and save/load;
-- `PixelFit` / `PixelReconstructionDetector`: what the two pixel autoencoders add on top.
+- `PixelFit` / `PixelReconstructionDetector`: what the two pixel autoencoders add on top;
+- `FeatureFit` / `FeatureReconstructionDetector`: the same for the feature (V)AEs on cached maps.
 
 Determinism: the caller seeds the weight initialisation (`seed_everything(seed)` right before it
 builds the network); shuffling uses a private torch.Generator seeded with the same seed, so the
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from stages.common import PipelineError, seed_everything
+from stages.features import finest_grid
 from stages.methods.base import AnomalyDetector, Prediction, TrainingDiverged
 from stages.methods.maps import IMAGE_SCORES, finish_maps
 from stages.schema import Schema, SchemaError, option
@@ -261,3 +263,72 @@ class PixelReconstructionDetector(ReconstructionDetector):
         x_val = self.model_inputs(val) if val is not None and len(val) > 0 else None
         fit_network(self, self.build_net, self.loss, self.model_inputs(train_split), x_val)
         return self
+
+
+def _odd(value: int) -> bool:
+    return value % 2 == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureFit(TrainingFit):
+    neighbourhood: int = option(3, "average each feature over this window first (1: off)", ge=1, check=_odd,
+                                allowed="an odd integer >= 1")
+
+
+class FeatureReconstructionDetector(ReconstructionDetector):
+    """A network on cached backbone maps (DFR): every layer averaged over `neighbourhood`, upsampled to
+    the finest grid, concatenated and standardised per channel with the training mean / std."""
+
+    uses = "features"
+    Fit = FeatureFit
+    mean: Tensor | None = None
+    std: Tensor | None = None
+
+    def loss(self, net: nn.Module, x: Tensor) -> Tensor:
+        return F.mse_loss(net(x), x)
+
+    def _raw_features(self, features) -> Tensor:
+        """FeatureSet -> (N, C, h, w) float32 on the finest grid, not yet standardised."""
+        maps = features.maps()
+        if not maps:
+            raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
+        k = self.fit_params.neighbourhood
+        grid = finest_grid(maps)
+        out = []
+        for m in maps:
+            if k > 1:
+                m = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
+            if tuple(m.shape[-2:]) != grid:
+                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            out.append(m)
+        return torch.cat(out, dim=1)
+
+    def model_inputs(self, features) -> Tensor:
+        x = self._raw_features(features)
+        if x.shape[1] != self.mean.shape[1]:
+            raise PipelineError(
+                f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
+                f"{self.mean.shape[1]} (re-run the fit stage)"
+            )
+        return (x - self.mean) / self.std
+
+    def image_size(self, features) -> tuple[int, int]:
+        return tuple(features.image_size)
+
+    def fit(self, train_features, val=None) -> "FeatureReconstructionDetector":
+        x = self._raw_features(train_features)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: just centre them
+        x = (x - mean) / std
+        x_val = (self._raw_features(val) - mean) / std if val is not None and len(val) > 0 else None
+        self.mean, self.std = mean, std
+        fit_network(self, self.build_net, self.loss, x, x_val)
+        return self
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "mean": self.mean.clone(), "std": self.std.clone()}
+
+    def set_state(self, state: dict) -> None:
+        self.mean, self.std = state["mean"].float(), state["std"].float()
+        super().set_state(state)
