@@ -6,11 +6,13 @@ and plots/<model>/{scores,roc}.csv for `dvc plots`.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from stages import metrics
 from stages.common import PipelineError, param, run_main, write_csv, write_json
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
-from stages.paths import FEATURES_ROOT, METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT
+from stages.paths import FEATURES_ROOT, METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT, scoring_file
 
 
 def main() -> None:
@@ -58,6 +60,13 @@ def main() -> None:
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
     write_json(METRICS_ROOT / f"{name}.json", result)
+    # what `python -m stages.predict` needs besides the fitted model: how to score, and the threshold
+    write_json(scoring_file(name), {
+        "score": config.score.as_dict(),
+        "threshold": result["threshold"],
+        "threshold_rule": f"mean + {n_std} std of the validation (good) image scores",
+        "validation_median": float(np.median(val_scores)),
+    })
     shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
     print(f"{name}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 

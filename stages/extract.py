@@ -12,7 +12,7 @@ import torch
 
 from stages.backbones import FeatureExtractor, get_spec, load_backbone
 from stages.common import PipelineError, atomic_path, check, load_params, param, resolve_device, run_main
-from stages.data.prepared import SPLITS, load_split
+from stages.data.prepared import SPLITS, load_split, read_inputs, write_inputs
 from stages.features import FeatureSet, save_features
 from stages.paths import FEATURES_ROOT, PIXELS_DIR, WEIGHTS_ROOT
 
@@ -47,6 +47,8 @@ def main() -> None:
     batch_size = options["batch_size"]
     with atomic_path(FEATURES_ROOT / name) as out:
         out.mkdir(parents=True)
+        recipe = {"name": name, "arch": arch, "layers": extractor.layers, "weights": weights}
+        write_inputs(out, read_inputs(PIXELS_DIR)["preprocess"], recipe)
         for split_name in SPLITS:
             split = load_split(PIXELS_DIR / f"{split_name}.npz")
             extracted = extractor(split.images, batch_size=batch_size, desc=f"{name} {split_name}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from stages.common import PipelineError, atomic_path, run_main, seed_everything
 from stages.models import model_from_argv
-from stages.paths import PLOTS_ROOT
+from stages.data.prepared import read_inputs
+from stages.paths import FEATURES_ROOT, PLOTS_ROOT
 
 CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric, under its folder
 
@@ -36,6 +37,7 @@ def main() -> None:
     _, config, device = model_from_argv("fit")
     seed_everything(getattr(config.fit, "seed", 0))
     detector = config.build(device)
+    detector.inputs = read_inputs(FEATURES_ROOT / config.backbone)
     train, val = config.load_inputs("train"), config.load_inputs("val")
     start = time.perf_counter()
     try:

@@ -5,8 +5,13 @@ RAW_ROOT = Path("data/raw")  # data/raw/<source>/<category>, MVTec layout
 FEATURES_ROOT = Path("data/features")  # data/features/<backbone>/{train,val,test}.pt
 PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves
 PIXELS_DIR = FEATURES_ROOT / PIXELS  # data/features/pixels/{train,val,test}.npz, written by preprocess
-MODELS_ROOT = Path("models")  # models/<model>/model.pt
+MODELS_ROOT = Path("models")  # models/<model>/model.pt (fit), models/<model>.scoring.json (evaluate)
 METRICS_ROOT = Path("metrics/models")  # metrics/models/<model>.json
 SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}
 WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.weights), a dep of every extract stage
 PLOTS_ROOT = Path("plots")  # plots/<model>/{roc,scores}.csv and plots/<model>/train/
+
+
+def scoring_file(model: str) -> Path:
+    """Written by evaluate@<model>: the scoring params and threshold predict applies."""
+    return MODELS_ROOT / f"{model}.scoring.json"

@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import PipelineError, atomic_path, check, load_params, param, run_main
-from stages.data.prepared import Split, save_split
+from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import RawImage, list_category, read_image, resize_and_crop
 from stages.paths import PIXELS_DIR, RAW_ROOT
 
@@ -77,6 +77,7 @@ def main() -> None:
         save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
         save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
         save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
+        write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None)
     print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {PIXELS_DIR}")
 
 

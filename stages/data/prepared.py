@@ -1,6 +1,7 @@
 """The compact cached form written by the preprocess stage: one .npz per split."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,19 @@ import numpy as np
 from stages.common import PipelineError, atomic_path
 
 SPLITS = ("train", "val", "test")
+INPUTS_FILE = "inputs.json"  # beside the splits: how they were made (preprocess, backbone), for predict
+
+
+def write_inputs(folder: Path, preprocess: dict, backbone: dict | None) -> None:
+    """Record how a prepared / feature folder was made, so a fitted model can redo it on new images."""
+    (Path(folder) / INPUTS_FILE).write_text(json.dumps({"preprocess": preprocess, "backbone": backbone}, indent=2) + "\n")
+
+
+def read_inputs(folder: str | Path) -> dict:
+    path = Path(folder) / INPUTS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (rerun the stage that writes {Path(folder)})")
+    return json.loads(path.read_text())
 
 
 @dataclass

@@ -59,6 +59,7 @@ class AnomalyDetector:
         self.score_params = as_params(self.Score, score, "score")
         self.device = device  # where fit/predict run; not part of the saved state
         self.history: list[dict] = []  # per-epoch losses of trained methods, logged by the fit stage
+        self.inputs: dict = {}  # how the inputs were made (preprocess, backbone): saved, for predict
 
     def fit(self, train, val=None) -> "AnomalyDetector":
         raise NotImplementedError
@@ -76,7 +77,7 @@ class AnomalyDetector:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        blob = {"method": self.method, "fit": self.fit_params.as_dict(), "state": self.get_state()}
+        blob = {"method": self.method, "fit": self.fit_params.as_dict(), "inputs": self.inputs, "state": self.get_state()}
         torch.save(blob, directory / STATE_FILE)
 
     @classmethod
@@ -88,5 +89,6 @@ class AnomalyDetector:
         if blob.get("method") != cls.method or "fit" not in blob:
             raise PipelineError(f"{path}: holds no '{cls.method}' model of this version (run the fit stage again)")
         detector = cls(fit=blob["fit"], score=score, device=device)
+        detector.inputs = blob.get("inputs", {})
         detector.set_state(blob["state"])
         return detector

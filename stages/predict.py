@@ -1,0 +1,177 @@
+"""Score new images with a fitted model, exactly as `dvc repro` left it.
+
+    python -m stages.predict <model> <image files or folders> [--out DIR]
+
+The model's own saved record says how its inputs were made (resize, crop, backbone, layers,
+weights), so a model fitted at 224 px scores at 224 px whatever params.yaml says today; the
+scoring params and the mean + n·σ threshold are the ones its evaluate stage used
+(models/<model>.scoring.json). Writes DIR/scores.csv (image, score, anomalous, threshold) and one
+heatmap overlay PNG per image (DIR/<name>_overlay.png). An image that cannot be read is reported on
+one line and skipped; the others are still scored (exit code 1 if any was skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from stages.common import PipelineError, run_main, write_csv
+from stages.data.prepared import Split
+from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
+from stages.methods import get_method
+from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
+from stages.paths import MODELS_ROOT, scoring_file
+
+DEFAULT_OUT = Path("predictions")
+CHUNK = 32  # images read and scored together: bounded memory for any number of files
+
+
+@dataclass
+class FittedModel:
+    """A fitted detector with what it needs to score a raw image: its input recipe and threshold."""
+
+    name: str
+    detector: AnomalyDetector
+    preprocess: dict  # resize, crop_size
+    backbone: dict | None  # name, arch, layers, weights; None for pixel models
+    threshold: float
+    validation_median: float
+
+    @classmethod
+    def load(cls, name: str, device: str = "cpu") -> "FittedModel":
+        state = MODELS_ROOT / name / STATE_FILE
+        scoring = scoring_file(name)
+        if not state.is_file():
+            raise PipelineError(f"{state}: model '{name}' was never fitted (run `dvc repro fit@{name}`)")
+        if not scoring.is_file():
+            raise PipelineError(f"{scoring}: model '{name}' was never evaluated (run `dvc repro evaluate@{name}`)")
+        import torch
+
+        method = torch.load(state, map_location="cpu", weights_only=False).get("method")
+        record = json.loads(scoring.read_text())
+        detector = get_method(method).load(MODELS_ROOT / name, score=record["score"], device=device)
+        if not detector.inputs:
+            raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{name}`")
+        return cls(name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
+                   float(record["threshold"]), float(record["validation_median"]))
+
+    def __post_init__(self) -> None:
+        self.extractor = None
+        if self.backbone is not None:  # load the backbone once, before any image is timed
+            from stages.backbones import FeatureExtractor, load_backbone
+
+            arch = self.backbone["arch"]
+            model = load_backbone(arch, self.backbone["weights"])
+            self.extractor = FeatureExtractor(arch, model, self.backbone["layers"], self.detector.device)
+
+    def prepare(self, path: Path) -> np.ndarray:
+        """One image file -> (H, W, 3) uint8, resized and cropped as the training images were."""
+        image = read_image(path, "RGB")
+        return resize_and_crop(image, self.preprocess["resize"], self.preprocess["crop_size"], Image.BILINEAR)
+
+    def score(self, images: np.ndarray, names: list[str]) -> Prediction:
+        """(N, H, W, 3) uint8 prepared images -> image scores and anomaly maps."""
+        if self.backbone is None:
+            n = len(images)
+            return self.detector.predict(Split(images, names, np.zeros(n, np.int64), ["unknown"] * n, None))
+        return self.detector.predict(self._features(images, names))
+
+    def _features(self, images: np.ndarray, names: list[str]):
+        from stages.features import FeatureSet
+
+        extracted = self.extractor(images, batch_size=16, desc=f"{self.backbone['name']} features")
+        return FeatureSet(extracted.global_embeddings, extracted.feature_maps, tuple(images.shape[1:3]), names)
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """Files as given, folders expanded to the image files directly inside them (sorted)."""
+    files = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)  # even a missing or odd file: it gets its own one-line error
+    return files
+
+
+def unique_name(path: Path, used: set[str]) -> str:
+    """<stem>_overlay.png, numbered when two inputs share a name (e.g. test/cut/000.png, test/hole/000.png)."""
+    name, n = f"{path.stem}_overlay.png", 1
+    while name in used:
+        n += 1
+        name = f"{path.stem}_{n}_overlay.png"
+    used.add(name)
+    return name
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Heatmap over the image on a fixed scale: `low` (validation median) transparent, `high`
+    (the threshold) and above at full colour, so a pale overlay means "normal"."""
+    from matplotlib import colormaps
+
+    level = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    colour = colormaps["inferno"](level)[..., :3] * 255.0
+    alpha = 0.6 * level[..., None]
+    return (image * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a model name from params.yaml `models:` that `dvc repro` has fitted and evaluated")
+    parser.add_argument("paths", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT}/<model>)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    out = args.out or DEFAULT_OUT / args.model
+
+    model = FittedModel.load(args.model, device=args.device)
+    files = image_files(args.paths)
+    if not files:
+        raise PipelineError(f"no image files in {' '.join(args.paths)}")
+
+    rows, failed, seconds, used = [], 0, 0.0, set()
+    with tqdm(total=len(files), desc=f"predict {args.model}", unit="img") as bar:
+        for start in range(0, len(files), CHUNK):
+            begin = time.perf_counter()
+            images, paths = [], []
+            for path in files[start : start + CHUNK]:
+                try:
+                    images.append(model.prepare(path))
+                    paths.append(path)
+                except PipelineError as exc:  # one bad file must not stop the others
+                    print(f"error: {exc}", file=sys.stderr)
+                    failed += 1
+                bar.update()
+            if not images:
+                continue
+            prediction = model.score(np.stack(images), [p.name for p in paths])
+            for i, path in enumerate(paths):
+                score = float(prediction.image_scores[i])
+                if prediction.anomaly_maps is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    picture = overlay(images[i], prediction.anomaly_maps[i], model.validation_median, model.threshold)
+                    Image.fromarray(picture).save(out / unique_name(path, used))
+                # the threshold rule of the metrics: score >= threshold is anomalous
+                rows.append({"image": str(path), "score": score, "anomalous": int(score >= model.threshold),
+                             "threshold": model.threshold})
+            seconds += time.perf_counter() - begin
+    if rows:
+        write_csv(out / "scores.csv", rows)
+        flagged = sum(r["anomalous"] for r in rows)
+        print(f"{args.model}: scored {len(rows)} image(s), {flagged} anomalous (score >= {model.threshold:.4g}), "
+              f"{1000 * seconds / len(rows):.0f} ms per image -> {out}/scores.csv")
+    if failed:
+        print(f"error: {failed} of {len(files)} image(s) could not be read (named above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: sys.exit(main()))

@@ -1,0 +1,114 @@
+"""`python -m stages.predict`: new images scored with the model's own recipe, as evaluate scores them."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.common import PipelineError
+from tests.conftest import call_stage, default_params, write_params
+
+MODELS = {
+    "pc": {"method": "patchcore", "backbone": "efficientnet_lite0",
+           "fit": {"coreset_ratio": 0.5, "pretrain_embed_dimension": 32, "target_embed_dimension": 32}},
+    "ae": {"method": "autoencoder", "backbone": "pixels",
+           "fit": {"image_size": 32, "channels": [8, 16], "latent": 4, "epochs": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("predict")
+    params = default_params()
+    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+                                       defect_types=["color", "hole"])
+    params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
+    params["device"] = "cpu"
+    params["models"] = MODELS
+    write_params(project, params)
+    for stage, args in [("download", ()), ("preprocess", ()), ("extract", ("efficientnet_lite0",))]:
+        call_stage(stage, *args, cwd=project)
+    for name in MODELS:
+        call_stage("fit", name, cwd=project)
+        call_stage("evaluate", name, cwd=project)
+    return project
+
+
+def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
+    import os
+
+    from stages.predict import main
+
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        code = main(list(args))
+    finally:
+        os.chdir(previous)
+    out = project / "predictions" / args[0]
+    rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []
+    return code, rows
+
+
+def evaluate_scores(project: Path, model: str) -> dict[str, float]:
+    rows = csv.DictReader(open(project / "plots" / model / "scores.csv"))
+    return {row["image"]: float(row["score"]) for row in rows}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_new_images_score_as_evaluate_scored_them(fitted, model):
+    """The raw test images, given as files, get the scores the evaluate stage gave them, the
+    verdict of its threshold, and an overlay at the prepared size."""
+    raw = fitted / "data" / "raw" / "synthetic" / "carpet"
+    expected = evaluate_scores(fitted, model)
+    code, rows = predict(fitted, model, *(str(raw / name) for name in expected))
+    assert code == 0 and len(rows) == len(expected)
+    for row, (name, score) in zip(rows, expected.items()):
+        assert row["image"] == str(raw / name)
+        assert float(row["score"]) == pytest.approx(score, rel=1e-5)
+        assert int(row["anomalous"]) == int(float(row["score"]) >= float(row["threshold"]))
+    overlays = sorted((fitted / "predictions" / model).glob("*_overlay.png"))
+    assert len(overlays) == len(expected)  # same-named files from different folders are numbered
+    assert Image.open(overlays[0]).size == (48, 48)
+
+
+def test_the_saved_recipe_wins_over_todays_params(fitted):
+    """A model fitted at 48 px scores at 48 px even after params.yaml says otherwise."""
+    raw = fitted / "data" / "raw" / "synthetic" / "carpet" / "test" / "hole"
+    _, before = predict(fitted, "pc", str(raw))
+    shutil.copy(fitted / "params.yaml", fitted / "params.saved")
+    text = (fitted / "params.yaml").read_text()
+    assert "crop_size: 48" in text
+    (fitted / "params.yaml").write_text(text.replace("crop_size: 48", "crop_size: 40"))
+    try:
+        _, after = predict(fitted, "pc", str(raw))
+    finally:
+        shutil.move(fitted / "params.saved", fitted / "params.yaml")
+    assert [r["score"] for r in after] == [r["score"] for r in before]
+
+
+def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = fitted / "data" / "raw" / "synthetic" / "carpet" / "test" / "good" / "000.png"
+    shutil.copy(good, folder / "a_good.png")
+    Image.open(good).convert("L").save(folder / "b_gray.png")  # another channel count: converted
+    (folder / "c_text.png").write_text("not an image")
+    (folder / "d_truncated.png").write_bytes(good.read_bytes()[:300])
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    code, rows = predict(fitted, "pc", str(folder), "--out", str(tmp_path / "out"))
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1
+    assert [Path(r["image"]).name for r in rows] == ["a_good.png", "b_gray.png"]
+    assert any("c_text.png" in e for e in errors) and any("d_truncated.png" in e for e in errors)
+    assert errors[-1] == "error: 2 of 4 image(s) could not be read (named above)"
+
+
+def test_a_model_never_fitted_is_a_one_line_error(fitted):
+    with pytest.raises(PipelineError, match=r"models/nope/model.pt: model 'nope' was never fitted"):
+        predict(fitted, "nope", "x.png")
