@@ -63,3 +63,30 @@ def project(tmp_path: Path) -> Path:
     """An empty scratch project folder with the repo's params.yaml."""
     write_params(tmp_path, default_params())
     return tmp_path
+
+
+# A tiny project with two models fitted and evaluated in-process (predict and demo tests).
+MODELS_FITTED = {
+    "pc": {"method": "patchcore", "backbone": "efficientnet_lite0",
+           "fit": {"coreset_ratio": 0.5, "pretrain_embed_dimension": 32, "target_embed_dimension": 32}},
+    "ae": {"method": "autoencoder", "backbone": "pixels",
+           "fit": {"image_size": 32, "channels": [8, 16], "latent": 4, "epochs": 2}},
+}
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("predict")
+    params = default_params()
+    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+                                       defect_types=["color", "hole"])
+    params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
+    params["device"] = "cpu"
+    params["models"] = MODELS_FITTED
+    write_params(project, params)
+    for stage, args in [("download", ()), ("preprocess", ()), ("extract", ("efficientnet_lite0",))]:
+        call_stage(stage, *args, cwd=project)
+    for name in MODELS_FITTED:
+        call_stage("fit", name, cwd=project)
+        call_stage("evaluate", name, cwd=project)
+    return project

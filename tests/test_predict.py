@@ -10,33 +10,7 @@ import pytest
 from PIL import Image
 
 from stages.common import PipelineError
-from tests.conftest import call_stage, default_params, write_params
-
-MODELS = {
-    "pc": {"method": "patchcore", "backbone": "efficientnet_lite0",
-           "fit": {"coreset_ratio": 0.5, "pretrain_embed_dimension": 32, "target_embed_dimension": 32}},
-    "ae": {"method": "autoencoder", "backbone": "pixels",
-           "fit": {"image_size": 32, "channels": [8, 16], "latent": 4, "epochs": 2}},
-}
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("predict")
-    params = default_params()
-    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
-                                       defect_types=["color", "hole"])
-    params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
-    params["device"] = "cpu"
-    params["models"] = MODELS
-    write_params(project, params)
-    for stage, args in [("download", ()), ("preprocess", ()), ("extract", ("efficientnet_lite0",))]:
-        call_stage(stage, *args, cwd=project)
-    for name in MODELS:
-        call_stage("fit", name, cwd=project)
-        call_stage("evaluate", name, cwd=project)
-    return project
-
+from tests.conftest import MODELS_FITTED as MODELS
 
 def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
     import os
@@ -49,7 +23,7 @@ def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
         code = main(list(args))
     finally:
         os.chdir(previous)
-    out = project / "predictions" / args[0]
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else project / "predictions" / args[0]
     rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []
     return code, rows
 
@@ -101,7 +75,6 @@ def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
     (folder / "d_truncated.png").write_bytes(good.read_bytes()[:300])
     (folder / "notes.txt").write_text("ignored: not an image suffix")
     code, rows = predict(fitted, "pc", str(folder), "--out", str(tmp_path / "out"))
-    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1
     assert [Path(r["image"]).name for r in rows] == ["a_good.png", "b_gray.png"]
