@@ -47,7 +47,8 @@ def main() -> None:
         fpr_limit=fpr_limit,
         n_std=n_std,
     )
-    result = {"model": name, "method": config.method, "backbone": config.backbone, **result}
+    n_train = detector.inputs.get("n_train")  # how many good images it was fitted on (few-shot sweeps)
+    result = {"model": name, "method": config.method, "backbone": config.backbone, "n_train": n_train, **result}
 
     plot_dir = PLOTS_ROOT / name
     write_csv(

@@ -48,7 +48,8 @@ def main() -> None:
     with atomic_path(FEATURES_ROOT / name) as out:
         out.mkdir(parents=True)
         recipe = {"name": name, "arch": arch, "layers": extractor.layers, "weights": weights}
-        write_inputs(out, read_inputs(PIXELS_DIR)["preprocess"], recipe)
+        prepared = read_inputs(PIXELS_DIR)
+        write_inputs(out, prepared["preprocess"], recipe, prepared["n_train"])
         for split_name in SPLITS:
             split = load_split(PIXELS_DIR / f"{split_name}.npz")
             extracted = extractor(split.images, batch_size=batch_size, desc=f"{name} {split_name}")

@@ -54,7 +54,9 @@ class Preprocess(Schema):
     resize: int = option(256, "shorter side after resizing", ge=16)
     crop_size: int = option(224, "side of the centre crop", ge=16)
     val_fraction: float = option(0.1, "held-out good training images (early stopping, threshold)", gt=0, lt=1)
-    seed: int = option(0, "seed of the validation split")
+    seed: int = option(0, "seed of the validation split (and of the few-shot subset)")
+    max_train: int | None = option(None, "few-shot: fit on at most this many good images, a seeded subset of "
+                                         "those left after the validation split (null: all)", ge=1)
 
     def validate_block(self) -> None:
         if self.crop_size > self.resize:

@@ -52,15 +52,7 @@ def main() -> None:
     crop = param(params, "preprocess.crop_size")
     val_fraction = param(params, "preprocess.val_fraction")
     seed = param(params, "preprocess.seed")
-    check(isinstance(resize, int) and resize >= 16, f"preprocess.resize must be an integer >= 16, got {resize!r}")
-    check(
-        isinstance(crop, int) and 16 <= crop <= resize,
-        f"preprocess.crop_size must be an integer in [16, preprocess.resize], got {crop!r}",
-    )
-    check(
-        isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1,
-        f"preprocess.val_fraction must be in (0, 1), got {val_fraction!r}",
-    )
+    max_train = param(params, "preprocess.max_train")  # types and ranges: checked by load_params
 
     train_items, test_items, has_masks = list_category(raw_dir(params))
     n_val = max(1, round(len(train_items) * val_fraction))
@@ -71,13 +63,18 @@ def main() -> None:
     order = np.random.default_rng(seed).permutation(len(train_items))
     val_items = [train_items[i] for i in sorted(order[:n_val])]
     fit_items = [train_items[i] for i in sorted(order[n_val:])]
+    if max_train is not None and max_train < len(fit_items):
+        # few-shot: a seeded subset of what is left once the validation split is taken, so the
+        # threshold and early stopping see the same held-out images at every number of shots
+        keep = np.random.default_rng([seed, max_train]).permutation(len(fit_items))[:max_train]
+        fit_items = [fit_items[i] for i in sorted(keep)]
 
     with atomic_path(PIXELS_DIR) as out:
         out.mkdir(parents=True)
         save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
         save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
         save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
-        write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None)
+        write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None, n_train=len(fit_items))
     print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {PIXELS_DIR}")
 
 

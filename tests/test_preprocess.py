@@ -37,12 +37,12 @@ def make_category(root: Path, grayscale: bool, with_masks: bool, size=(80, 64)) 
             save(mask, root / "ground_truth" / "spot" / f"{i:03d}_mask.png", image_mode="L")
 
 
-def prepare(tmp_path: Path, grayscale: bool, with_masks: bool, seed: int = 0) -> Path:
+def prepare(tmp_path: Path, grayscale: bool, with_masks: bool, seed: int = 0, max_train: int | None = None) -> Path:
     source = tmp_path / "my_category"
     make_category(source, grayscale, with_masks)
     params = default_params()
     params["data"].update(source="folder", category="spots", folder=str(source))
-    params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34, seed=seed)
+    params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34, seed=seed, max_train=max_train)
     write_params(tmp_path, params)
     call_stage("download", cwd=tmp_path)
     call_stage("preprocess", cwd=tmp_path)
@@ -100,3 +100,36 @@ def test_category_without_ground_truth_is_evaluated_at_image_level(tmp_path):
     # the white squares on a dark texture are found: both spot images score above the good one
     assert metrics["image_auroc"] == 1.0 and metrics["per_defect_auroc"] == {"spot": 1.0}
     assert "pixel_auroc" not in metrics and "aupro" not in metrics
+
+
+def test_few_shot_keeps_the_validation_split_and_a_seeded_subset(tmp_path):
+    """preprocess.max_train: the validation split is taken first, so it is the same at every number of
+    shots; the training subset is seeded (same params, same images) and nested in the full set."""
+    full = load_split(prepare(tmp_path / "all", grayscale=False, with_masks=False) / "train.npz").names
+    val = load_split(tmp_path / "all" / "data" / "features" / "pixels" / "val.npz").names
+    for shots in (1, 2):
+        subsets = []
+        for attempt in ("a", "b"):
+            folder = tmp_path / f"{shots}{attempt}"
+            out = prepare(folder, grayscale=False, with_masks=False, max_train=shots)
+            subsets.append(load_split(out / "train.npz").names)
+            assert load_split(out / "val.npz").names == val
+            assert json.loads((out / "inputs.json").read_text())["n_train"] == shots
+        assert subsets[0] == subsets[1] and len(subsets[0]) == shots and set(subsets[0]) <= set(full)
+
+
+def test_few_shot_table_from_experiments():
+    from stages.few_shot import sweep_rows
+
+    def experiment(n_train, knn, pc):
+        return {"rev": "x", "metrics/models/knn.json:n_train": float(n_train), "metrics/models/knn.json:image_auroc": knn,
+                "metrics/models/pc.json:n_train": float(n_train), "metrics/models/pc.json:image_auroc": pc,
+                "metrics/models/pc.json:pixel_auroc": pc / 2}
+
+    experiments = [experiment(90, 0.9, 1.0), experiment(90, 0.0, 0.0), experiment(4, 0.5, 0.8), {"rev": "failed"}]
+    assert sweep_rows(experiments, ["knn", "pc"]) == [
+        {"model": "knn", "n_train": 4, "image_auroc": 0.5, "pixel_auroc": None},
+        {"model": "knn", "n_train": 90, "image_auroc": 0.9, "pixel_auroc": None},  # the first row of a size wins
+        {"model": "pc", "n_train": 4, "image_auroc": 0.8, "pixel_auroc": 0.4},
+        {"model": "pc", "n_train": 90, "image_auroc": 1.0, "pixel_auroc": 0.5},
+    ]

@@ -13,9 +13,11 @@ SPLITS = ("train", "val", "test")
 INPUTS_FILE = "inputs.json"  # beside the splits: how they were made (preprocess, backbone), for predict
 
 
-def write_inputs(folder: Path, preprocess: dict, backbone: dict | None) -> None:
-    """Record how a prepared / feature folder was made, so a fitted model can redo it on new images."""
-    (Path(folder) / INPUTS_FILE).write_text(json.dumps({"preprocess": preprocess, "backbone": backbone}, indent=2) + "\n")
+def write_inputs(folder: Path, preprocess: dict, backbone: dict | None, n_train: int) -> None:
+    """Record how a prepared / feature folder was made, so a fitted model can redo it on new images
+    (and say how many good images it was fitted on)."""
+    record = {"preprocess": preprocess, "backbone": backbone, "n_train": n_train}
+    (Path(folder) / INPUTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_inputs(folder: str | Path) -> dict:
