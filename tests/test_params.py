@@ -148,3 +148,9 @@ def test_readme_parameter_reference_is_generated_from_the_schemas():
     assert readme_with_reference(readme) == readme, "run `python -m stages.docs` to regenerate the README reference"
     for key in ("coreset_ratio", "image_score", "top_variance_dims", "threshold_n_std"):
         assert f"| `{key}` |" in readme
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configurations_are_valid(tmp_path, config):
+    params = load_all(tmp_path, config.read_text())
+    assert params["data"]["source"] == "mvtec" and params["models"]
