@@ -134,7 +134,7 @@ def test_unknown_backbone(prepared):
 @pytest.mark.parametrize(
     "model, expected",
     [
-        ({"method": "magic", "backbone": "efficientnet_lite0"}, "error: models.m.method: unknown method 'magic' (known: autoencoder, feature_ae, global_knn, patchcore, skip_autoencoder)"),
+        ({"method": "magic", "backbone": "efficientnet_lite0"}, "error: models.m.method: unknown method 'magic' (known: autoencoder, feature_ae, feature_vae, global_knn, patchcore, skip_autoencoder)"),
         (
             {"method": "patchcore", "backbone": "efficientnet_lite0", "fit": {"coreset_ratio": 1.5}},
             "error: models.m.fit.coreset_ratio: must be a finite number in (0, 1], got 1.5",

@@ -15,12 +15,8 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from stages.methods.training import FeatureFit, FeatureReconstructionDetector
+from stages.methods.training import FeatureFit, FeatureReconstructionDetector, conv1x1_block
 from stages.schema import option
-
-
-def _block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class FeatureAutoencoder(nn.Module):
@@ -28,7 +24,8 @@ class FeatureAutoencoder(nn.Module):
         super().__init__()
         hidden = (channels + latent) // 2
         self.net = nn.Sequential(
-            *_block(channels, hidden), *_block(hidden, latent), *_block(latent, hidden), nn.Conv2d(hidden, channels, 1)
+            *conv1x1_block(channels, hidden), *conv1x1_block(hidden, latent),
+            *conv1x1_block(latent, hidden), nn.Conv2d(hidden, channels, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,22 +19,18 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from stages.methods.training import FeatureFit, FeatureReconstructionDetector, MapScore
+from stages.methods.training import FeatureFit, FeatureReconstructionDetector, MapScore, conv1x1_block
 from stages.schema import option
 
 ANOMALY_MAPS = ("reconstruction", "elbo")
-
-
-def _block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class FeatureVAE(nn.Module):
     def __init__(self, channels: int, latent: int):
         super().__init__()
         hidden = (channels + latent) // 2
-        self.encoder = nn.Sequential(*_block(channels, hidden), nn.Conv2d(hidden, 2 * latent, 1))
-        self.decoder = nn.Sequential(*_block(latent, hidden), nn.Conv2d(hidden, channels, 1))
+        self.encoder = nn.Sequential(*conv1x1_block(channels, hidden), nn.Conv2d(hidden, 2 * latent, 1))
+        self.decoder = nn.Sequential(*conv1x1_block(latent, hidden), nn.Conv2d(hidden, channels, 1))
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, log_var = self.encoder(x).chunk(2, dim=1)

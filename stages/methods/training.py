@@ -275,6 +275,11 @@ class FeatureFit(TrainingFit):
                                 allowed="an odd integer >= 1")
 
 
+def conv1x1_block(c_in: int, c_out: int) -> list[nn.Module]:
+    """A per-location layer of the feature (V)AEs: 1x1 convolution, BatchNorm, ReLU."""
+    return [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
 class FeatureReconstructionDetector(ReconstructionDetector):
     """A network on cached backbone maps (DFR): every layer averaged over `neighbourhood`, upsampled to
     the finest grid, concatenated and standardised per channel with the training mean / std."""
