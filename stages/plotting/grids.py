@@ -156,9 +156,10 @@ def heatmap_figure(
                 ax.set_title(column, fontsize=10, fontweight="bold")
         flagged = "flagged" if scores[r] > threshold else "not flagged"
         axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.3g}\n{flagged}", fontsize=8)
-    fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})")
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    cax = fig.add_axes((0.3, 0.012, 0.4, 0.008))
+    height = fig.get_figheight()
+    fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})", y=1 - 0.15 / height)
+    fig.tight_layout(rect=(0, 1.15 / height, 1, 1 - 0.42 / height))
+    cax = fig.add_axes((0.3, 0.75 / height, 0.4, 0.12 / height))
     bar = fig.colorbar(im, cax=cax, orientation="horizontal")
     bar.set_label(
         "anomaly map: median of validation maps (palest) … image threshold (darkest); "
