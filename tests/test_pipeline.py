@@ -1,8 +1,9 @@
 """End to end with real `dvc` commands on a tiny configuration, in a temporary copy of the repo.
 
-Proves: every configured model gets metrics; `dvc repro --force` is deterministic; changing one
-model's hyper-parameter reruns only its fit/evaluate and the report; changing a preprocess param
-reruns everything downstream of preprocess and nothing upstream.
+Proves: every configured model gets metrics; `dvc repro --force` is deterministic (figure PNGs
+included); changing one model's hyper-parameter reruns only its fit/evaluate/figures and the
+report; changing a preprocess param reruns everything downstream of preprocess and nothing
+upstream; `dvc plots show` renders every declared plot on one offline page.
 """
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def read_metrics(repo: Path) -> dict:
     return {str(f.relative_to(repo)): json.loads(f.read_text()) for f in files}
 
 
+def dvc_config(repo: Path) -> dict:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(repo / ".dvc" / "config")
+    return {section.strip("'\" "): dict(config[section]) for section in config.sections()}
+
+
 def output_hashes(repo: Path) -> dict:
     """md5 of every stage output recorded in dvc.lock: fitted models, features, plots, metrics."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -80,6 +89,10 @@ def repo(tmp_path_factory) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
+    # the project's Vega-Lite templates and offline page template, as in the repository's .dvc/
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+    template = dvc_config(REPO)["plots"]["html_template"]
+    dvc(root, "config", "plots.html_template", template)
     # a repo with a commit, as a clone is (dvclive reads the current revision)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
@@ -116,11 +129,78 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
         assert any(curve in key for key in plots), f"no learning curve for {name} in dvc plots show"
         rows = (repo / curve).read_text().splitlines()
         assert rows[0] == "step\ttrain_loss" and len(rows) == 1 + params["models"][name]["epochs"]
-    assert any("plots/patchcore_effnet/roc.csv" in key for key in plots)
+    assert "image_roc" in plots  # every model's ROC on one chart (test_plots_show_offline_page)
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     shown = dvc(repo, "metrics", "show")
     for name in models:
         assert f"metrics/models/{name}.json" in shown
+
+
+def png_panels(path: Path) -> tuple[int, int]:
+    """(rows, columns) of an image grid, as stages/plotting/style.save_png records it in the PNG."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rows, cols = image.text["Comment"].removeprefix("panels=").split("x")
+    return int(rows), int(cols)
+
+
+def test_plots_show_offline_page(repo, first_run, tmp_path):
+    """Every declared plot is shown and non-empty, all models share the curve charts, the page needs
+    no network, and the image grids have one row per selected image and one column per view."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    models, backbones, fig = params["models"], params["backbones"], params["figures"]
+    with_maps = [m for m, entry in models.items() if entry["method"] != "global_knn"]
+    pixel_aes = [m for m, entry in models.items() if entry["method"] in ("autoencoder", "skip_autoencoder")]
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+
+    top_level = {}
+    for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]:
+        top_level.update(entry)
+    for plot_id, listed in [("image_roc", models), ("image_pr", models), ("pixel_roc", with_maps), ("pro", with_maps)]:
+        sources = {Path(path).parts[1] for path in top_level[plot_id]["y"]}
+        assert sources == set(listed), f"dvc.yaml plots.{plot_id} must list exactly these models: {sorted(listed)}"
+        values = shown[plot_id][0]["content"]["data"]["values"]
+        assert {v["filename"].split("/")[0] for v in values} == set(listed), plot_id
+    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary"}
+    expected_vega |= {f"plots/{m}/{name}.csv" for m in models for name in ("confusion", "scores")}
+    expected_vega |= {f"plots/tsne/{b}.csv" for b in backbones}
+    expected_images = {"plots/dataset/overview.png", "plots/summary.png"}
+    expected_images |= {f"plots/{m}/figures/scores.png" for m in models}
+    expected_images |= {f"plots/{m}/figures/heatmaps.png" for m in with_maps}
+    assert expected_vega | expected_images <= set(shown)
+    assert f"plots/knn_effnet/figures/heatmaps.png" not in shown  # no maps, no heatmap grid
+    for plot_id in expected_vega:
+        assert shown[plot_id][0]["type"] == "vega", plot_id
+        assert shown[plot_id][0]["content"]["data"]["values"], f"{plot_id}: no data"
+    tsne = shown[f"plots/tsne/{next(iter(backbones))}.csv"][0]["content"]["data"]["values"]
+    assert {v["split"] for v in tsne} == {"train", "val", "test"}
+    for plot_id in expected_images:
+        assert shown[plot_id][0]["type"] == "image", plot_id
+        assert (repo / plot_id).stat().st_size > 5000, f"{plot_id}: suspiciously small"
+
+    # image grids: rows = selected images, columns = views (the reconstruction only for pixel AEs)
+    test_types = set(yaml.safe_load((repo / "params.yaml").read_text())["data"]["synthetic"]["defect_types"])
+    per_type = params["data"]["synthetic"]["n_test_per_defect"]
+    n_good = params["data"]["synthetic"]["n_test_good"]
+    heat = fig["heatmaps"]
+    rows = len(test_types) * min(heat["per_defect"], per_type) + min(heat["good"], n_good)
+    for m in with_maps:
+        assert png_panels(repo / f"plots/{m}/figures/heatmaps.png") == (rows, 6 if m in pixel_aes else 5), m
+    per = fig["overview"]["per_defect"]
+    assert png_panels(repo / "plots/dataset/overview.png") == (len(test_types) + 1, 2 * min(per, per_type, n_good))
+
+    # the HTML page: DVC fills the project template; nothing is loaded from the network
+    out = tmp_path / "page"
+    dvc(repo, "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    assert "window.vegaEmbed=" in html.replace(" ", "")  # the inlined vega-embed bundle
+    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html), "the page loads something from the network"
+    assert "cdn.jsdelivr" not in html
+    assert html.count("vegaEmbed('#") == len(expected_vega | {k for k, v in shown.items() if v[0]["type"] == "vega"})
+    images = re.findall(r'<img src="(static/[^"]+)"', html)
+    assert len(images) == len(expected_images)
+    assert all((out / src).stat().st_size > 5000 for src in images)
 
 
 def test_forced_repro_is_deterministic(repo, first_run):
@@ -135,9 +215,10 @@ def test_forced_repro_is_deterministic(repo, first_run):
 def test_model_hyperparameter_reruns_only_that_model(repo, first_run, model, key, value):
     before = read_metrics(repo)
     set_param(repo, f"models.{model}.{key}", value)
-    expected = {f"fit@{model}", f"evaluate@{model}", "report"}
+    expected = {f"fit@{model}", f"evaluate@{model}", f"figures@{model}", "report"}
     assert set(json.loads(dvc(repo, "status", "--json"))) == expected
-    assert ran(dvc(repo, "repro")) == expected
+    # the summary chart follows the report when the summary changed
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == expected
     after = read_metrics(repo)
     others = [f for f in before if f.startswith("metrics/models/") and f != f"metrics/models/{model}.json"]
     assert others and all(after[f] == before[f] for f in others)
@@ -150,9 +231,11 @@ def test_preprocess_param_reruns_everything_downstream_only(repo, first_run):
     models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
     backbones = yaml.safe_load((repo / "params.yaml").read_text())["backbones"]
     expected = (
-        {"preprocess", "report"}
+        {"preprocess", "report", "overview"}
         | {f"extract@{b}" for b in backbones}
+        | {f"tsne@{b}" for b in backbones}
         | {f"fit@{m}" for m in models}
         | {f"evaluate@{m}" for m in models}
+        | {f"figures@{m}" for m in models}
     )
-    assert ran(dvc(repo, "repro")) == expected
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == expected
