@@ -24,6 +24,7 @@ def main() -> None:
     params = load_params()
     perplexity = param(params, "figures.tsne.perplexity")
     seed = param(params, "figures.tsne.seed")
+    iterations = param(params, "figures.tsne.iterations")
 
     embeddings, splits, names, types = [], [], [], []
     for split in SPLITS:
@@ -35,7 +36,7 @@ def main() -> None:
         splits += [split] * len(prepared)
         names += prepared.names
         types += prepared.defect_types
-    points = embed_2d(np.concatenate(embeddings), perplexity, seed)
+    points = embed_2d(np.concatenate(embeddings), perplexity, seed, iterations)
     out = PLOTS_ROOT / "tsne" / f"{backbone}.csv"
     write_csv(out, tsne_rows(points, splits, names, types))
     print(f"tsne@{backbone}: {len(names)} images -> {out}")

@@ -50,6 +50,9 @@ def tiny_params() -> dict:
     params["data"]["synthetic"].update(image_size=64, n_train=16, n_test_good=4, n_test_per_defect=2)
     params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
     params["device"] = "cpu"
+    params["figures"]["overview"].update(per_defect=1)  # small figures: the stages rerun in every test below
+    params["figures"]["heatmaps"].update(per_defect=1, good=1)
+    params["figures"]["tsne"].update(iterations=250)
     for name, model in params["models"].items():
         if model["method"] == "global_knn":
             model["k"] = 5

@@ -6,7 +6,7 @@ import numpy as np
 from stages.common import PipelineError
 
 
-def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, pca_dims: int = 50) -> np.ndarray:
+def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, iterations: int = 1000, pca_dims: int = 50) -> np.ndarray:
     """(N, D) -> (N, 2): standardise, PCA to at most `pca_dims` (speed, less noise), then t-SNE.
 
     Perplexity is capped at (N - 1) / 3 so tiny runs still work; same inputs and seed -> same points.
@@ -20,6 +20,8 @@ def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, pca_dims: int
         raise PipelineError(f"figures.tsne: need at least 5 images, got {n}")
     if not (isinstance(perplexity, (int, float)) and not isinstance(perplexity, bool) and perplexity > 0):
         raise PipelineError(f"figures.tsne.perplexity must be a positive number, got {perplexity!r}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 250:
+        raise PipelineError(f"figures.tsne.iterations must be an integer >= 250, got {iterations!r}")
     x = (x - x.mean(0)) / np.where(x.std(0) > 1e-12, x.std(0), 1.0)
     dims = min(pca_dims, n - 1, x.shape[1])
     if x.shape[1] > dims:
@@ -30,6 +32,7 @@ def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, pca_dims: int
         init="pca",
         learning_rate="auto",
         random_state=int(seed),
+        max_iter=iterations,
         n_jobs=1,
     )
     return tsne.fit_transform(x)
