@@ -40,7 +40,9 @@ def main() -> None:
 
     params, config, device = model_from_argv("figures")
     name = config.name
-    heat = param(params, "figures.heatmaps")
+    per_defect = param(params, "figures.heatmaps.per_defect")
+    n_good = param(params, "figures.heatmaps.good")
+    seed = param(params, "figures.heatmaps.seed")
     bins = param(params, "figures.distribution.bins")
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
         raise PipelineError(f"figures.distribution.bins must be an integer >= 2, got {bins!r}")
@@ -64,7 +66,7 @@ def main() -> None:
         fig = distribution_figure(name, test_scores, test.defect_types, val.image_scores, threshold, bins)
         save_png(fig, out / "scores.png")
         shown = "scores.png"
-        chosen = select(test.defect_types, heat.get("per_defect", 2), heat.get("good", 2), heat.get("seed", 0))
+        chosen = select(test.defect_types, per_defect, n_good, seed)
         inputs = subset(config.load_inputs("test"), chosen)
         prediction = detector.predict(inputs)
         if prediction.anomaly_maps is not None:
