@@ -158,12 +158,13 @@ def heatmap_figure(
         axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.3g}\n{flagged}", fontsize=8)
     height = fig.get_figheight()
     fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})", y=1 - 0.15 / height)
-    fig.tight_layout(rect=(0, 1.15 / height, 1, 1 - 0.42 / height))
-    cax = fig.add_axes((0.3, 0.75 / height, 0.4, 0.12 / height))
+    fig.tight_layout(rect=(0, 1.35 / height, 1, 1 - 0.42 / height))
+    cax = fig.add_axes((0.3, 0.95 / height, 0.4, 0.12 / height))
     bar = fig.colorbar(im, cax=cax, orientation="horizontal")
     bar.set_label(
-        "anomaly map: median of validation maps (palest) … image threshold (darkest); "
-        "green: ground truth", fontsize=8,
+        "anomaly map: median of validation maps (palest) … image threshold (darkest); green outline: ground truth\n"
+        "an image score taken before the map is smoothed (PatchCore) can exceed the map's maximum",
+        fontsize=8,
     )
     bar.ax.tick_params(labelsize=7)
     return fig, (n_rows, n_cols)
