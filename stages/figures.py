@@ -83,7 +83,7 @@ def main() -> None:
                 ColourScale.from_validation(val.anomaly_maps, threshold),
                 recon,
             )
-            save_png(fig, out / "heatmaps.png", panels)
+            save_png(fig, out / "heatmaps.png", panels, colours=256)
             shown += f", heatmaps.png ({panels[0]} images x {panels[1]} columns)"
     print(f"figures@{name}: {shown} -> {PLOTS_ROOT / name / FIGURES}")
 

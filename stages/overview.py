@@ -63,7 +63,7 @@ def main() -> None:
         )
     ordered = [{"type": t, "items": items} for t, items in rows.items()]
     fig, panels = overview_figure(ordered, f"{category} ({source}): test images per defect type")
-    save_png(fig, OUTPUT, panels)
+    save_png(fig, OUTPUT, panels, colours=256)
     print(f"overview: {panels[0]} defect types x {panels[1]} panels -> {OUTPUT}")
 
 

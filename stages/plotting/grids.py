@@ -155,7 +155,7 @@ def heatmap_figure(
             if r == 0:
                 ax.set_title(column, fontsize=10, fontweight="bold")
         flagged = "flagged" if scores[r] > threshold else "not flagged"
-        axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.3g}\n{flagged}", fontsize=8)
+        axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.4g}\n{flagged}", fontsize=8)
     height = fig.get_figheight()
     fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})", y=1 - 0.15 / height)
     fig.tight_layout(rect=(0, 1.35 / height, 1, 1 - 0.42 / height))

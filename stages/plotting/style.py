@@ -1,12 +1,16 @@
 """One look for every PNG: Agg backend, Okabe-Ito colours, reproducible files."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+
+from PIL import Image  # noqa: E402
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from stages.common import atomic_path  # noqa: E402
 
@@ -36,18 +40,26 @@ def colour(i: int) -> str:
     return OKABE_ITO[i % len(OKABE_ITO)]
 
 
-def save_png(fig, path: str | Path, panels: tuple[int, int] | None = None) -> None:
-    """Write `fig` atomically as a reproducible PNG (no software/date metadata) and close it.
+def save_png(fig, path: str | Path, panels: tuple[int, int] | None = None, colours: int | None = None) -> None:
+    """Write `fig` atomically as a reproducible RGB PNG (no software/date metadata) and close it.
 
-    `panels` (rows, columns) of an image grid is stored in the PNG's Comment text chunk, so tests
-    and tools can check a grid's shape without guessing it from pixels.
+    `colours` (image grids: 256) quantises to a palette, which makes photo grids ~4x smaller in
+    git at no visible cost. `panels` (rows, columns) of an image grid is stored in the PNG's
+    Comment text chunk, so tests and tools can check a grid's shape without guessing it from pixels.
     """
-    metadata = {"Software": None}
-    if panels is not None:
-        metadata["Comment"] = f"panels={panels[0]}x{panels[1]}"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as rendered:
+        image = rendered.convert("RGB")
+    if colours:
+        image = image.quantize(colours, method=Image.Quantize.FASTOCTREE)
+    info = PngInfo()
+    if panels is not None:
+        info.add_text("Comment", f"panels={panels[0]}x{panels[1]}")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def blank(ax) -> None:
