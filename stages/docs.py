@@ -44,6 +44,11 @@ def reference() -> str:
         ("`preprocess`", params.Preprocess),
         ("`backbones.<name>`", params.Backbone),
         ("`evaluate`", params.Evaluate),
+        ("`figures`", params.Figures),
+        ("`figures.overview`", params.Overview),
+        ("`figures.heatmaps`", params.Heatmaps),
+        ("`figures.distribution`", params.Distribution),
+        ("`figures.tsne`", params.Tsne),
     ]
     for title, schema in sections:
         if schema is None:

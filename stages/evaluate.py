@@ -2,13 +2,14 @@
 
 Writes metrics/models/<model>.json (image AUROC, pixel AUROC, AUPRO, F1-max, the mean + 2 sigma
 threshold of the held-out good validation images with its confusion counts, per-defect AUROC),
-and plots/<model>/{scores,roc}.csv for `dvc plots`.
+and plots/<model>/{scores,roc}.csv for `dvc plots`, plus the curves of stages/curves.py
+(image PR, pixel ROC, PRO, confusion at the threshold).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from stages import metrics
+from stages import curves, metrics
 from stages.common import PipelineError, param, run_main, write_csv, write_json
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
@@ -20,6 +21,7 @@ def main() -> None:
     name = config.name
     fpr_limit = param(params, "evaluate.fpr_limit")
     n_std = param(params, "evaluate.threshold_n_std")
+    curve_points = param(params, "figures.curve_points")
 
     detector = config.load(device)
     prepared = {split: load_split(PIXELS_DIR / f"{split}.npz") for split in ("test", "val")}
@@ -60,6 +62,7 @@ def main() -> None:
     )
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
+    curves.write_curves(plot_dir, test, prediction, result["threshold"], curve_points, with_maps)
     write_json(METRICS_ROOT / f"{name}.json", result)
     # what `python -m stages.predict` needs besides the fitted model: how to score, and the threshold
     write_json(scoring_file(name), {

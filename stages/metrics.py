@@ -110,6 +110,11 @@ def _pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.concatenate(([0.0], fprs)), np.concatenate(([0.0], pros))
 
 
+def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray] | None:
+    """FPR and PRO at every distinct threshold (for plots); None without defect regions or good pixels."""
+    return _pro_curve(*_masks_maps(masks, maps))
+
+
 def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Trapezoid area under y(x) up to x_max, interpolating the curve at x_max (MVTec's trapezoid)."""
     correction = 0.0

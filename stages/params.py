@@ -77,6 +77,40 @@ class Evaluate(Schema):
     threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Overview(Schema):
+    per_defect: int = option(2, "seeded test images per defect type (and good), raw and as the model sees them", ge=1)
+    seed: int = option(0, "seed of the selection")
+
+
+@dataclasses.dataclass(frozen=True)
+class Heatmaps(Schema):
+    per_defect: int = option(2, "seeded test images per defect type in each heatmap grid", ge=1)
+    good: int = option(2, "good test images in each heatmap grid", ge=0)
+    seed: int = option(0, "seed of the selection")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution(Schema):
+    bins: int = option(20, "histogram bins of the score distributions", ge=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tsne(Schema):
+    perplexity: float = option(30.0, "t-SNE perplexity (capped at (images - 1) / 3)", gt=0)
+    iterations: int = option(1000, "t-SNE optimisation steps", ge=250)
+    seed: int = option(0, "t-SNE seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures(Schema):
+    curve_points: int = option(2000, "pixel ROC and PRO curves are thinned to about this many points", ge=10)
+    overview: dict = option({}, "plots/dataset/overview.png")
+    heatmaps: dict = option({}, "plots/<model>/figures/heatmaps.png")
+    distribution: dict = option({}, "plots/<model>/figures/scores.png")
+    tsne: dict = option({}, "plots/tsne/<backbone>.csv")
+
+
 def _valid_device(value: str) -> bool:
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
@@ -90,6 +124,7 @@ class Top(Schema):
     backbones: dict = option({}, "one extract@<name> stage each")
     models: dict = option({}, "one fit@<name> and evaluate@<name> stage each")
     evaluate: dict = option({}, "stage evaluate")
+    figures: dict = option({}, "stages overview, figures@<model>, tsne@<backbone>; curve_points: evaluate@<model>")
 
 
 MODEL_KEYS = ["method", "backbone", "fit", "score"]
@@ -146,7 +181,15 @@ def validate(raw: object, path: Path) -> dict:
         "backbones": {name: parse(Backbone, entry, f"backbones.{name}").as_dict() for name, entry in backbones.items()},
         "models": {name: _check_model_entry(name, entry, backbones) for name, entry in models.items()},
         "evaluate": parse(Evaluate, top.evaluate, "evaluate").as_dict(),
+        "figures": _figures(top.figures),
     }
+
+
+def _figures(raw: dict) -> dict:
+    figures = parse(Figures, raw, "figures")
+    blocks = {"overview": Overview, "heatmaps": Heatmaps, "distribution": Distribution, "tsne": Tsne}
+    return {**figures.as_dict(), **{key: parse(schema, getattr(figures, key), f"figures.{key}").as_dict()
+                                    for key, schema in blocks.items()}}
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

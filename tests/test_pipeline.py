@@ -1,8 +1,10 @@
 """End to end with real `dvc` commands on a tiny configuration, in a temporary copy of the repo.
 
-Proves: every configured model gets metrics; `dvc repro --force` is deterministic; changing one
-model's hyper-parameter reruns only its fit/evaluate and the report; changing a preprocess param
-reruns everything downstream of preprocess and nothing upstream.
+Proves: every configured model gets metrics; `dvc repro --force` is deterministic (figure PNGs
+included); a fitting param reruns only that model's fit/evaluate/figures and the report, a scoring
+param only its evaluate/figures and the report, a method file only its models; a preprocess param
+makes every reader of the prepared images stale and never the download; `dvc plots show` renders
+every declared plot on one offline page.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def tiny_params() -> dict:
     params["data"]["synthetic"].update(image_size=64, n_train=16, n_test_good=4, n_test_per_defect=2)
     params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
     params["device"] = "cpu"
+    params["figures"]["overview"].update(per_defect=1)  # small figures: the stages rerun in every test below
+    params["figures"]["heatmaps"].update(per_defect=1, good=1)
+    params["figures"]["tsne"].update(iterations=250)
     # fewer stages: skipae_mse differs from skipae_ssim in fit.loss only, feature_vae runs the feature_ae code path
     del params["models"]["skipae_mse"], params["models"]["feature_vae"]
     for name, model in params["models"].items():
@@ -68,10 +73,43 @@ def read_metrics(repo: Path) -> dict:
     return {str(f.relative_to(repo)): json.loads(f.read_text()) for f in files}
 
 
+def dvc_config(repo: Path) -> dict:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(repo / ".dvc" / "config")
+    return {section.strip("'\" "): dict(config[section]) for section in config.sections()}
+
+
 def output_hashes(repo: Path) -> dict:
     """md5 of every stage output recorded in dvc.lock: fitted models, features, plots, metrics."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+ALL_MODEL_PLOTS = ("image_roc", "image_pr", "pixel_roc", "pro")  # one `y` source per model
+
+
+def top_level_plots(pipeline: dict) -> dict:
+    return {plot_id: spec for entry in pipeline["plots"] for plot_id, spec in entry.items()}
+
+
+def with_plot_sources_of(models: dict) -> dict:
+    """The repository's dvc.yaml with the all-model charts cut down to these models."""
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for entry in pipeline["plots"]:
+        for plot_id, spec in entry.items():
+            if plot_id in ALL_MODEL_PLOTS:
+                spec["y"] = {path: column for path, column in spec["y"].items() if Path(path).parts[1] in models}
+    return pipeline
+
+
+def test_all_model_charts_list_every_model_of_params_yaml():
+    """Adding a model means adding its line to each all-model chart in dvc.yaml (DVC cannot loop there)."""
+    models = set(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
+    plots = top_level_plots(yaml.safe_load((REPO / "dvc.yaml").read_text()))
+    for plot_id in ALL_MODEL_PLOTS:
+        assert {Path(path).parts[1] for path in plots[plot_id]["y"]} == models, f"dvc.yaml plots.{plot_id}"
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +117,17 @@ def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "weights", root / "weights")
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    params = tiny_params()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(with_plot_sources_of(params["models"]), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
+    # the project's Vega-Lite templates and offline page template, as in the repository's .dvc/
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+    template = dvc_config(REPO)["plots"]["html_template"]
+    dvc(root, "config", "plots.html_template", template)
     # a repo with a commit, as a clone is (dvclive reads the current revision)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
@@ -123,7 +166,7 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
         assert any(curve in key for key in plots), f"no learning curve for {name} in dvc plots show"
         rows = (repo / curve).read_text().splitlines()
         assert rows[0] == "step\ttrain_loss" and len(rows) == 1 + params["models"][name]["fit"]["epochs"]
-    assert any("plots/patchcore_effnet/roc.csv" in key for key in plots)
+    assert "image_roc" in plots  # every model's ROC on one chart (test_plots_show_offline_page)
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     # each number once: the per-model files are the metrics, the summary is a plain output
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
@@ -131,12 +174,82 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
     assert {f for f in files if f.startswith("metrics/")} == {f"metrics/models/{name}.json" for name in models}
 
 
+def png_panels(path: Path) -> tuple[int, int]:
+    """(rows, columns) of an image grid, as stages/plotting/style.save_png records it in the PNG."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rows, cols = image.text["Comment"].removeprefix("panels=").split("x")
+    return int(rows), int(cols)
+
+
+def test_plots_show_offline_page(repo, first_run, tmp_path):
+    """Every declared plot is shown and non-empty, all models share the curve charts, the page needs
+    no network, and the image grids have one row per selected image and one column per view."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    models, backbones, fig = params["models"], params["backbones"], params["figures"]
+    with_maps = [m for m, entry in models.items() if entry["method"] != "global_knn"]
+    pixel_aes = [m for m, entry in models.items() if entry["method"] in ("autoencoder", "skip_autoencoder")]
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+
+    top_level = {}
+    for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]:
+        top_level.update(entry)
+    for plot_id in ("image_roc", "image_pr", "pixel_roc", "pro"):  # all models, so colours match across charts
+        sources = {Path(path).parts[1] for path in top_level[plot_id]["y"]}
+        assert sources == set(models), f"dvc.yaml plots.{plot_id} must list exactly these models: {sorted(models)}"
+        values = shown[plot_id][0]["content"]["data"]["values"]
+        assert {v["filename"].split("/")[0] for v in values} == set(models), plot_id
+    for m in with_maps:  # real pixel curves, not the one-point placeholder of models without maps
+        assert len((repo / f"plots/{m}/pixel_roc.csv").read_text().splitlines()) > 20, m
+    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary"}
+    expected_vega |= {f"plots/{m}/{name}.csv" for m in models for name in ("confusion", "scores")}
+    expected_vega |= {f"plots/tsne/{b}.csv" for b in backbones}
+    expected_images = {"plots/dataset/overview.png", "plots/summary.png"}
+    expected_images |= {f"plots/{m}/figures/scores.png" for m in models}
+    expected_images |= {f"plots/{m}/figures/heatmaps.png" for m in with_maps}
+    assert expected_vega | expected_images <= set(shown)
+    assert not {f"plots/{m}/figures/heatmaps.png" for m in set(models) - set(with_maps)} & set(shown)  # no maps, no grid
+    for plot_id in expected_vega:
+        assert shown[plot_id][0]["type"] == "vega", plot_id
+        assert shown[plot_id][0]["content"]["data"]["values"], f"{plot_id}: no data"
+    tsne = shown[f"plots/tsne/{next(iter(backbones))}.csv"][0]["content"]["data"]["values"]
+    assert {v["split"] for v in tsne} == {"train", "val", "test"}
+    for plot_id in expected_images:
+        assert shown[plot_id][0]["type"] == "image", plot_id
+        assert (repo / plot_id).stat().st_size > 5000, f"{plot_id}: suspiciously small"
+
+    # image grids: rows = selected images, columns = views (the reconstruction only for pixel AEs)
+    test_types = set(params["data"]["synthetic"]["defect_types"])
+    per_type = params["data"]["synthetic"]["n_test_per_defect"]
+    n_good = params["data"]["synthetic"]["n_test_good"]
+    heat = fig["heatmaps"]
+    rows = len(test_types) * min(heat["per_defect"], per_type) + min(heat["good"], n_good)
+    for m in with_maps:
+        assert png_panels(repo / f"plots/{m}/figures/heatmaps.png") == (rows, 6 if m in pixel_aes else 5), m
+    per = fig["overview"]["per_defect"]
+    assert png_panels(repo / "plots/dataset/overview.png") == (len(test_types) + 1, 2 * min(per, per_type, n_good))
+
+    # the HTML page: DVC fills the project template; nothing is loaded from the network
+    out = tmp_path / "page"
+    dvc(repo, "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    assert "window.vegaEmbed=" in html.replace(" ", "")  # the inlined vega-embed bundle
+    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html), "the page loads something from the network"
+    assert "cdn.jsdelivr" not in html
+    assert html.count("vegaEmbed('#") == len(expected_vega | {k for k, v in shown.items() if v[0]["type"] == "vega"})
+    images = re.findall(r'<img src="(static/[^"]+)"', html)
+    assert len(images) == len(expected_images)
+    assert all((out / src).stat().st_size > 5000 for src in images)
+
+
 def test_forced_repro_is_deterministic(repo, first_run):
     """Every kind of stage, run again from scratch, writes byte-identical outputs: data generation,
     preprocessing, feature extraction, a trained and an untrained fit, their evaluations."""
     hashes = output_hashes(repo)  # as dvc.lock recorded them in the first run
     stages = ["download", "preprocess", "extract@efficientnet_lite0", "fit@skipae_ssim", "fit@patchcore_effnet",
-              "evaluate@skipae_ssim", "evaluate@patchcore_effnet", "report"]
+              "evaluate@skipae_ssim", "evaluate@patchcore_effnet", "figures@skipae_ssim", "figures@patchcore_effnet",
+              "overview", "tsne@efficientnet_lite0", "report", "summary_figure"]
     assert ran(dvc(repo, "repro", "--force", "--single-item", *stages)) == set(stages)
     assert read_metrics(repo) == first_run
     assert output_hashes(repo) == hashes
@@ -144,10 +257,11 @@ def test_forced_repro_is_deterministic(repo, first_run):
 
 
 def assert_reruns_only(repo: Path, model: str, changed: set[str], expected: set[str]) -> None:
-    """`dvc status` lists the stages that read the change; `dvc repro` runs those and what is downstream."""
+    """`dvc status` lists the stages that read the change; `dvc repro` runs those and what is downstream
+    (the summary chart too, whenever the summary changed)."""
     before = read_metrics(repo)
     assert set(json.loads(dvc(repo, "status", "--json"))) == changed
-    assert ran(dvc(repo, "repro")) == expected
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == expected
     after = read_metrics(repo)
     assert after[f"metrics/models/{model}.json"] != before[f"metrics/models/{model}.json"]
     others = [f for f in before if f.startswith("metrics/models/") and f != f"metrics/models/{model}.json"]
@@ -167,7 +281,10 @@ def test_model_param_reruns_only_what_reads_it(repo, first_run, model, key, valu
     set_param(repo, f"models.{model}.{key}", value)
     # the report reads the list of models, so it sees any models.* change (and reruns anyway)
     first = {f"{min(stages, key=['fit', 'evaluate'].index)}@{model}", "report"}
-    assert_reruns_only(repo, model, first, {f"{stage}@{model}" for stage in stages} | {"report"})
+    if "fit" not in stages:  # the figures re-score with the scoring params too
+        first.add(f"figures@{model}")
+    expected = {f"{stage}@{model}" for stage in stages | {"figures"}} | {"report"}
+    assert_reruns_only(repo, model, first, expected)
 
 
 def test_editing_one_method_file_refits_only_its_models(repo, first_run):
@@ -176,8 +293,8 @@ def test_editing_one_method_file_refits_only_its_models(repo, first_run):
     text = path.read_text()
     path.write_text(text.replace("distances.mean(dim=1)", "2 * distances.mean(dim=1)"))
     assert text != path.read_text()
-    both = {"fit@knn_effnet", "evaluate@knn_effnet"}
-    assert_reruns_only(repo, "knn_effnet", both, both | {"report"})
+    readers = {"fit@knn_effnet", "evaluate@knn_effnet", "figures@knn_effnet"}
+    assert_reruns_only(repo, "knn_effnet", readers, readers | {"report"})
 
 
 def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(repo, first_run):
@@ -189,8 +306,11 @@ def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_
     # only time DVC's own propagation, which the model-param tests above already exercise.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     readers = (
-        {f"extract@{b}" for b in params["backbones"]}
+        {"overview"}
+        | {f"extract@{b}" for b in params["backbones"]}
+        | {f"tsne@{b}" for b in params["backbones"]}
         | {f"fit@{m}" for m, entry in params["models"].items() if entry["backbone"] == "pixels"}
         | {f"evaluate@{m}" for m in params["models"]}
+        | {f"figures@{m}" for m in params["models"]}
     )
     assert set(json.loads(dvc(repo, "status", "--json"))) == readers

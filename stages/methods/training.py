@@ -259,6 +259,20 @@ class PixelReconstructionDetector(ReconstructionDetector):
     def image_size(self, split) -> tuple[int, int]:
         return tuple(split.images.shape[1:3])
 
+    @torch.no_grad()
+    def reconstruct(self, split) -> np.ndarray:
+        """(N, H, W, 3) float32 in [0, 1]: the network's output at the prepared size (for figures)."""
+        if self.net is None:
+            raise PipelineError(f"{self.method}: reconstruct() called before fit() or load()")
+        x, size, out = self.model_inputs(split), self.image_size(split), []
+        net, batch = self.net.to(self.device).eval(), self.score_params.batch_size
+        for start in range(0, len(x), batch):
+            recon = net(x[start : start + batch].to(self.device)).cpu()
+            out.append(F.interpolate(recon, size=size, mode="bilinear", align_corners=False).clamp_(0.0, 1.0))
+        if not out:
+            return np.zeros((0, *size, 3), np.float32)
+        return torch.cat(out).permute(0, 2, 3, 1).numpy().astype(np.float32)
+
     def fit(self, train_split, val=None) -> "PixelReconstructionDetector":
         x_val = self.model_inputs(val) if val is not None and len(val) > 0 else None
         fit_network(self, self.build_net, self.loss, self.model_inputs(train_split), x_val)

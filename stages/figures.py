@@ -1,0 +1,90 @@
+"""DVC stage `figures@<model>`: the heatmap grid and the score distributions of one model.
+
+Writes plots/<model>/figures/scores.png (test scores per defect type vs good, validation good
+scores, threshold) and, for models with anomaly maps, heatmaps.png (image | ground truth |
+[reconstruction] | map | overlay | map >= threshold for a seeded selection of test images).
+
+Why a separate stage that re-scores a few images, rather than drawing in evaluate: the figures'
+params (`figures.*`) and code then never rerun the scoring of the whole test set, evaluate stays
+as it is, and re-scoring the ~12 selected test images plus the validation images (for the colour
+scale) costs a fraction of evaluate. Test image scores and the threshold come from evaluate's
+outputs (plots/<model>/scores.csv, metrics/models/<model>.json), so the figures show exactly the
+numbers the metrics were computed from.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from stages.common import PipelineError, atomic_path, param, run_main
+from stages.data.prepared import load_split
+from stages.models import model_from_argv
+from stages.paths import METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT
+
+FIGURES = "figures"  # plots/<model>/figures/
+
+
+def read_scores(path) -> dict[str, float]:
+    if not path.is_file():
+        raise PipelineError(f"{path}: test scores missing (run evaluate)")
+    with open(path, newline="") as fh:
+        return {row["image"]: float(row["score"]) for row in csv.DictReader(fh)}
+
+
+def main() -> None:
+    from stages.plotting.charts import distribution_figure
+    from stages.plotting.grids import ColourScale, heatmap_figure, select, subset
+    from stages.plotting.style import save_png
+
+    params, config, device = model_from_argv("figures")
+    name = config.name
+    per_defect = param(params, "figures.heatmaps.per_defect")
+    n_good = param(params, "figures.heatmaps.good")
+    seed = param(params, "figures.heatmaps.seed")
+    bins = param(params, "figures.distribution.bins")
+
+    metrics_path = METRICS_ROOT / f"{name}.json"
+    if not metrics_path.is_file():
+        raise PipelineError(f"{metrics_path}: metrics missing (run evaluate@{name})")
+    threshold = float(json.loads(metrics_path.read_text())["threshold"])
+    scores_by_name = read_scores(PLOTS_ROOT / name / "scores.csv")
+    test = load_split(PIXELS_DIR / "test.npz")
+    missing = [n for n in test.names if n not in scores_by_name]
+    if missing:
+        raise PipelineError(f"{PLOTS_ROOT / name / 'scores.csv'}: no score for {missing[0]}; rerun evaluate@{name}")
+    test_scores = np.array([scores_by_name[n] for n in test.names])
+
+    detector = config.load(device)
+    val = detector.predict(config.load_inputs("val"))
+
+    with atomic_path(PLOTS_ROOT / name / FIGURES) as out:
+        out.mkdir(parents=True)
+        fig = distribution_figure(name, test_scores, test.defect_types, val.image_scores, threshold, bins)
+        save_png(fig, out / "scores.png")
+        shown = "scores.png"
+        chosen = select(test.defect_types, per_defect, n_good, seed)
+        inputs = subset(config.load_inputs("test"), chosen)
+        prediction = detector.predict(inputs)
+        if prediction.anomaly_maps is not None:
+            recon = detector.reconstruct(inputs) if hasattr(detector, "reconstruct") else None
+            fig, panels = heatmap_figure(
+                name,
+                test.images[chosen],
+                [test.names[i] for i in chosen],
+                [test.defect_types[i] for i in chosen],
+                test.masks[chosen] if test.masks is not None else None,
+                prediction.anomaly_maps,
+                test_scores[chosen],
+                threshold,
+                ColourScale.from_validation(val.anomaly_maps, threshold),
+                recon,
+            )
+            save_png(fig, out / "heatmaps.png", panels, colours=256)
+            shown += f", heatmaps.png ({panels[0]} images x {panels[1]} columns)"
+    print(f"figures@{name}: {shown} -> {PLOTS_ROOT / name / FIGURES}")
+
+
+if __name__ == "__main__":
+    run_main(main)

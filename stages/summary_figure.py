@@ -1,0 +1,29 @@
+"""DVC stage `summary_figure`: image AUROC, pixel AUROC and AUPRO of every model as one bar chart.
+
+Writes plots/summary.png from metrics/summary.json (the README shows it). `dvc plots show` also
+draws the same numbers interactively from metrics/summary.csv (top-level plot `summary`).
+"""
+from __future__ import annotations
+
+import json
+
+from stages.common import PipelineError, run_main
+from stages.paths import PLOTS_ROOT, SUMMARY_ROOT
+
+OUTPUT = PLOTS_ROOT / "summary.png"
+
+
+def main() -> None:
+    from stages.plotting.charts import summary_figure
+    from stages.plotting.style import save_png
+
+    path = SUMMARY_ROOT / "summary.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: summary missing (run the report stage)")
+    rows = json.loads(path.read_text())
+    save_png(summary_figure(rows), OUTPUT)
+    print(f"summary_figure: {len(rows)} models -> {OUTPUT}")
+
+
+if __name__ == "__main__":
+    run_main(main)

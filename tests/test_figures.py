@@ -1,0 +1,75 @@
+"""Figure helpers: seeded image selection, curve thinning, colour scale, PNG determinism.
+
+The offline page itself is checked end to end in test_pipeline.py::test_plots_show_offline_page.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from stages.common import PipelineError
+from stages.curves import pixel_roc_rows, pro_rows, thin_curve
+from stages.plotting.grids import ColourScale, select
+
+
+def test_select_is_seeded_and_covers_every_defect_type():
+    types = ["good"] * 5 + ["cut"] * 4 + ["hole"] * 1 + ["color"] * 3
+    chosen = select(types, per_defect=2, good=3, seed=0)
+    picked = [types[i] for i in chosen]
+    assert picked == ["color", "color", "cut", "cut", "hole", "good", "good", "good"]
+    assert chosen == select(types, per_defect=2, good=3, seed=0)
+    assert chosen != select(types, per_defect=2, good=3, seed=1)
+    # the good images do not change which defect images are drawn
+    assert select(types, 2, 1, 0)[:5] == chosen[:5]
+    with pytest.raises(PipelineError, match="per_defect"):
+        select(types, per_defect=-1, good=1, seed=0)
+
+
+def test_thin_curve_keeps_ends_and_bounds_the_points():
+    x = np.sort(np.random.default_rng(0).random(100_000))
+    y = np.sqrt(x)
+    keep = thin_curve(x, y, 500)
+    assert keep[0] == 0 and keep[-1] == len(x) - 1
+    assert len(keep) <= 502 and np.all(np.diff(keep) > 0)
+    assert np.max(np.diff(x[keep])) < 0.01  # no big gaps along x
+    assert list(thin_curve(x[:10], y[:10], 500)) == list(range(10))
+
+
+def test_pixel_curves_are_thinned_and_monotone():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 64, 64), bool)
+    masks[:2, 10:30, 10:30] = True
+    maps = rng.random((4, 64, 64)).astype(np.float32) + masks * 0.5
+    roc = pixel_roc_rows(masks, maps, 200)
+    pro = pro_rows(masks, maps, 200)
+    for rows, y in ((roc, "tpr"), (pro, "pro")):
+        assert 50 < len(rows) <= 202
+        fpr = [r["fpr"] for r in rows]
+        assert fpr[0] == 0.0 and fpr[-1] == pytest.approx(1.0) and fpr == sorted(fpr)
+        assert rows[-1][y] == pytest.approx(1.0)
+
+
+def test_colour_scale_runs_from_validation_median_to_threshold():
+    val = np.array([[0.0, 1.0], [2.0, 3.0]])
+    scale = ColourScale.from_validation(val, threshold=5.0)
+    assert (scale.low, scale.high) == (1.5, 5.0)
+    assert list(scale.normalise(np.array([0.0, 1.5, 3.25, 9.0]))) == [0.0, 0.0, 0.5, 1.0]
+    assert ColourScale.from_validation(val, threshold=1.0).high == 3.0  # threshold below the median
+
+
+def test_pngs_are_reproducible(tmp_path):
+    from stages.plotting.charts import summary_figure
+    from stages.plotting.style import save_png
+
+    rows = {"a": {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None}, "b": {"image_auroc": 0.5, "pixel_auroc": 0.7, "aupro": 0.6}}
+    digests = []
+    for i in range(2):
+        save_png(summary_figure(rows), tmp_path / f"{i}.png", panels=(1, 3))
+        digests.append(hashlib.md5((tmp_path / f"{i}.png").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "0.png").text == {"Comment": "panels=1x3"}
+
