@@ -50,6 +50,11 @@ def check(condition: bool, message: str) -> None:
         raise PipelineError(message)
 
 
+def warn(message: str) -> None:
+    """A problem that does not stop the stage but may make a result misleading: one stderr line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage: PipelineError -> 'error: ...' on stderr and exit 1; other crashes keep their traceback."""
     try:
