@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
+import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import traceback
@@ -14,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import yaml
+
+from stages.paths import TMP_ROOT
 
 
 class PipelineError(Exception):
@@ -58,6 +63,7 @@ def warn(message: str) -> None:
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage: PipelineError -> 'error: ...' on stderr and exit 1; other crashes keep their traceback."""
     try:
+        clean_stale_temps()
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -78,15 +84,76 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_TEMP_NAME = re.compile(r"^(\d+)-")  # .tmp/<pid>-<n>-<name>
+_temp_counter = itertools.count()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def temp_dir_for(final: Path) -> Path | None:
+    """The project's TMP_ROOT when `final` is inside the project (the working directory) on the same
+    filesystem, so a rename can move the result into place; None otherwise."""
+    try:
+        final.resolve().relative_to(Path.cwd().resolve())
+        TMP_ROOT.mkdir(exist_ok=True)
+        if os.stat(TMP_ROOT).st_dev == os.stat(final.parent).st_dev:
+            return TMP_ROOT
+    except (ValueError, OSError):
+        pass
+    return None
+
+
+def clean_stale_temps() -> None:
+    """Remove TMP_ROOT entries of runs that were killed (their PID is gone); a live run's stay."""
+    if not TMP_ROOT.is_dir():
+        return
+    for entry in TMP_ROOT.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            remove_path(entry)
+
+
+def _clean_stale_siblings(final: Path) -> None:
+    """Older versions (and paths outside the project) put `.NAME.tmpPID` beside the output."""
+    prefix = f".{final.name}.tmp"
+    for entry in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            remove_path(entry)
+
+
+def temp_path(name: str, final: str | Path | None = None) -> Path:
+    """A fresh temporary path tagged with this process's PID, in TMP_ROOT (or beside `final` when
+    that is outside the project): never inside a folder another stage depends on."""
+    folder = temp_dir_for(Path(final)) if final is not None else (TMP_ROOT.mkdir(exist_ok=True) or TMP_ROOT)
+    if folder is None:
+        return Path(final).parent / f".{Path(final).name}.tmp{os.getpid()}"
+    return folder / f"{os.getpid()}-{next(_temp_counter)}-{name}"
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; move it onto `final` only if the block succeeds.
+    """Yield a temporary path; move it onto `final` only if the block succeeds.
 
-    A crash or an error leaves no half-written output that DVC could cache as valid.
+    A crash or an error leaves no half-written output that DVC could cache as valid. The temporary
+    path lives in the project's TMP_ROOT (.tmp/, ignored by git and DVC), not beside `final`, so
+    no temporary file ever appears in a folder that another stage declares as a dependency; a run
+    killed with -9 leaves it there until the next stage starts (see clean_stale_temps).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+    _clean_stale_siblings(final)
+    tmp = temp_path(final.name, final)
     remove_path(tmp)
     try:
         yield tmp
