@@ -156,3 +156,17 @@ def test_preprocess_param_reruns_everything_downstream_only(repo, first_run):
         | {f"evaluate@{m}" for m in models}
     )
     assert ran(dvc(repo, "repro")) == expected
+
+
+def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
+    """The shared-remote promise: push, clone, pull -> `dvc status` clean and `dvc repro` runs nothing."""
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    dvc(repo, "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote"))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", *git_user, "commit", "-qm", "results"], cwd=repo, check=True)
+    dvc(repo, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status")
+    assert ran(dvc(clone, "repro")) == set()
