@@ -251,3 +251,11 @@ def test_evaluate_keys_and_json():
     json.dumps(no_pixels, allow_nan=False)
     with pytest.raises(PipelineError):
         metrics.evaluate(labels, scores, types, [0.1], masks=masks)
+
+
+def test_report_shows_null_as_dash():
+    from stages.report import markdown_table
+
+    table = markdown_table([{"model": "m", "threshold_precision": None, "threshold_recall": 0.5}],
+                           ["model", "threshold_precision", "threshold_recall"])
+    assert table.splitlines()[-1] == "| m | – | 0.500 |"
