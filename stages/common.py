@@ -132,13 +132,21 @@ def _clean_stale_siblings(final: Path) -> None:
             remove_path(entry)
 
 
-def temp_path(name: str, final: str | Path | None = None) -> Path:
-    """A fresh temporary path tagged with this process's PID, in TMP_ROOT (or beside `final` when
-    that is outside the project): never inside a folder another stage depends on."""
-    folder = temp_dir_for(Path(final)) if final is not None else (TMP_ROOT.mkdir(exist_ok=True) or TMP_ROOT)
+def _temp_slot(final: Path) -> tuple[Path, Path]:
+    """(what to remove afterwards, the temporary path to write) for `final`.
+
+    In the project: a fresh folder TMP_ROOT/<pid>-<n>/ holding a path with `final`'s own name (file
+    formats such as torch.save record the file name, so the bytes match a direct write). Outside
+    the project (library use): the sibling `.NAME.tmpPID`.
+    """
+    folder = temp_dir_for(final)
     if folder is None:
-        return Path(final).parent / f".{Path(final).name}.tmp{os.getpid()}"
-    return folder / f"{os.getpid()}-{next(_temp_counter)}-{name}"
+        tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+        return tmp, tmp
+    slot = folder / f"{os.getpid()}-{next(_temp_counter)}"
+    remove_path(slot)
+    slot.mkdir()
+    return slot, slot / final.name
 
 
 @contextlib.contextmanager
@@ -153,15 +161,16 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_siblings(final)
-    tmp = temp_path(final.name, final)
+    slot, tmp = _temp_slot(final)
     remove_path(tmp)
     try:
         yield tmp
     except BaseException:
-        remove_path(tmp)
+        remove_path(slot)
         raise
     remove_path(final)
     os.replace(tmp, final)
+    remove_path(slot)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -45,8 +45,8 @@ def test_temporaries_live_in_the_project_tmp_folder(project, monkeypatch, output
     monkeypatch.chdir(project)
     (project / Path(output).parent).mkdir(parents=True)
     with atomic_path(output) as tmp:
-        assert tmp.parent.resolve() == (project / ".tmp").resolve()
-        assert str(os.getpid()) in tmp.name
+        assert tmp.parent.parent.resolve() == (project / ".tmp").resolve()
+        assert tmp.parent.name.startswith(f"{os.getpid()}-") and tmp.name == Path(output).name
         tmp.write_text("{}")
     assert (project / output).is_file() and not list((project / ".tmp").iterdir())
     assert [p.name for p in (project / Path(output).parent).iterdir()] == [Path(output).name]
