@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
+import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import traceback
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from stages.paths import TMP_ROOT
 
 
 class PipelineError(Exception):
@@ -43,9 +48,15 @@ def check(condition: bool, message: str) -> None:
         raise PipelineError(message)
 
 
+def warn(message: str) -> None:
+    """A problem that does not stop the stage but may make a result misleading: one stderr line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage: PipelineError -> 'error: ...' on stderr and exit 1; other crashes keep their traceback."""
     try:
+        clean_stale_temps()
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,23 +77,93 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_TEMP_NAME = re.compile(r"^(\d+)-")  # .tmp/<pid>-<n>-<name>
+_temp_counter = itertools.count()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def temp_dir_for(final: Path) -> Path | None:
+    """The project's TMP_ROOT when `final` is inside the project (the working directory) on the same
+    filesystem, so a rename can move the result into place; None otherwise."""
+    try:
+        final.resolve().relative_to(Path.cwd().resolve())
+        TMP_ROOT.mkdir(exist_ok=True)
+        if os.stat(TMP_ROOT).st_dev == os.stat(final.parent).st_dev:
+            return TMP_ROOT
+    except (ValueError, OSError):
+        pass
+    return None
+
+
+def clean_stale_temps() -> None:
+    """Remove TMP_ROOT entries of runs that were killed (their PID is gone); a live run's stay."""
+    if not TMP_ROOT.is_dir():
+        return
+    for entry in TMP_ROOT.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            remove_path(entry)
+
+
+def _clean_stale_siblings(final: Path) -> None:
+    """Older versions (and paths outside the project) put `.NAME.tmpPID` beside the output."""
+    prefix = f".{final.name}.tmp"
+    for entry in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            remove_path(entry)
+
+
+def _temp_slot(final: Path) -> tuple[Path, Path]:
+    """(what to remove afterwards, the temporary path to write) for `final`.
+
+    In the project: a fresh folder TMP_ROOT/<pid>-<n>/ holding a path with `final`'s own name (file
+    formats such as torch.save record the file name, so the bytes match a direct write). Outside
+    the project (library use): the sibling `.NAME.tmpPID`.
+    """
+    folder = temp_dir_for(final)
+    if folder is None:
+        tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+        return tmp, tmp
+    slot = folder / f"{os.getpid()}-{next(_temp_counter)}"
+    remove_path(slot)
+    slot.mkdir()
+    return slot, slot / final.name
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; move it onto `final` only if the block succeeds.
+    """Yield a temporary path; move it onto `final` only if the block succeeds.
 
-    A crash or an error leaves no half-written output that DVC could cache as valid.
+    A crash or an error leaves no half-written output that DVC could cache as valid. The temporary
+    path lives in the project's TMP_ROOT (.tmp/, ignored by git and DVC), not beside `final`, so
+    no temporary file ever appears in a folder that another stage declares as a dependency; a run
+    killed with -9 leaves it there until the next stage starts (see clean_stale_temps).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+    _clean_stale_siblings(final)
+    slot, tmp = _temp_slot(final)
     remove_path(tmp)
     try:
         yield tmp
     except BaseException:
-        remove_path(tmp)
+        remove_path(slot)
         raise
     remove_path(final)
     os.replace(tmp, final)
+    remove_path(slot)
 
 
 def write_json(path: str | Path, data: Any) -> None:

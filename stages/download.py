@@ -1,4 +1,4 @@
-"""DVC stage `download`: materialise one category in MVTec layout under data/raw/<source>/<category>.
+"""DVC stage `download`: materialise one category in MVTec layout under data/raw/<source>/<category>.dataset.
 
 data.source: synthetic (the offline default), mvtec (the official archive) or folder (a local copy).
 """
@@ -9,9 +9,25 @@ from pathlib import Path
 from stages.common import PipelineError, atomic_path, load_params, param, run_main
 from stages.data import mvtec
 from stages.data.synthetic import generate_category
-from stages.paths import RAW_ROOT
+from stages.data.raw import verify_category
+from stages.paths import raw_category_dir
 
 SOURCES = ("synthetic", "mvtec", "folder")
+
+
+def check_category_name(category) -> None:
+    """One plain folder name: not empty, no path separators, not hidden, not '.' or '..'."""
+    if (
+        not isinstance(category, str)
+        or not category.strip()
+        or category.startswith(".")
+        or any(c in category for c in "/\\\0")
+        or category != category.strip()
+    ):
+        raise PipelineError(
+            f"data.category: invalid category name {category!r} (a plain folder name such as 'carpet': "
+            "not empty, no '/', not starting with '.')"
+        )
 
 
 def main() -> None:
@@ -20,9 +36,8 @@ def main() -> None:
     category = param(params, "data.category")
     if source not in SOURCES:
         raise PipelineError(f"data.source: unknown source '{source}' (known: {', '.join(SOURCES)})")
-    if not isinstance(category, str) or not category or "/" in category or category.startswith("."):
-        raise PipelineError(f"data.category: invalid category name {category!r}")
-    dest = RAW_ROOT / source / category
+    check_category_name(category)
+    dest = raw_category_dir(source, category)
 
     if source == "synthetic":
         keys = ("image_size", "n_train", "n_test_good", "n_test_per_defect", "seed", "defect_types")
@@ -42,7 +57,11 @@ def main() -> None:
         folder = param(params, "data.folder")
         if not folder:
             raise PipelineError("data.folder: set it to an MVTec-layout category folder when data.source is 'folder'")
-        mvtec.copy_folder(Path(folder).expanduser(), dest)
+        folder = Path(folder).expanduser()
+        # Decode every image and mask of the user's folder first: errors name the user's files, and a
+        # broken folder is never copied, so once it is fixed `dvc repro` reruns this (failed) stage.
+        verify_category(folder)
+        mvtec.copy_folder(folder, dest)
     print(f"{source}/{category} -> {dest}")
 
 

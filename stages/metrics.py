@@ -5,7 +5,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from stages.common import PipelineError
+from stages.common import PipelineError, warn
 
 # 8-connectivity, as in MVTec's official evaluation: diagonal neighbours join one region.
 _STRUCTURE = np.ones((3, 3), dtype=int)
@@ -179,23 +179,25 @@ def mean_std_threshold(val_scores, n_std=2.0) -> float:
 
 
 def threshold_report(labels, scores, threshold) -> dict:
-    """Confusion counts and precision/recall/F1 when 'anomalous' means score > threshold."""
+    """Confusion counts and precision/recall/F1 when 'anomalous' means score >= threshold.
+
+    The same rule as f1_max (sklearn's precision_recall_curve), so both thresholds mean the same
+    thing. Undefined values are None, never 0: precision when nothing is flagged (tp + fp = 0),
+    recall and F1 when the test set has no anomalous images (tp + fn = 0). Otherwise
+    F1 = 2tp / (2tp + fp + fn), sklearn's formula (0 when nothing anomalous is found).
+    """
     labels, scores = _labels_scores(labels, scores)
-    pred = scores > threshold
+    pred = scores >= threshold
     actual = labels == 1
     tp = int(np.sum(pred & actual))
     fp = int(np.sum(pred & ~actual))
     tn = int(np.sum(~pred & ~actual))
     fn = int(np.sum(~pred & actual))
-    # Empty denominators give 0 rather than NaN so the report stays valid JSON.
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
         "threshold": float(threshold),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fn else None,
         "tp": tp,
         "fp": fp,
         "tn": tn,
@@ -235,6 +237,15 @@ def evaluate(
     """All metrics in one JSON-serialisable dict (plain floats/ints, None where undefined)."""
     if (masks is None) != (maps is None):
         raise PipelineError("metrics: pixel metrics need both masks and maps")
+    checked, _ = _labels_scores(labels, scores)
+    if checked.size and not _both_classes(checked):
+        has = "defective" if checked[0] == 1 else "good"
+        undefined = (
+            "image AUROC and per-defect AUROC"
+            if has == "defective"
+            else "image AUROC, F1-max, threshold recall and F1 (and precision when nothing is flagged)"
+        )
+        warn(f"the test set has only {has} images: {undefined} are undefined and reported as null")
     best = f1_max(labels, scores)
     threshold = mean_std_threshold(val_scores, n_std)
     report = threshold_report(labels, scores, threshold)

@@ -12,7 +12,7 @@ from PIL import Image
 from stages.common import load_params, param, run_main
 from stages.data.prepared import load_split
 from stages.data.raw import list_category, read_image
-from stages.paths import PIXELS_DIR, PLOTS_ROOT, RAW_ROOT
+from stages.paths import PIXELS_DIR, PLOTS_ROOT, raw_category_dir
 
 OUTPUT = PLOTS_ROOT / "dataset" / "overview.png"
 SHOWN_SIZE = 320  # raw images are shrunk to this longer side for the figure (MVTec's are 1024)
@@ -43,7 +43,7 @@ def main() -> None:
     per_defect = param(params, "figures.overview.per_defect")
     seed = param(params, "figures.overview.seed")
     test = load_split(PIXELS_DIR / "test.npz")
-    _, raw_test, _ = list_category(RAW_ROOT / source / category)
+    _, raw_test, _ = list_category(raw_category_dir(source, category))
     raw_by_name = {item.name: item for item in raw_test}
 
     chosen = select(test.defect_types, per_defect, per_defect, seed)

@@ -11,14 +11,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import PipelineError, atomic_path, check, load_params, param, run_main
+from stages.common import atomic_path, check, load_params, param, run_main, warn
 from stages.data.prepared import Split, save_split, write_inputs
-from stages.data.raw import RawImage, list_category, read_image, resize_and_crop
-from stages.paths import PIXELS_DIR, RAW_ROOT
+from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
+from stages.paths import PIXELS_DIR, raw_category_dir
 
 
 def raw_dir(params: dict) -> Path:
-    return RAW_ROOT / param(params, "data.source") / param(params, "data.category")
+    return raw_category_dir(param(params, "data.source"), param(params, "data.category"))
 
 
 def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
@@ -30,12 +30,10 @@ def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool,
             if item.mask_path is None:
                 masks.append(np.zeros((crop, crop), dtype=bool))
                 continue
-            mask = read_image(item.mask_path, "L")
-            if mask.size != image.size:
-                raise PipelineError(
-                    f"{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs from its image "
-                    f"{item.path} ({image.size[0]}x{image.size[1]})"
-                )
+            mask = read_mask(item.mask_path)  # any nonzero pixel is defect: 0/1 and 0/255 alike
+            check_mask_size(item, mask, image)
+            if not mask.getbbox():
+                warn(f"{item.mask_path}: mask is all zero for defect image {item.path} (no defect pixels)")
             masks.append(resize_and_crop(mask, resize, crop, Image.NEAREST) > 127)
     return Split(
         images=np.stack(images).astype(np.uint8),

@@ -79,7 +79,7 @@ def upload(browser, url: str, model: str, path: Path):
 def test_demo_scores_an_upload_as_predict_does(fitted, server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    image = fitted / "data" / "raw" / "synthetic" / "carpet" / "test" / "hole" / "000.png"
+    image = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "hole" / "000.png"
     _, rows = predict(fitted, "pc", str(image), "--out", str(tmp_path / "pred"))
     score, error = upload(browser, server, "pc", image)
     assert error == ""

@@ -22,7 +22,7 @@ TINY = dict(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, seed=0
 
 
 def raw_category(project: Path, source: str = "synthetic", category: str = "carpet") -> Path:
-    root = project / "data" / "raw" / source / category
+    root = project / "data" / "raw" / source / f"{category}.dataset"
     generate_category(root, defect_types=("color", "hole"), **TINY)
     return root
 
@@ -59,18 +59,18 @@ def test_checksum_mismatch_leaves_no_dataset(project):
     line = error_line(run_stage("download", cwd=project))
     assert "checksum mismatch" in line and archive.as_uri() in line
     assert hashlib.sha256(archive.read_bytes()).hexdigest() in line
-    assert_no_output(project / "data" / "raw" / "mvtec" / "carpet")
+    assert_no_output(project / "data" / "raw" / "mvtec" / "carpet.dataset")
     # the right checksum downloads and extracts
     params["data"]["mvtec"]["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
     write_params(project, params)
     run_stage("download", cwd=project, check=True)
-    assert len(list((project / "data/raw/mvtec/carpet/train/good").iterdir())) == TINY["n_train"]
+    assert len(list((project / "data/raw/mvtec/carpet.dataset/train/good").iterdir())) == TINY["n_train"]
 
 
 def test_missing_category_folder(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", cwd=project))
-    assert "data/raw/synthetic/carpet: category folder not found" in line
+    assert "data/raw/synthetic/carpet.dataset: category folder not found" in line
     assert_no_output(project / "data" / "features" / "pixels")
 
 

@@ -55,10 +55,14 @@ def test_global_knn_keeps_highest_variance_dimensions():
     assert model.predict(feature_set(query)).image_scores[0] == pytest.approx(0.5)
 
 
-def test_global_knn_rejects_k_larger_than_bank():
-    model = GlobalKNN(score={"k": 50}).fit(feature_set(torch.zeros(10, 3)))
-    with pytest.raises(PipelineError, match="k=50 is larger than the memory bank \\(10 training images\\)"):
-        model.predict(feature_set(torch.zeros(2, 3)))
+def test_global_knn_caps_k_at_the_bank_with_a_warning(capsys):
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(10, 3, generator=g), torch.randn(2, 3, generator=g)
+    capped = GlobalKNN(score={"k": 50}).fit(feature_set(train)).predict(feature_set(test)).image_scores
+    warning = capsys.readouterr().err.strip()
+    assert warning == "warning: k=50 is larger than the memory bank (10 training images); using k=10"
+    every = GlobalKNN(score={"k": 10}).fit(feature_set(train)).predict(feature_set(test)).image_scores
+    np.testing.assert_array_equal(capped, every)
 
 
 def _naive_greedy(points: torch.Tensor, n_select: int, start: torch.Tensor) -> list[int]:

@@ -103,23 +103,45 @@ def test_mean_std_threshold():
 
 
 def test_threshold_report_counts():
-    # score > 0.35: 0.4 (good, fp) and 0.8 (anomalous, tp); 0.35 itself is not above.
+    # score >= 0.35 is anomalous: 0.35 and 0.8 (tp), 0.4 (fp); 0.1 (tn).
     report = metrics.threshold_report(LABELS, SCORES, 0.35)
-    assert (report["tp"], report["fp"], report["tn"], report["fn"]) == (1, 1, 1, 1)
-    assert report["precision"] == pytest.approx(0.5)
-    assert report["recall"] == pytest.approx(0.5)
-    assert report["f1"] == pytest.approx(0.5)
+    assert (report["tp"], report["fp"], report["tn"], report["fn"]) == (2, 1, 1, 0)
+    assert report["precision"] == pytest.approx(2 / 3)
+    assert report["recall"] == pytest.approx(1.0)
+    assert report["f1"] == pytest.approx(0.8)
     assert report["threshold"] == 0.35
 
 
-def test_threshold_report_no_positive_predictions_no_warnings():
+def test_threshold_report_uses_the_f1_max_rule():
+    """At F1-max's own threshold the report gives F1-max's precision, recall and F1 (score >= t)."""
+    best = metrics.f1_max(LABELS, SCORES)
+    report = metrics.threshold_report(LABELS, SCORES, best["threshold"])
+    assert (report["precision"], report["recall"], report["f1"]) == pytest.approx(
+        (best["precision"], best["recall"], best["f1"])
+    )
+
+
+def test_threshold_report_undefined_values_are_none():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = metrics.threshold_report(LABELS, SCORES, 0.8)
+        report = metrics.threshold_report(LABELS, SCORES, 0.9)  # nothing flagged
     assert (report["tp"], report["fp"], report["tn"], report["fn"]) == (0, 0, 2, 2)
-    assert report["precision"] == 0.0
-    assert report["recall"] == 0.0
-    assert report["f1"] == 0.0
+    assert report["precision"] is None
+    assert report["recall"] == 0.0 and report["f1"] == 0.0
+    good_only = metrics.threshold_report([0, 0, 0], [0.1, 0.2, 0.9], 0.5)
+    assert good_only["fp"] == 1 and good_only["precision"] == 0.0
+    assert good_only["recall"] is None and good_only["f1"] is None
+
+
+@pytest.mark.parametrize("labels, null", [([0, 0, 0], "image_f1_max"), ([1, 1, 1], "image_auroc")])
+def test_one_class_test_set_warns_and_reports_null(capsys, labels, null):
+    result = metrics.evaluate(labels, [0.1, 0.2, 0.9], ["x"] * 3, val_scores=[0.1, 0.2, 0.3])
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: the test set has only")
+    assert result["image_auroc"] is None and result[null] is None
+    if labels[0] == 0:
+        assert result["threshold_recall"] is None and result["threshold_f1"] is None
+    json.dumps(result, allow_nan=False)
 
 
 def test_per_defect_auroc():
@@ -229,3 +251,11 @@ def test_evaluate_keys_and_json():
     json.dumps(no_pixels, allow_nan=False)
     with pytest.raises(PipelineError):
         metrics.evaluate(labels, scores, types, [0.1], masks=masks)
+
+
+def test_report_shows_null_as_dash():
+    from stages.report import markdown_table
+
+    table = markdown_table([{"model": "m", "threshold_precision": None, "threshold_recall": 0.5}],
+                           ["model", "threshold_precision", "threshold_recall"])
+    assert table.splitlines()[-1] == "| m | – | 0.500 |"

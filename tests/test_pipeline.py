@@ -297,6 +297,20 @@ def test_editing_one_method_file_refits_only_its_models(repo, first_run):
     assert_reruns_only(repo, "knn_effnet", readers, readers | {"report"})
 
 
+def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
+    """The shared-remote promise: push, clone, pull -> `dvc status` clean and `dvc repro` runs nothing."""
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    dvc(repo, "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote"))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", *git_user, "commit", "-qm", "results"], cwd=repo, check=True)
+    dvc(repo, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status")
+    assert ran(dvc(clone, "repro")) == set()
+
+
 def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(repo, first_run):
     set_param(repo, "preprocess.seed", 1)  # another validation split
     assert set(json.loads(dvc(repo, "status", "--json"))) == {"preprocess"}

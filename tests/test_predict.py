@@ -37,7 +37,7 @@ def evaluate_scores(project: Path, model: str) -> dict[str, float]:
 def test_new_images_score_as_evaluate_scored_them(fitted, model):
     """The raw test images, given as files, get the scores the evaluate stage gave them, the
     verdict of its threshold, and an overlay at the prepared size."""
-    raw = fitted / "data" / "raw" / "synthetic" / "carpet"
+    raw = fitted / "data" / "raw" / "synthetic" / "carpet.dataset"
     expected = evaluate_scores(fitted, model)
     code, rows = predict(fitted, model, *(str(raw / name) for name in expected))
     assert code == 0 and len(rows) == len(expected)
@@ -52,7 +52,7 @@ def test_new_images_score_as_evaluate_scored_them(fitted, model):
 
 def test_the_saved_recipe_wins_over_todays_params(fitted):
     """A model fitted at 48 px scores at 48 px even after params.yaml says otherwise."""
-    raw = fitted / "data" / "raw" / "synthetic" / "carpet" / "test" / "hole"
+    raw = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "hole"
     _, before = predict(fitted, "pc", str(raw))
     shutil.copy(fitted / "params.yaml", fitted / "params.saved")
     text = (fitted / "params.yaml").read_text()
@@ -68,7 +68,7 @@ def test_the_saved_recipe_wins_over_todays_params(fitted):
 def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
     folder = tmp_path / "incoming"
     folder.mkdir()
-    good = fitted / "data" / "raw" / "synthetic" / "carpet" / "test" / "good" / "000.png"
+    good = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "good" / "000.png"
     shutil.copy(good, folder / "a_good.png")
     Image.open(good).convert("L").save(folder / "b_gray.png")  # another channel count: converted
     (folder / "c_text.png").write_text("not an image")

@@ -24,7 +24,7 @@ from typing import BinaryIO, ContextManager
 
 from tqdm import tqdm
 
-from stages.common import PipelineError
+from stages.common import PipelineError, temp_dir_for
 from stages.common import remove_path as _remove
 from stages.data.raw import check_layout
 
@@ -91,16 +91,26 @@ def validate_layout(root: Path) -> None:
 # ---------------------------------------------------------------------------- atomic placement
 
 
-def _sibling_tmpdir(dest: Path, tag: str) -> Path:
+def _tmp_prefix(dest: Path, tag: str) -> tuple[str, Path]:
+    """Prefix and folder of a temporary for `dest`: the project's .tmp/ (tagged with our PID, so a
+    later stage removes it if we are killed), or beside `dest` when that is outside the project."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{tag}-", dir=dest.parent))
+    folder = temp_dir_for(dest)
+    if folder is None:
+        return f".{dest.name}.{tag}-", dest.parent
+    return f"{os.getpid()}-{tag}-{dest.name}-", folder
+
+
+def _sibling_tmpdir(dest: Path, tag: str) -> Path:
+    prefix, folder = _tmp_prefix(dest, tag)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
 
 
 def _install(new: Path, dest: Path) -> None:
     """Move the complete directory `new` onto `dest`; an old `dest` is removed only afterwards."""
     old = None
     if dest.exists() or dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = _sibling_tmpdir(dest, "old")
         old.rmdir()  # only the unique name is wanted; os.replace needs it absent
         os.replace(dest, old)
     try:
@@ -336,7 +346,10 @@ def download_category(
                 print(f"cached {cached} does not match its sha256, downloading again", file=sys.stderr)
                 _remove(cached)
         if archive_path is None:
-            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.download-", suffix=".part", dir=part_dir)
+            prefix, folder = _tmp_prefix(dest, "download")
+            if cache_dir is not None:
+                prefix, folder = f".{dest.name}.download-", part_dir
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
             os.close(fd)
             part = Path(name)
             actual = _fetch(url, part, timeout)

@@ -62,14 +62,81 @@ def list_category(root: Path) -> tuple[list[RawImage], list[RawImage], bool]:
     return train, test, has_masks
 
 
-def read_image(path: Path, mode: str) -> Image.Image:
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_FULL_16 = 65535
+
+
+def _open(path: Path) -> Image.Image:
     """Open and fully decode an image (a truncated file fails here, not later)."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert(mode)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return image
+    except _DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: unreadable or truncated image ({exc})") from exc
+
+
+def _sixteen_bit_to_8(path: Path, image: Image.Image) -> Image.Image:
+    """16-bit grayscale (or 32-bit integer holding 16-bit values) -> 8 bit, scaled by the full range.
+
+    value_8 = round(value_16 * 255 / 65535): a fixed rule, so every image keeps its brightness
+    relative to the others (a per-image stretch would erase exactly the differences a detector
+    looks for), and an 8-bit image stored as 16 bit (v * 257) gives back the same 8-bit values.
+    """
+    array = np.asarray(image).astype(np.int64)
+    if array.size and (array.min() < 0 or array.max() > _FULL_16):
+        raise PipelineError(
+            f"{path}: unsupported image format (mode {image.mode} with values outside 0..65535; "
+            "save it as 8- or 16-bit)"
+        )
+    scaled = np.rint(array * (255 / _FULL_16)).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def read_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image as 8-bit `mode` ("RGB" or "L"), never clipping silently.
+
+    - 8-bit grayscale, RGB, palette (P), bilevel (1): converted as PIL does;
+    - alpha (RGBA, LA, PA, palette transparency) is dropped, never composited;
+    - 16-bit grayscale (I;16*, or mode I with values in 0..65535) is scaled by 255/65535;
+      PIL reads 48/64-bit RGB(A) PNGs as 8-bit RGB (their high bytes), which is the same rule;
+    - anything else (32-bit float, signed 32-bit beyond 16 bit, ...) is refused with one line.
+    """
+    image = _open(path)
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        image = _sixteen_bit_to_8(path, image)
+    elif image.mode == "F":
+        raise PipelineError(f"{path}: unsupported image format (32-bit float); save it as 8- or 16-bit")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA").convert("RGB")  # palette colours; transparency dropped
+    elif image.mode in ("LA", "La"):
+        image = image.convert("L")  # alpha dropped
+    elif image.mode in ("RGBA", "RGBa"):
+        image = image.convert("RGB")  # alpha dropped
+    if image.mode == mode:
+        return image
+    try:
+        return image.convert(mode)
+    except ValueError as exc:
+        raise PipelineError(f"{path}: unsupported image format (mode {image.mode}: {exc})") from exc
+
+
+def read_mask(path: Path) -> Image.Image:
+    """A ground-truth mask as an 8-bit image of 0 (good) and 255 (defect): any nonzero pixel is defect.
+
+    That is MVTec's own evaluation rule, so masks stored as 0/255, 0/1, 16-bit or in colour mean
+    the same. A palette mask is judged by its colours, an alpha channel is ignored.
+    """
+    image = _open(path)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    array = np.asarray(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        array = array[..., :-1]
+    if array.ndim == 3:
+        array = array.any(axis=2)
+    return Image.fromarray(np.where(array != 0, 255, 0).astype(np.uint8), mode="L")
 
 
 def resize_and_crop(image: Image.Image, resize: int, crop: int, resample) -> np.ndarray:
@@ -81,3 +148,21 @@ def resize_and_crop(image: Image.Image, resize: int, crop: int, resample) -> np.
     left = (new_size[0] - crop) // 2
     top = (new_size[1] - crop) // 2
     return np.asarray(image.crop((left, top, left + crop, top + crop)))
+
+
+def verify_category(root: Path) -> None:
+    """Decode every image and mask of a category (the folder source checks the user's own folder)."""
+    train, test, _ = list_category(root)
+    for item in train + test:
+        image = read_image(item.path)
+        if item.mask_path is not None:
+            mask = read_mask(item.mask_path)
+            check_mask_size(item, mask, image)
+
+
+def check_mask_size(item: RawImage, mask: Image.Image, image: Image.Image) -> None:
+    if mask.size != image.size:
+        raise PipelineError(
+            f"{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs from its image "
+            f"{item.path} ({image.size[0]}x{image.size[1]})"
+        )

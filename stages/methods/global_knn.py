@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from stages.common import PipelineError
+from stages.common import PipelineError, warn
 from stages.features import FeatureSet
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.neighbours import knn_distances
@@ -55,8 +55,9 @@ class GlobalKNN(AnomalyDetector):
 
     def predict(self, inputs: FeatureSet) -> Prediction:
         k = self.score_params.k
-        if k > len(self.bank):
-            raise PipelineError(f"k={k} is larger than the memory bank ({len(self.bank)} training images)")
+        if k > len(self.bank):  # e.g. a few-shot run: every training image is a neighbour
+            warn(f"k={k} is larger than the memory bank ({len(self.bank)} training images); using k={len(self.bank)}")
+            k = len(self.bank)
         queries = inputs.global_embeddings.float()[:, self.dims].to(self.device)
         distances, _ = knn_distances(queries, self.bank.to(self.device), k=k)
         return Prediction(image_scores=distances.mean(dim=1).double().cpu().numpy(), anomaly_maps=None)
