@@ -128,6 +128,13 @@ class Top(Schema):
 
 
 MODEL_KEYS = ["method", "backbone", "fit", "score"]
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # model and backbone names become folder names
+
+
+def check_name(section: str, name: object) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PipelineError(f"{section}.{name}: a {section[:-1]} name must be letters, digits, '_' or '-' "
+                            f"(it names folders such as models/<name>), got {name!r}")
 
 
 def read_yaml(path: Path) -> object:
@@ -170,6 +177,9 @@ def validate(raw: object, path: Path) -> dict:
     models = top.models or {}
     if not isinstance(models, dict):
         raise PipelineError("models: expected a mapping of model entries")
+    for section, entries in (("backbones", backbones), ("models", models)):
+        for name in entries:
+            check_name(section, name)
     return {
         "device": top.device,
         "data": {

@@ -27,6 +27,7 @@ from stages.data.prepared import Split
 from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
 from stages.methods import get_method
 from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
+from stages.params import check_name
 from stages.paths import MODELS_ROOT, scoring_file
 
 DEFAULT_OUT = Path("predictions")
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT}/<model>)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
     out = args.out or DEFAULT_OUT / args.model
 
     model = FittedModel.load(args.model, device=args.device)

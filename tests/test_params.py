@@ -117,6 +117,9 @@ def error_of(tmp_path: Path, text: str) -> str:
         ("  val_fraction: 0.1", "  val_fraction: 1", "preprocess.val_fraction: must be a finite number in (0, 1), got 1"),
         ("  source: synthetic", "  source: ftp", "data.source: must be one of synthetic, mvtec, folder, got 'ftp'"),
         ("    sha256: null", "    sha256: abc", "data.mvtec.sha256: must be a SHA-256 hex digest (64 hex digits) or null, got 'abc'"),
+        # names become folders: nothing that could climb or hide
+        ("  efficientnet_lite0:  #", "  ../x:  #", "backbones.../x: a backbone name must be letters, digits, '_' or '-'"),
+        ("  knn_effnet:  #", "  .hidden:  #", "models..hidden: a model name must be letters, digits, '_' or '-'"),
         # model entries
         ("    method: global_knn", "    method: magic", "models.knn_effnet.method: unknown method 'magic'"),
         ("    backbone: efficientnet_lite0\n    fit:\n      top", "    backbone: resnet50\n    fit:\n      top",
