@@ -54,8 +54,11 @@ def tiny_params() -> dict:
     params["figures"]["overview"].update(per_defect=1)  # small figures: the stages rerun in every test below
     params["figures"]["heatmaps"].update(per_defect=1, good=1)
     params["figures"]["tsne"].update(iterations=250)
-    # fewer stages: skipae_mse differs from skipae_ssim in fit.loss only, feature_vae runs the feature_ae code path
-    del params["models"]["skipae_mse"], params["models"]["feature_vae"]
+    # Four models, one per code path worth running end to end: image-level features (knn), patch
+    # features with maps (patchcore), a trained pixel model with reconstructions (skipae_ssim) and a
+    # trained feature model (feature_ae). The others differ in params or share these paths, and
+    # every method has its own unit tests; each model here costs three stages in every run below.
+    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet", "skipae_ssim", "feature_ae")}
     for name, model in params["models"].items():
         if model["method"] == "global_knn":
             model["score"]["k"] = 5
@@ -244,57 +247,42 @@ def test_plots_show_offline_page(repo, first_run, tmp_path):
 
 
 def test_forced_repro_is_deterministic(repo, first_run):
-    """Every kind of stage, run again from scratch, writes byte-identical outputs: data generation,
-    preprocessing, feature extraction, a trained and an untrained fit, their evaluations."""
+    """Every stage with something seeded, run again from scratch, writes byte-identical outputs: data
+    generation, preprocessing, feature extraction, a trained and an untrained fit, an evaluation,
+    a heatmap grid with its reconstructions, the t-SNE."""
     hashes = output_hashes(repo)  # as dvc.lock recorded them in the first run
+    # the stages with anything seeded: generator, split, coreset, training, image selection, t-SNE
     stages = ["download", "preprocess", "extract@efficientnet_lite0", "fit@skipae_ssim", "fit@patchcore_effnet",
-              "evaluate@skipae_ssim", "evaluate@patchcore_effnet", "figures@skipae_ssim", "figures@patchcore_effnet",
-              "overview", "tsne@efficientnet_lite0", "report", "summary_figure"]
+              "evaluate@patchcore_effnet", "figures@skipae_ssim", "tsne@efficientnet_lite0"]
     assert ran(dvc(repo, "repro", "--force", "--single-item", *stages)) == set(stages)
     assert read_metrics(repo) == first_run
     assert output_hashes(repo) == hashes
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
-def assert_reruns_only(repo: Path, model: str, changed: set[str], expected: set[str]) -> None:
-    """`dvc status` lists the stages that read the change; `dvc repro` runs those and what is downstream
-    (the summary chart too, whenever the summary changed)."""
+def test_fitting_param_scoring_param_and_method_file_rerun_only_their_readers(repo, first_run):
+    """Three changes at once, each to another model: a fitting param refits its model, a scoring
+    param only re-scores its model (evaluate and figures, no fit), editing one method's file reruns
+    only that method's models. The stage sets are disjoint per model, so `dvc status` (what reads
+    each change) and `dvc repro` (that and what follows) check every change exactly, and the model
+    left alone keeps its metrics byte for byte."""
     before = read_metrics(repo)
-    assert set(json.loads(dvc(repo, "status", "--json"))) == changed
-    assert ran(dvc(repo, "repro")) - {"summary_figure"} == expected
+    set_param(repo, "models.knn_effnet.fit.top_variance_dims", 100)
+    set_param(repo, "models.skipae_ssim.score.smoothing_sigma", 2)
+    method = repo / "stages" / "methods" / "patchcore.py"
+    text = method.read_text()
+    method.write_text(text.replace("return float(score)", "return 2 * float(score)"))  # doubled scores
+    assert method.read_text() != text
+    # the report reads the list of models, so any models.* change makes it stale (it reruns anyway)
+    stale = {"fit@knn_effnet", "report", "evaluate@skipae_ssim", "figures@skipae_ssim",
+             "fit@patchcore_effnet", "evaluate@patchcore_effnet", "figures@patchcore_effnet"}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == stale
+    # the summary chart follows the report whenever the summary changed
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@knn_effnet", "figures@knn_effnet"}
     after = read_metrics(repo)
-    assert after[f"metrics/models/{model}.json"] != before[f"metrics/models/{model}.json"]
-    others = [f for f in before if f.startswith("metrics/models/") and f != f"metrics/models/{model}.json"]
-    assert others and all(after[f] == before[f] for f in others)
-
-
-@pytest.mark.parametrize(
-    "model, key, value, stages",
-    [
-        ("knn_effnet", "fit.top_variance_dims", 100, {"fit", "evaluate"}),  # a fitting param refits
-        ("skipae_ssim", "fit.lr", 0.003, {"fit", "evaluate"}),
-        ("knn_effnet", "score.k", 4, {"evaluate"}),  # a scoring param only re-scores
-        ("patchcore_effnet", "score.smoothing_sigma", 2, {"evaluate"}),
-    ],
-)
-def test_model_param_reruns_only_what_reads_it(repo, first_run, model, key, value, stages):
-    set_param(repo, f"models.{model}.{key}", value)
-    # the report reads the list of models, so it sees any models.* change (and reruns anyway)
-    first = {f"{min(stages, key=['fit', 'evaluate'].index)}@{model}", "report"}
-    if "fit" not in stages:  # the figures re-score with the scoring params too
-        first.add(f"figures@{model}")
-    expected = {f"{stage}@{model}" for stage in stages | {"figures"}} | {"report"}
-    assert_reruns_only(repo, model, first, expected)
-
-
-def test_editing_one_method_file_refits_only_its_models(repo, first_run):
-    path = repo / "stages" / "methods" / "global_knn.py"
-    # a real change of behaviour: scores doubled, so the metrics file must change too
-    text = path.read_text()
-    path.write_text(text.replace("distances.mean(dim=1)", "2 * distances.mean(dim=1)"))
-    assert text != path.read_text()
-    readers = {"fit@knn_effnet", "evaluate@knn_effnet", "figures@knn_effnet"}
-    assert_reruns_only(repo, "knn_effnet", readers, readers | {"report"})
+    for model in ("knn_effnet", "skipae_ssim", "patchcore_effnet"):
+        assert after[f"metrics/models/{model}.json"] != before[f"metrics/models/{model}.json"], model
+    assert after["metrics/models/feature_ae.json"] == before["metrics/models/feature_ae.json"]
 
 
 def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
