@@ -75,7 +75,8 @@ class FittedModel:
     def prepare(self, path: Path) -> np.ndarray:
         """One image file -> (H, W, 3) uint8, resized and cropped as the training images were."""
         image = read_image(path, "RGB")
-        return resize_and_crop(image, self.preprocess["resize"], self.preprocess["crop_size"], Image.BILINEAR)
+        # a writable copy: torch warns on (and must not share) the read-only buffer PIL hands out
+        return np.array(resize_and_crop(image, self.preprocess["resize"], self.preprocess["crop_size"], Image.BILINEAR))
 
     def score(self, images: np.ndarray, names: list[str]) -> Prediction:
         """(N, H, W, 3) uint8 prepared images -> image scores and anomaly maps."""
