@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages import metrics
-from stages.common import PipelineError, write_csv
+from stages.common import write_csv
 
 
 def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> np.ndarray:
@@ -84,8 +84,6 @@ def confusion_rows(names, labels, scores, threshold: float) -> list[dict]:
 def write_curves(plot_dir: Path, test, prediction, threshold: float, max_points: int, with_maps: bool) -> None:
     """Write pr.csv, confusion.csv and, when the model gives maps and the category has masks,
     pixel_roc.csv and pro.csv (placeholders of one point otherwise, since DVC needs every declared output)."""
-    if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 10:
-        raise PipelineError(f"figures.curve_points must be an integer >= 10, got {max_points!r}")
     plot_dir = Path(plot_dir)
     write_csv(plot_dir / "pr.csv", pr_rows(test.labels, prediction.image_scores))
     write_csv(

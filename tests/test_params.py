@@ -4,8 +4,6 @@ In-process: each case is a call to load_params + model_config, no stage subproce
 """
 from __future__ import annotations
 
-import ast
-import re
 from pathlib import Path
 
 import pytest
@@ -115,6 +113,7 @@ def error_of(tmp_path: Path, text: str) -> str:
         ("  fpr_limit: 0.3", "  fpr_limit: .inf", "evaluate.fpr_limit: must be a finite number in (0, 1], got inf"),
         ("  crop_size: 224", "  crop_size: 300", "preprocess.crop_size: must be at most preprocess.resize (256), got 300"),
         ("  val_fraction: 0.1", "  val_fraction: 1", "preprocess.val_fraction: must be a finite number in (0, 1), got 1"),
+        ("  curve_points: 2000", "  curve_points: 5", "figures.curve_points: must be an integer >= 10, got 5"),
         ("  source: synthetic", "  source: ftp", "data.source: must be one of synthetic, mvtec, folder, got 'ftp'"),
         ("    sha256: null", "    sha256: abc", "data.mvtec.sha256: must be a SHA-256 hex digest (64 hex digits) or null, got 'abc'"),
         # names become folders: nothing that could climb or hide

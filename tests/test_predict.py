@@ -5,7 +5,6 @@ import csv
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
