@@ -31,6 +31,18 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     return load_checked(path)
 
 
+def stage_args(stage: str, usage: str) -> tuple[dict, list[str]]:
+    """`python -m stages.<stage> <category> [<name>]` -> (params, [category, name]); the category must be
+    one of data.categories (dvc.yaml's matrix passes only those; a hand-typed one is checked)."""
+    from stages.params import check_listed
+
+    if len(sys.argv) - 1 != len(usage.split()):
+        raise PipelineError(f"usage: python -m stages.{stage} {usage}")
+    params = load_params()
+    check_listed(params, sys.argv[1])
+    return params, sys.argv[1:]
+
+
 def param(params: dict, dotted: str, default: Any = ...) -> Any:
     """Look up 'a.b.c' in params; a missing key without default names the param in the error."""
     node: Any = params

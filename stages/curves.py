@@ -1,4 +1,4 @@
-"""Curve points for `dvc plots`, written by evaluate@<model> next to roc.csv and scores.csv.
+"""Curve points for `dvc plots`, written by evaluate@<category>-<model> next to roc.csv and scores.csv.
 
 - pr.csv: image-level precision-recall;
 - pixel_roc.csv and pro.csv: pixel-level ROC and MVTec's PRO curve, thinned to at most

@@ -22,8 +22,7 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 
 from stages.common import PipelineError
-from stages.paths import MODELS_ROOT
-from stages.predict import FittedModel, overlay
+from stages.predict import FittedModel, fitted_models as fitted_pairs, overlay
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
@@ -31,9 +30,9 @@ PAGE = Path(__file__).with_name("demo.html")
 
 
 def fitted_models() -> list[str]:
-    """Models that `dvc repro` has fitted and evaluated (both are needed to score and decide)."""
-    return sorted(p.name[: -len(".scoring.json")] for p in MODELS_ROOT.glob("*.scoring.json")
-                  if (MODELS_ROOT / p.name[: -len(".scoring.json")] / "model.pt").is_file())
+    """'<category>/<model>' of every model `dvc repro` has fitted and evaluated (both are needed to
+    score and decide)."""
+    return [f"{category}/{name}" for category, name in fitted_pairs()]
 
 
 def png_data_url(array: np.ndarray) -> str:
@@ -50,7 +49,8 @@ def create_app(device: str = "cpu") -> FastAPI:
         if name not in fitted_models():
             raise HTTPException(404, f"model '{name}' is not fitted and evaluated (run dvc repro)")
         if name not in loaded:
-            loaded[name] = FittedModel.load(name, device=device)
+            category, model_name = name.split("/", 1)
+            loaded[name] = FittedModel.load(category, model_name, device=device)
         return loaded[name]
 
     @app.get("/", response_class=HTMLResponse)

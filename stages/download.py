@@ -1,43 +1,25 @@
-"""DVC stage `download`: materialise one category in MVTec layout under data/raw/<source>/<category>.dataset.
+"""DVC stage `download@<category>`: materialise one category in MVTec layout under data/raw/<category>.dataset.
 
-data.source: synthetic (the offline default), mvtec (the official archive) or folder (a local copy).
+data.source: synthetic (the offline default), mvtec (the official archive) or folder (a local copy
+holding one folder per category). Each category is its own stage, so one that cannot be fetched
+fails alone and the others stay valid and cached.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, load_params, param, run_main
+from stages.common import PipelineError, atomic_path, param, run_main, stage_args
 from stages.data import mvtec
 from stages.data.synthetic import generate_category
 from stages.data.raw import verify_category
+from stages.params import category_source
 from stages.paths import raw_category_dir
-
-SOURCES = ("synthetic", "mvtec", "folder")
-
-
-def check_category_name(category) -> None:
-    """One plain folder name: not empty, no path separators, not hidden, not '.' or '..'."""
-    if (
-        not isinstance(category, str)
-        or not category.strip()
-        or category.startswith(".")
-        or any(c in category for c in "/\\\0")
-        or category != category.strip()
-    ):
-        raise PipelineError(
-            f"data.category: invalid category name {category!r} (a plain folder name such as 'carpet': "
-            "not empty, no '/', not starting with '.')"
-        )
 
 
 def main() -> None:
-    params = load_params()
-    source = param(params, "data.source")
-    category = param(params, "data.category")
-    if source not in SOURCES:
-        raise PipelineError(f"data.source: unknown source '{source}' (known: {', '.join(SOURCES)})")
-    check_category_name(category)
-    dest = raw_category_dir(source, category)
+    params, (category,) = stage_args("download", "<category>")
+    source = category_source(params, category)  # choices and category names: checked by load_params
+    dest = raw_category_dir(category)
 
     if source == "synthetic":
         keys = ("image_size", "n_train", "n_test_good", "n_test_per_defect", "seed", "defect_types")
@@ -56,8 +38,9 @@ def main() -> None:
     else:
         folder = param(params, "data.folder")
         if not folder:
-            raise PipelineError("data.folder: set it to an MVTec-layout category folder when data.source is 'folder'")
-        folder = Path(folder).expanduser()
+            raise PipelineError("data.folder: set it to a folder holding one MVTec-layout folder per category "
+                                "when data.source is 'folder'")
+        folder = Path(folder).expanduser() / category
         # Decode every image and mask of the user's folder first: errors name the user's files, and a
         # broken folder is never copied, so once it is fixed `dvc repro` reruns this (failed) stage.
         verify_category(folder)

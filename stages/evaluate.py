@@ -1,8 +1,8 @@
-"""DVC stage `evaluate@<model>`: score the test set with a fitted model.
+"""DVC stage `evaluate@<category>-<model>`: score one category's test set with a fitted model.
 
-Writes metrics/models/<model>.json (image AUROC, pixel AUROC, AUPRO, F1-max, the mean + 2 sigma
+Writes metrics/models/<category>.category/<model>.metrics.json (image AUROC, pixel AUROC, AUPRO, F1-max, the mean + 2 sigma
 threshold of the held-out good validation images with its confusion counts, per-defect AUROC),
-and plots/<model>/{scores,roc}.csv for `dvc plots`, plus the curves of stages/curves.py
+and plots/<category>.category/<model>.model/{scores,roc}.csv for `dvc plots`, plus the curves of stages/curves.py
 (image PR, pixel ROC, PRO, confusion at the threshold).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from stages import curves, metrics
 from stages.common import PipelineError, param, run_main, write_csv, write_json
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
-from stages.paths import FEATURES_ROOT, METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT, scoring_file
+from stages.paths import metrics_file, pixels_dir, scoring_file
 
 
 def main() -> None:
@@ -24,19 +24,19 @@ def main() -> None:
     curve_points = param(params, "figures.curve_points")
 
     detector = config.load(device)
-    prepared = {split: load_split(PIXELS_DIR / f"{split}.npz") for split in ("test", "val")}
+    prepared = {split: load_split(pixels_dir(config.category) / f"{split}.npz") for split in ("test", "val")}
     test = prepared["test"]  # labels, defect types, masks
     inputs = {split: config.load_inputs(split) for split in prepared}
     for split, loaded in inputs.items():
         if list(loaded.names) != prepared[split].names:
             raise PipelineError(
-                f"{FEATURES_ROOT / config.backbone}: {split} features do not match the prepared images; rerun extract"
+                f"{config.features}: {split} features do not match the prepared images; rerun extract"
             )
     try:
         prediction = detector.predict(inputs["test"])
         val_scores = detector.predict(inputs["val"]).image_scores
     except PipelineError as exc:
-        raise PipelineError(f"models.{name}: {exc}") from exc
+        raise PipelineError(f"models.{name} ({config.category}): {exc}") from exc
 
     with_maps = prediction.anomaly_maps is not None and test.masks is not None
     result = metrics.evaluate(
@@ -50,9 +50,9 @@ def main() -> None:
         n_std=n_std,
     )
     n_train = detector.inputs.get("n_train")  # how many good images it was fitted on (few-shot sweeps)
-    result = {"model": name, "method": config.method, "backbone": config.backbone, "n_train": n_train, **result}
+    result = {"category": config.category, "model": name, "method": config.method, "backbone": config.backbone, "n_train": n_train, **result}
 
-    plot_dir = PLOTS_ROOT / name
+    plot_dir = config.plots
     write_csv(
         plot_dir / "scores.csv",
         [
@@ -63,16 +63,16 @@ def main() -> None:
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
     curves.write_curves(plot_dir, test, prediction, result["threshold"], curve_points, with_maps)
-    write_json(METRICS_ROOT / f"{name}.json", result)
+    write_json(metrics_file(config.category, name), result)
     # what `python -m stages.predict` needs besides the fitted model: how to score, and the threshold
-    write_json(scoring_file(name), {
+    write_json(scoring_file(config.category, name), {
         "score": config.score.as_dict(),
         "threshold": result["threshold"],
         "threshold_rule": f"mean + {n_std} std of the validation (good) image scores",
         "validation_median": float(np.median(val_scores)),
     })
     shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
-    print(f"{name}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(f"{config.stage}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":

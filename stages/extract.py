@@ -1,20 +1,20 @@
-"""DVC stage `extract@<backbone>`: cache global embeddings and mid-level maps of every prepared image.
+"""DVC stage `extract@<category>-<backbone>`: cache global embeddings and mid-level maps of every
+prepared image of one category.
 
-Run once per backbone in `backbones:` and shared by every model that names it.
+Run once per category and backbone in `backbones:`, and shared by every model that names it.
 """
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from stages.backbones import FeatureExtractor, get_spec, load_backbone
-from stages.common import PipelineError, atomic_path, check, load_params, param, resolve_device, run_main
+from stages.common import atomic_path, check, param, resolve_device, run_main, stage_args
 from stages.data.prepared import SPLITS, load_split, read_inputs, write_inputs
 from stages.features import FeatureSet, save_features
-from stages.paths import FEATURES_ROOT, PIXELS_DIR, WEIGHTS_ROOT
+from stages.paths import WEIGHTS_ROOT, features_dir, pixels_dir
 
 
 def weights_file(name: str, weights: str | None) -> str | None:
@@ -30,10 +30,7 @@ def weights_file(name: str, weights: str | None) -> str | None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise PipelineError("usage: python -m stages.extract <backbone name from params.yaml backbones>")
-    name = sys.argv[1]
-    params = load_params()
+    params, (category, name) = stage_args("extract", "<category> <backbone>")
     backbones = param(params, "backbones")
     check(name in backbones, f"backbones.{name}: no such backbone in params.yaml (known: {', '.join(backbones) or 'none'})")
     options = backbones[name]
@@ -45,20 +42,21 @@ def main() -> None:
 
     extractor = FeatureExtractor(arch, load_backbone(arch, weights), options["layers"], device)
     batch_size = options["batch_size"]
-    with atomic_path(FEATURES_ROOT / name) as out:
+    prepared_dir = pixels_dir(category)
+    with atomic_path(features_dir(category, name)) as out:
         out.mkdir(parents=True)
         recipe = {"name": name, "arch": arch, "layers": extractor.layers, "weights": weights}
-        prepared = read_inputs(PIXELS_DIR)
+        prepared = read_inputs(prepared_dir)
         write_inputs(out, prepared["preprocess"], recipe, prepared["n_train"])
         for split_name in SPLITS:
-            split = load_split(PIXELS_DIR / f"{split_name}.npz")
-            extracted = extractor(split.images, batch_size=batch_size, desc=f"{name} {split_name}")
+            split = load_split(prepared_dir / f"{split_name}.npz")
+            extracted = extractor(split.images, batch_size=batch_size, desc=f"{category} {name} {split_name}")
             save_features(
                 out / f"{split_name}.pt",
                 FeatureSet(extracted.global_embeddings, extracted.feature_maps, split.image_size, split.names),
             )
     shapes = {k: tuple(v.shape[1:]) for k, v in extracted.feature_maps.items()}
-    print(f"{name}: global {tuple(extracted.global_embeddings.shape[1:])}, maps {shapes}")
+    print(f"{category} {name}: global {tuple(extracted.global_embeddings.shape[1:])}, maps {shapes}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""DVC stage `figures@<model>`: the heatmap grid and the score distributions of one model.
+"""DVC stage `figures@<category>-<model>`: the heatmap grid and the score distributions of one model.
 
-Writes plots/<model>/figures/scores.png (test scores per defect type vs good, validation good
+Writes plots/<category>.category/<model>.model/figures/scores.png (test scores per defect type vs good, validation good
 scores, threshold) and, for models with anomaly maps, heatmaps.png (image | ground truth |
 [reconstruction] | map | overlay | map >= threshold for a seeded selection of test images).
 
@@ -8,7 +8,7 @@ Why a separate stage that re-scores a few images, rather than drawing in evaluat
 params (`figures.*`) and code then never rerun the scoring of the whole test set, evaluate stays
 as it is, and re-scoring the ~12 selected test images plus the validation images (for the colour
 scale) costs a fraction of evaluate. Test image scores and the threshold come from evaluate's
-outputs (plots/<model>/scores.csv, metrics/models/<model>.json), so the figures show exactly the
+outputs (scores.csv beside the figures, metrics/models/<category>.category/<model>.metrics.json), so the figures show exactly the
 numbers the metrics were computed from.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 from stages.common import PipelineError, atomic_path, param, run_main
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
-from stages.paths import METRICS_ROOT, PIXELS_DIR, PLOTS_ROOT
+from stages.paths import metrics_file, pixels_dir
 
-FIGURES = "figures"  # plots/<model>/figures/
+FIGURES = "figures"  # plots/<category>.category/<model>.model/figures/
 
 
 def read_scores(path) -> dict[str, float]:
@@ -45,23 +45,24 @@ def main() -> None:
     seed = param(params, "figures.heatmaps.seed")
     bins = param(params, "figures.distribution.bins")
 
-    metrics_path = METRICS_ROOT / f"{name}.json"
+    metrics_path = metrics_file(config.category, name)
     if not metrics_path.is_file():
-        raise PipelineError(f"{metrics_path}: metrics missing (run evaluate@{name})")
+        raise PipelineError(f"{metrics_path}: metrics missing (run evaluate@{config.stage})")
     threshold = float(json.loads(metrics_path.read_text())["threshold"])
-    scores_by_name = read_scores(PLOTS_ROOT / name / "scores.csv")
-    test = load_split(PIXELS_DIR / "test.npz")
+    scores_path = config.plots / "scores.csv"
+    scores_by_name = read_scores(scores_path)
+    test = load_split(pixels_dir(config.category) / "test.npz")
     missing = [n for n in test.names if n not in scores_by_name]
     if missing:
-        raise PipelineError(f"{PLOTS_ROOT / name / 'scores.csv'}: no score for {missing[0]}; rerun evaluate@{name}")
+        raise PipelineError(f"{scores_path}: no score for {missing[0]}; rerun evaluate@{config.stage}")
     test_scores = np.array([scores_by_name[n] for n in test.names])
 
     detector = config.load(device)
     val = detector.predict(config.load_inputs("val"))
 
-    with atomic_path(PLOTS_ROOT / name / FIGURES) as out:
+    with atomic_path(config.plots / FIGURES) as out:
         out.mkdir(parents=True)
-        fig = distribution_figure(name, test_scores, test.defect_types, val.image_scores, threshold, bins)
+        fig = distribution_figure(f"{name} ({config.category})", test_scores, test.defect_types, val.image_scores, threshold, bins)
         save_png(fig, out / "scores.png")
         shown = "scores.png"
         chosen = select(test.defect_types, per_defect, n_good, seed)
@@ -70,7 +71,7 @@ def main() -> None:
         if prediction.anomaly_maps is not None:
             recon = detector.reconstruct(inputs) if hasattr(detector, "reconstruct") else None
             fig, panels = heatmap_figure(
-                name,
+                f"{name} ({config.category})",
                 test.images[chosen],
                 [test.names[i] for i in chosen],
                 [test.defect_types[i] for i in chosen],
@@ -83,7 +84,7 @@ def main() -> None:
             )
             save_png(fig, out / "heatmaps.png", panels, colours=256)
             shown += f", heatmaps.png ({panels[0]} images x {panels[1]} columns)"
-    print(f"figures@{name}: {shown} -> {PLOTS_ROOT / name / FIGURES}")
+    print(f"figures@{config.stage}: {shown} -> {config.plots / FIGURES}")
 
 
 if __name__ == "__main__":

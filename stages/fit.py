@@ -1,7 +1,8 @@
-"""DVC stage `fit@<model>`: fit one named model on defect-free training data.
+"""DVC stage `fit@<category>-<model>`: fit one named model on one category's defect-free training data.
 
-Writes the fitted state to models/<model>/ and the per-epoch losses of trained methods (dvclive)
-to plots/<model>/train/, both only once the fit has succeeded.
+Writes the fitted state to models/<category>.category/<model>.model/ and the per-epoch losses of
+trained methods (dvclive) to plots/<category>.category/<model>.model/train/, both only once the
+fit has succeeded.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from stages.common import PipelineError, atomic_path, run_main, seed_everything
 from stages.models import model_from_argv
 from stages.data.prepared import read_inputs
-from stages.paths import FEATURES_ROOT, PLOTS_ROOT
 
 CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric, under its folder
 KEEP = ".gitkeep"  # keeps the curve folder in git; listed in .dvcignore
@@ -42,19 +42,19 @@ def main() -> None:
     _, config, device = model_from_argv("fit")
     seed_everything(getattr(config.fit, "seed", 0))
     detector = config.build(device)
-    detector.inputs = read_inputs(FEATURES_ROOT / config.backbone)
+    detector.inputs = read_inputs(config.features)
     train, val = config.load_inputs("train"), config.load_inputs("val")
     start = time.perf_counter()
     try:
         detector.fit(train, val)
     except PipelineError as exc:
-        raise PipelineError(f"models.{config.name}: {exc}") from exc
+        raise PipelineError(f"models.{config.name} ({config.category}): {exc}") from exc
     seconds = time.perf_counter() - start
 
-    with atomic_path(config.directory) as model_dir, atomic_path(PLOTS_ROOT / config.name / "train") as curves:
+    with atomic_path(config.directory) as model_dir, atomic_path(config.plots / "train") as curves:
         log_history(detector.history, curves)
         detector.save(model_dir)
-    print(f"fitted {config.name} ({config.method} on {config.backbone}) in {seconds:.1f}s -> {config.directory}")
+    print(f"fitted {config.stage} ({config.method} on {config.backbone}) in {seconds:.1f}s -> {config.directory}")
 
 
 if __name__ == "__main__":

@@ -6,21 +6,21 @@ against the method's own schema (`Fit` / `Score` in stages/methods/<method>.py).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import PipelineError, load_params, param, resolve_device
+from stages.common import PipelineError, param, resolve_device, stage_args
 from stages.data.prepared import load_split
 from stages.features import load_features
 from stages.methods import get_method
 from stages.methods.base import AnomalyDetector
-from stages.paths import FEATURES_ROOT, MODELS_ROOT, PIXELS
+from stages.paths import PIXELS, features_dir, model_dir, plots_dir
 from stages.schema import Schema, parse
 
 
 @dataclass
 class ModelConfig:
+    category: str
     name: str
     method: str
     backbone: str
@@ -29,7 +29,19 @@ class ModelConfig:
 
     @property
     def directory(self) -> Path:
-        return MODELS_ROOT / self.name
+        return model_dir(self.category, self.name)
+
+    @property
+    def features(self) -> Path:
+        return features_dir(self.category, self.backbone)
+
+    @property
+    def plots(self) -> Path:
+        return plots_dir(self.category, self.name)
+
+    @property
+    def stage(self) -> str:
+        return f"{self.category}-{self.name}"  # the @-suffix of this model's stages in dvc.yaml
 
     def detector_class(self) -> type[AnomalyDetector]:
         return get_method(self.method)
@@ -43,13 +55,12 @@ class ModelConfig:
 
     def load_inputs(self, split: str):
         """The representation this model reads: prepared pixels or a backbone's cached features."""
-        path = FEATURES_ROOT / self.backbone
         if self.backbone == PIXELS:
-            return load_split(path / f"{split}.npz")
-        return load_features(path / f"{split}.pt")
+            return load_split(self.features / f"{split}.npz")
+        return load_features(self.features / f"{split}.pt")
 
 
-def model_config(params: dict, name: str) -> ModelConfig:
+def model_config(params: dict, category: str, name: str) -> ModelConfig:
     """`params` as stages.params.load_params returns them (entry shape, method and backbone checked)."""
     models = param(params, "models")
     if name not in models:
@@ -67,13 +78,12 @@ def model_config(params: dict, name: str) -> ModelConfig:
         raise PipelineError(f"{where}.backbone: method {cls.method} needs a feature backbone, not '{PIXELS}'")
     fit = parse(cls.Fit, entry["fit"], f"{where}.fit")
     score = parse(cls.Score, entry["score"], f"{where}.score")
-    return ModelConfig(name, cls.method, entry["backbone"], fit, score)
+    return ModelConfig(category, name, cls.method, entry["backbone"], fit, score)
 
 
 def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
-    """The shared start of fit/evaluate: `python -m stages.<stage> <model>` -> params, config, device."""
-    if len(sys.argv) != 2:
-        raise PipelineError(f"usage: python -m stages.{stage} <model name from params.yaml models>")
-    params = load_params()
-    config = model_config(params, sys.argv[1])
+    """The shared start of fit/evaluate/figures: `python -m stages.<stage> <category> <model>` -> params,
+    config, device."""
+    params, (category, name) = stage_args(stage, "<category> <model>")
+    config = model_config(params, category, name)
     return params, config, resolve_device(param(params, "device"))

@@ -1,6 +1,6 @@
-"""DVC stage `overview`: a grid of test images per defect type, raw and as the models see them.
+"""DVC stage `overview@<category>`: a grid of test images per defect type, raw and as the models see them.
 
-Writes plots/dataset/overview.png: per defect type (and good), `figures.overview.per_defect`
+Writes plots/<category>.category/overview.png: per defect type (and good), `figures.overview.per_defect`
 seeded test images, each shown as the raw file and as the prepared model input (resize + centre
 crop), with the ground-truth mask drawn as an outline on both.
 """
@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from stages.common import load_params, param, run_main
+from stages.common import param, run_main, stage_args
 from stages.data.prepared import load_split
-from stages.data.raw import list_category, read_image
-from stages.paths import PIXELS_DIR, PLOTS_ROOT, raw_category_dir
+from stages.data.raw import list_category, read_image, read_mask
+from stages.paths import category_plots_dir, pixels_dir, raw_category_dir
 
-OUTPUT = PLOTS_ROOT / "dataset" / "overview.png"
 SHOWN_SIZE = 320  # raw images are shrunk to this longer side for the figure (MVTec's are 1024)
 
 
@@ -27,7 +26,7 @@ def raw_panel(path, mask_path) -> tuple[np.ndarray, np.ndarray | None, tuple[int
         image = image.resize(shown, Image.BILINEAR)
     mask = None
     if mask_path is not None:
-        mask_image = read_image(mask_path, "L")
+        mask_image = read_mask(mask_path)  # any nonzero pixel is defect, as in preprocess
         if scale < 1:
             mask_image = mask_image.resize(shown, Image.NEAREST)
         mask = np.asarray(mask_image) > 127
@@ -38,12 +37,11 @@ def main() -> None:
     from stages.plotting.grids import overview_figure, select
     from stages.plotting.style import save_png
 
-    params = load_params()
-    source, category = param(params, "data.source"), param(params, "data.category")
+    params, (category,) = stage_args("overview", "<category>")
     per_defect = param(params, "figures.overview.per_defect")
     seed = param(params, "figures.overview.seed")
-    test = load_split(PIXELS_DIR / "test.npz")
-    _, raw_test, _ = list_category(raw_category_dir(source, category))
+    test = load_split(pixels_dir(category) / "test.npz")
+    _, raw_test, _ = list_category(raw_category_dir(category))
     raw_by_name = {item.name: item for item in raw_test}
 
     chosen = select(test.defect_types, per_defect, per_defect, seed)
@@ -62,9 +60,10 @@ def main() -> None:
             }
         )
     ordered = [{"type": t, "items": items} for t, items in rows.items()]
-    fig, panels = overview_figure(ordered, f"{category} ({source}): test images per defect type")
-    save_png(fig, OUTPUT, panels, colours=256)
-    print(f"overview: {panels[0]} defect types x {panels[1]} panels -> {OUTPUT}")
+    fig, panels = overview_figure(ordered, f"{category}: test images per defect type")
+    output = category_plots_dir(category) / "overview.png"
+    save_png(fig, output, panels, colours=256)
+    print(f"overview@{category}: {panels[0]} defect types x {panels[1]} panels -> {output}")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ class Synthetic(Schema):
 @dataclasses.dataclass(frozen=True)
 class Mvtec(Schema):
     archive: str = option("category", "category: the per-category archive; full: the whole dataset", choices=("category", "full"))
-    url: str | None = option(None, "null: the official URL; or a mirror / file:// URL")
+    url: str | None = option(None, "null: the official URL; or a mirror / file:// URL ('{category}' in it is replaced "
+                                   "by each category's name when archive is category)")
     sha256: str | None = option(
-        None, "null: the known checksum when there is one",
+        None, "null: the published checksum of the official archive (MD5 per category, SHA-256 of the full one); "
+              "or the SHA-256 of the one archive `url` names",
         check=lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, allowed="a SHA-256 hex digest (64 hex digits)",
     )
 
@@ -43,10 +45,13 @@ class Mvtec(Schema):
 @dataclasses.dataclass(frozen=True)
 class Data(Schema):
     source: str = option("synthetic", "synthetic (offline default), mvtec (official archive) or folder (a local copy)", choices=SOURCES)
-    category: str = option("carpet", "the category to run")
-    synthetic: dict = option({}, "the generator's settings")  # parsed into Synthetic below
+    categories: list[str] = option(["carpet"], "the categories to run, each through its own download, preprocess, "
+                                               "extract, fit and evaluate stages (a DVC matrix)")
+    sources: dict = option({}, "per-category source where it differs from `source`, e.g. {my_parts: folder}")
+    synthetic: dict = option({}, "the generator's settings (every synthetic category is the same generated carpet)")  # parsed into Synthetic below
     mvtec: dict = option({}, "the official archive's settings")
-    folder: str | None = option(None, "source: folder -> an MVTec-layout category folder")
+    folder: str | None = option(None, "source: folder -> a folder holding one MVTec-layout folder per category "
+                                      "(<folder>/<category>/train/good, ...), as the MVTec AD archive does")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +110,10 @@ class Tsne(Schema):
 @dataclasses.dataclass(frozen=True)
 class Figures(Schema):
     curve_points: int = option(2000, "pixel ROC and PRO curves are thinned to about this many points", ge=10)
-    overview: dict = option({}, "plots/dataset/overview.png")
-    heatmaps: dict = option({}, "plots/<model>/figures/heatmaps.png")
-    distribution: dict = option({}, "plots/<model>/figures/scores.png")
-    tsne: dict = option({}, "plots/tsne/<backbone>.csv")
+    overview: dict = option({}, "plots/<category>.category/overview.png")
+    heatmaps: dict = option({}, "plots/<category>.category/<model>.model/figures/heatmaps.png")
+    distribution: dict = option({}, "plots/<category>.category/<model>.model/figures/scores.png")
+    tsne: dict = option({}, "plots/<category>.category/<backbone>.tsne.csv")
 
 
 def _valid_device(value: str) -> bool:
@@ -121,20 +126,45 @@ class Top(Schema):
                          allowed="auto, cpu, cuda or cuda:N")
     data: dict = option({}, "stage download")
     preprocess: dict = option({}, "stage preprocess")
-    backbones: dict = option({}, "one extract@<name> stage each")
-    models: dict = option({}, "one fit@<name> and evaluate@<name> stage each")
+    backbones: dict = option({}, "one extract@<category>-<name> stage per category each")
+    models: dict = option({}, "one fit@<category>-<name> and evaluate@<category>-<name> stage per category each")
     evaluate: dict = option({}, "stage evaluate")
-    figures: dict = option({}, "stages overview, figures@<model>, tsne@<backbone>; curve_points: evaluate@<model>")
+    figures: dict = option({}, "stages overview@<category>, figures@<category>-<model>, tsne@<category>-<backbone>; "
+                                "curve_points: evaluate")
 
 
 MODEL_KEYS = ["method", "backbone", "fit", "score"]
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # model and backbone names become folder names
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # category, model and backbone names become folder names
 
 
 def check_name(section: str, name: object) -> None:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise PipelineError(f"{section}.{name}: a {section[:-1]} name must be letters, digits, '_' or '-' "
-                            f"(it names folders such as models/<name>), got {name!r}")
+                            f"(it names folders such as models/<category>.category/<name>.model), got {name!r}")
+
+
+def check_categories(categories: list) -> None:
+    if not categories:
+        raise PipelineError("data.categories: empty (list at least one category, e.g. [carpet])")
+    for category in categories:
+        if not isinstance(category, str) or not NAME.fullmatch(category):
+            raise PipelineError(f"data.categories: invalid category name {category!r} (a plain folder name such as "
+                                "'carpet': letters, digits, '_' or '-')")
+    repeated = sorted({c for c in categories if categories.count(c) > 1})
+    if repeated:
+        raise PipelineError(f"data.categories: {', '.join(repeated)} listed twice")
+
+
+def category_source(params: dict, category: str) -> str:
+    """Where `category` comes from: data.sources.<category>, else data.source."""
+    return (params["data"]["sources"] or {}).get(category, params["data"]["source"])
+
+
+def check_listed(params: dict, category: str) -> None:
+    """A stage's category argument must be one of data.categories (dvc.yaml only passes those)."""
+    listed = params["data"]["categories"]
+    if category not in listed:
+        raise PipelineError(f"data.categories: {category!r} is not listed (listed: {', '.join(listed)})")
 
 
 def read_yaml(path: Path) -> object:
@@ -171,6 +201,10 @@ def validate(raw: object, path: Path) -> dict:
         raise PipelineError(f"{path}: expected a mapping at the top level")
     top = parse(Top, raw, "")
     data = parse(Data, top.data, "data")
+    check_categories(data.categories)
+    for category, source in (data.sources or {}).items():
+        if source not in SOURCES:
+            raise PipelineError(f"data.sources.{category}: unknown source {source!r} (known: {', '.join(SOURCES)})")
     backbones = top.backbones or {}
     if not isinstance(backbones, dict):
         raise PipelineError("backbones: expected a mapping of backbone entries")

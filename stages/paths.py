@@ -1,27 +1,74 @@
-"""Where each stage reads and writes; dvc.yaml declares the same paths."""
+"""Where each stage reads and writes; dvc.yaml declares the same paths.
+
+Every user-given name (category, backbone, model) ends in a path component with a fixed suffix
+(`carpet.category`, `patchcore_effnet.model`, `efficientnet_lite0.features`), and every output lies
+under such a component or is a file whose name carries one (`<model>.metrics.json`,
+`<backbone>.tsne.csv`). DVC deletes a stage's outputs before the stage can check its names, so this
+layout is what keeps a value like "", ".", ".." or "a/../.." from resolving an output to data/,
+models/, a category's folder, a user's file or the workspace: whatever a name resolves to, only a
+path carrying the suffix can be touched.
+"""
 from pathlib import Path
 
-RAW_ROOT = Path("data/raw")  # data/raw/<source>/<category>.dataset, MVTec layout
-# The user's category name always sits inside one path component with this fixed suffix, so no
-# value of data.category ("", ".", "..", "a/..") can make the download output (which DVC deletes
-# before the stage runs) resolve to data/raw/<source>, data/raw or the workspace.
-RAW_SUFFIX = ".dataset"
-FEATURES_ROOT = Path("data/features")  # data/features/<backbone>/{train,val,test}.pt
-PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves
-PIXELS_DIR = FEATURES_ROOT / PIXELS  # data/features/pixels/{train,val,test}.npz, written by preprocess
-MODELS_ROOT = Path("models")  # models/<model>/model.pt (fit), models/<model>.scoring.json (evaluate)
-METRICS_ROOT = Path("metrics/models")  # metrics/models/<model>.json
-SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}
+RAW_ROOT = Path("data/raw")  # data/raw/<category>.dataset, MVTec layout (train/good, test/<type>, ground_truth)
+FEATURES_ROOT = Path("data/features")  # data/features/<category>.category/<backbone>.features/{train,val,test}.pt
+PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves (written by preprocess)
+MODELS_ROOT = Path("models")  # models/<category>.category/<model>.model/model.pt, <model>.scoring.json
+METRICS_ROOT = Path("metrics/models")  # metrics/models/<category>.category/<model>.metrics.json
+SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}: every category x model
 WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.weights), a dep of every extract stage
-PLOTS_ROOT = Path("plots")  # plots/<model>/{roc,scores}.csv and plots/<model>/train/
+PLOTS_ROOT = Path("plots")  # plots/<category>.category/<model>.model/{roc,scores,...}.csv, train/, figures/
 TMP_ROOT = Path(".tmp")  # every stage's temporary files (git- and dvc-ignored), see common.atomic_path
 
+RAW_SUFFIX = ".dataset"
+CATEGORY_SUFFIX = ".category"
+FEATURES_SUFFIX = ".features"
+MODEL_SUFFIX = ".model"
 
-def raw_category_dir(source: str, category: str) -> Path:
-    """data/raw/<source>/<category>.dataset: the download output; dvc.yaml spells the same path."""
-    return RAW_ROOT / str(source) / f"{category}{RAW_SUFFIX}"
+
+def _category(category: str) -> str:
+    return f"{category}{CATEGORY_SUFFIX}"
 
 
-def scoring_file(model: str) -> Path:
-    """Written by evaluate@<model>: the scoring params and threshold predict applies."""
-    return MODELS_ROOT / f"{model}.scoring.json"
+def raw_category_dir(category: str) -> Path:
+    """data/raw/<category>.dataset: the download output."""
+    return RAW_ROOT / f"{category}{RAW_SUFFIX}"
+
+
+def features_dir(category: str, backbone: str) -> Path:
+    """data/features/<category>.category/<backbone>.features: extract@<category>-<backbone>;
+    <backbone> = pixels is the prepared images, written by preprocess@<category>."""
+    return FEATURES_ROOT / _category(category) / f"{backbone}{FEATURES_SUFFIX}"
+
+
+def pixels_dir(category: str) -> Path:
+    return features_dir(category, PIXELS)
+
+
+def model_dir(category: str, model: str) -> Path:
+    """models/<category>.category/<model>.model: the fitted state (fit@<category>-<model>)."""
+    return MODELS_ROOT / _category(category) / f"{model}{MODEL_SUFFIX}"
+
+
+def scoring_file(category: str, model: str) -> Path:
+    """Written by evaluate@<category>-<model>: the scoring params and threshold predict applies."""
+    return MODELS_ROOT / _category(category) / f"{model}.scoring.json"
+
+
+def metrics_file(category: str, model: str) -> Path:
+    return METRICS_ROOT / _category(category) / f"{model}.metrics.json"
+
+
+def plots_dir(category: str, model: str) -> Path:
+    """plots/<category>.category/<model>.model: curves (evaluate), train/ (fit), figures/ (figures)."""
+    return PLOTS_ROOT / _category(category) / f"{model}{MODEL_SUFFIX}"
+
+
+def category_plots_dir(category: str) -> Path:
+    """plots/<category>.category: overview.png (overview@<category>)."""
+    return PLOTS_ROOT / _category(category)
+
+
+def tsne_file(category: str, backbone: str) -> Path:
+    """plots/<category>.category/<backbone>.tsne.csv: tsne@<category>-<backbone>."""
+    return PLOTS_ROOT / _category(category) / f"{backbone}.tsne.csv"

@@ -1,11 +1,12 @@
 """Score new images with a fitted model, exactly as `dvc repro` left it.
 
-    python -m stages.predict <model> <image files or folders> [--out DIR]
+    python -m stages.predict <model> <image files or folders> [--category CATEGORY] [--out DIR]
 
-The model's own saved record says how its inputs were made (resize, crop, backbone, layers,
+--category picks which category's fit of the model to use; it may be left out when the model is
+fitted for one category only. The model's own saved record says how its inputs were made (resize, crop, backbone, layers,
 weights), so a model fitted at 224 px scores at 224 px whatever params.yaml says today; the
 scoring params and the mean + n·σ threshold are the ones its evaluate stage used
-(models/<model>.scoring.json). Writes DIR/scores.csv (image, score, anomalous, threshold) and one
+(models/<category>.category/<model>.scoring.json). Writes DIR/scores.csv (image, score, anomalous, threshold) and one
 heatmap overlay PNG per image (DIR/<name>_overlay.png). An image that cannot be read is reported on
 one line and skipped; the others are still scored (exit code 1 if any was skipped).
 """
@@ -28,16 +29,48 @@ from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
 from stages.methods import get_method
 from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
 from stages.params import check_name
-from stages.paths import MODELS_ROOT, scoring_file
+from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file
 
 DEFAULT_OUT = Path("predictions")
 CHUNK = 32  # images read and scored together: bounded memory for any number of files
+
+
+def fitted_categories(name: str) -> list[str]:
+    """The categories for which `dvc repro` has fitted and evaluated model `name`."""
+    return sorted(
+        folder.name[: -len(CATEGORY_SUFFIX)]
+        for folder in MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}")
+        if (folder / f"{name}{MODEL_SUFFIX}" / STATE_FILE).is_file() and (folder / f"{name}.scoring.json").is_file()
+    )
+
+
+def fitted_models() -> list[tuple[str, str]]:
+    """(category, model) of every model that `dvc repro` has fitted and evaluated."""
+    found = []
+    for state in sorted(MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}/*{MODEL_SUFFIX}/{STATE_FILE}")):
+        category, name = state.parts[-3][: -len(CATEGORY_SUFFIX)], state.parts[-2][: -len(MODEL_SUFFIX)]
+        if scoring_file(category, name).is_file():
+            found.append((category, name))
+    return found
+
+
+def choose_category(name: str, category: str | None) -> str:
+    if category is not None:
+        check_name("categories", category)
+        return category
+    categories = fitted_categories(name)
+    if len(categories) == 1:
+        return categories[0]
+    if not categories:
+        raise PipelineError(f"{MODELS_ROOT}: model '{name}' was never fitted and evaluated (run `dvc repro`)")
+    raise PipelineError(f"model '{name}' is fitted for {', '.join(categories)}: pick one with --category")
 
 
 @dataclass
 class FittedModel:
     """A fitted detector with what it needs to score a raw image: its input recipe and threshold."""
 
+    category: str
     name: str
     detector: AnomalyDetector
     preprocess: dict  # resize, crop_size
@@ -46,21 +79,22 @@ class FittedModel:
     validation_median: float
 
     @classmethod
-    def load(cls, name: str, device: str = "cpu") -> "FittedModel":
-        state = MODELS_ROOT / name / STATE_FILE
-        scoring = scoring_file(name)
+    def load(cls, category: str, name: str, device: str = "cpu") -> "FittedModel":
+        folder, scoring, stage = model_dir(category, name), scoring_file(category, name), f"{category}-{name}"
+        state = folder / STATE_FILE
         if not state.is_file():
-            raise PipelineError(f"{state}: model '{name}' was never fitted (run `dvc repro fit@{name}`)")
+            raise PipelineError(f"{state}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)")
         if not scoring.is_file():
-            raise PipelineError(f"{scoring}: model '{name}' was never evaluated (run `dvc repro evaluate@{name}`)")
+            raise PipelineError(f"{scoring}: model '{name}' was never evaluated for {category} "
+                                f"(run `dvc repro evaluate@{stage}`)")
         import torch
 
         method = torch.load(state, map_location="cpu", weights_only=False).get("method")
         record = json.loads(scoring.read_text())
-        detector = get_method(method).load(MODELS_ROOT / name, score=record["score"], device=device)
+        detector = get_method(method).load(folder, score=record["score"], device=device)
         if not detector.inputs:
-            raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{name}`")
-        return cls(name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
+            raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{stage}`")
+        return cls(category, name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
                    float(record["threshold"]), float(record["validation_median"]))
 
     def __post_init__(self) -> None:
@@ -129,19 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a model name from params.yaml `models:` that `dvc repro` has fitted and evaluated")
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT}/<model>)")
+    parser.add_argument("--category", default=None,
+                        help="which category's fit of the model (default: the only one the model is fitted for)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {DEFAULT_OUT}/<category>/<model>)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
-    out = args.out or DEFAULT_OUT / args.model
+    category = choose_category(args.model, args.category)
+    out = args.out or DEFAULT_OUT / category / args.model
 
-    model = FittedModel.load(args.model, device=args.device)
+    model = FittedModel.load(category, args.model, device=args.device)
     files = image_files(args.paths)
     if not files:
         raise PipelineError(f"no image files in {' '.join(args.paths)}")
 
     rows, failed, seconds, used = [], 0, 0.0, set()
-    with tqdm(total=len(files), desc=f"predict {args.model}", unit="img") as bar:
+    with tqdm(total=len(files), desc=f"predict {category}/{args.model}", unit="img") as bar:
         for start in range(0, len(files), CHUNK):
             begin = time.perf_counter()
             images, paths = [], []
@@ -169,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         write_csv(out / "scores.csv", rows)
         flagged = sum(r["anomalous"] for r in rows)
-        print(f"{args.model}: scored {len(rows)} image(s), {flagged} anomalous (score >= {model.threshold:.4g}), "
+        print(f"{category}/{args.model}: scored {len(rows)} image(s), {flagged} anomalous (score >= {model.threshold:.4g}), "
               f"{1000 * seconds / len(rows):.0f} ms per image -> {out}/scores.csv")
     if failed:
         print(f"error: {failed} of {len(files)} image(s) could not be read (named above)", file=sys.stderr)

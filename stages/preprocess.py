@@ -1,24 +1,19 @@
-"""DVC stage `preprocess`: resize + centre-crop one raw category into data/features/pixels/{train,val,test}.npz.
+"""DVC stage `preprocess@<category>`: resize + centre-crop one raw category into
+data/features/<category>.category/pixels.features/{train,val,test}.npz.
 
 A seeded fraction of train/good is held out as the validation split of good images (used for
 early stopping and for the mean + 2 sigma threshold, never for fitting).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import atomic_path, check, load_params, param, run_main, warn
+from stages.common import atomic_path, check, param, run_main, stage_args, warn
 from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
-from stages.paths import PIXELS_DIR, raw_category_dir
-
-
-def raw_dir(params: dict) -> Path:
-    return raw_category_dir(param(params, "data.source"), param(params, "data.category"))
+from stages.paths import pixels_dir, raw_category_dir
 
 
 def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
@@ -45,14 +40,14 @@ def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool,
 
 
 def main() -> None:
-    params = load_params()
+    params, (category,) = stage_args("preprocess", "<category>")
     resize = param(params, "preprocess.resize")
     crop = param(params, "preprocess.crop_size")
     val_fraction = param(params, "preprocess.val_fraction")
     seed = param(params, "preprocess.seed")
     max_train = param(params, "preprocess.max_train")  # types and ranges: checked by load_params
 
-    train_items, test_items, has_masks = list_category(raw_dir(params))
+    train_items, test_items, has_masks = list_category(raw_category_dir(category))
     n_val = max(1, round(len(train_items) * val_fraction))
     check(
         n_val < len(train_items),
@@ -67,13 +62,14 @@ def main() -> None:
         keep = np.random.default_rng([seed, max_train]).permutation(len(fit_items))[:max_train]
         fit_items = [fit_items[i] for i in sorted(keep)]
 
-    with atomic_path(PIXELS_DIR) as out:
+    destination = pixels_dir(category)
+    with atomic_path(destination) as out:
         out.mkdir(parents=True)
         save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
         save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
         save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
         write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None, n_train=len(fit_items))
-    print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {PIXELS_DIR}")
+    print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {destination}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """DVC stage `summary_figure`: image AUROC, pixel AUROC and AUPRO of every model as one bar chart.
 
-Writes plots/summary.png from metrics/summary.json (the README shows it). `dvc plots show` also
+Writes plots/summary.png from metrics/summary.json: the mean over data.categories (with one
+category, that category's numbers). The README shows it. `dvc plots show` also
 draws the same numbers interactively from metrics/summary.csv (top-level plot `summary`).
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ def main() -> None:
     path = SUMMARY_ROOT / "summary.json"
     if not path.is_file():
         raise PipelineError(f"{path}: summary missing (run the report stage)")
-    rows = json.loads(path.read_text())
-    save_png(summary_figure(rows), OUTPUT)
+    summary = json.loads(path.read_text())
+    rows, categories = summary["mean"], list(summary["categories"])
+    title = categories[0] if len(categories) == 1 else f"mean over {len(categories)} categories"
+    save_png(summary_figure(rows, title), OUTPUT)
     print(f"summary_figure: {len(rows)} models -> {OUTPUT}")
 
 

@@ -85,8 +85,8 @@ def fitted(tmp_path_factory) -> Path:
     params["models"] = MODELS_FITTED
     write_params(project, params)
     for stage, args in [("download", ()), ("preprocess", ()), ("extract", ("efficientnet_lite0",))]:
-        call_stage(stage, *args, cwd=project)
+        call_stage(stage, "carpet", *args, cwd=project)
     for name in MODELS_FITTED:
-        call_stage("fit", name, cwd=project)
-        call_stage("evaluate", name, cwd=project)
+        call_stage("fit", "carpet", name, cwd=project)
+        call_stage("evaluate", "carpet", name, cwd=project)
     return project

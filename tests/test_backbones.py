@@ -53,7 +53,7 @@ def _cached_weights(tmp_path, monkeypatch, arch: str, weights_name: str):
     torch.manual_seed(0)
     state = torchvision.models.get_model(arch, weights=None).state_dict()
     target = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
-    target.parent.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, target)
     return state
 
@@ -116,3 +116,56 @@ def test_unknown_backbone_and_layer():
         load_backbone("resnet9000")
     with pytest.raises(PipelineError, match="'blocks.99' is not a module"):
         FeatureExtractor("efficientnet_lite0", load_backbone("efficientnet_lite0"), layers=["blocks.99"])
+
+
+TORCHVISION_WEIGHTS = {  # what the shipped configs name, as torchvision knows them
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "vit_b_16": "ViT_B_16_Weights.IMAGENET1K_V1",
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights.IMAGENET1K_V1",
+}
+
+
+@pytest.mark.parametrize("config", ["study_carpet", "patchcore_paper"])
+def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path, monkeypatch, config):
+    """configs/<config>.yaml through the stage scripts (download -> preprocess -> extract -> fit ->
+    evaluate), offline: its backbones, layers, resolutions and models as shipped, with checkpoints of
+    the right architectures (random weights) in a temporary TORCH_HOME and a tiny local folder in
+    place of MVTec AD. Only the data source and the number of epochs differ from the file, and the
+    pixel autoencoders (no backbone; their code path is the default run's) are left out."""
+    import json
+
+    import yaml
+
+    from tests.conftest import REPO, call_stage, write_params
+    from tests.test_preprocess import make_category
+
+    _no_network(monkeypatch)
+    params = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    for arch in params["backbones"]:
+        _cached_weights(tmp_path / "torch", monkeypatch, arch, TORCHVISION_WEIGHTS[arch])
+    make_category(tmp_path / "mine" / "carpet", grayscale=False, with_masks=True)
+    params["data"] = {"source": "folder", "folder": str(tmp_path / "mine"), "categories": ["carpet"]}
+    params["device"] = "cpu"
+    params["models"] = {name: m for name, m in params["models"].items() if m["backbone"] != "pixels"}
+    for model in params["models"].values():
+        if "epochs" in model["fit"]:
+            model["fit"]["epochs"] = 1
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, params)
+    call_stage("download", "carpet", cwd=project)
+    call_stage("preprocess", "carpet", cwd=project)
+    for backbone in params["backbones"]:
+        call_stage("extract", "carpet", backbone, cwd=project)
+    for name in params["models"]:
+        call_stage("fit", "carpet", name, cwd=project)
+        call_stage("evaluate", "carpet", name, cwd=project)
+        metrics = json.loads((project / f"metrics/models/carpet.category/{name}.metrics.json").read_text())
+        assert metrics["backbone"] == params["models"][name]["backbone"]
+        assert 0.0 <= metrics["image_auroc"] <= 1.0, name
+        if params["models"][name]["method"] != "global_knn":
+            assert metrics["pixel_auroc"] is not None, name
+    resize, crop = params["preprocess"]["resize"], params["preprocess"]["crop_size"]
+    recipe = json.loads((project / "data/features/carpet.category" / f"{next(iter(params['backbones']))}.features"
+                         / "inputs.json").read_text())
+    assert recipe["preprocess"] == {"resize": resize, "crop_size": crop}

@@ -1,6 +1,7 @@
 """Each DVC stage declares every module of stages/ that its script imports (statically, function-level
-imports included), so editing code reruns the stages that run it. fit@ and evaluate@ declare their
-own method's file: editing patchcore.py must not refit the autoencoders."""
+imports included), so editing code reruns the stages that run it. fit@, evaluate@ and figures@ are
+matrix stages whose items carry the model's name only, so they declare the whole stages/methods/
+folder (a folder dep covers every file under it)."""
 from __future__ import annotations
 
 import ast
@@ -52,11 +53,10 @@ def closure(*paths: Path) -> set[str]:
     return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py" or p.read_text().strip()}
 
 
-def declared(stage: dict, key: str, item: dict) -> set[str]:
-    deps = [d.replace("${key}", key) for d in stage["deps"]]
-    for field, value in item.items():
-        deps = [d.replace("${item.%s}" % field, str(value)) for d in deps]
-    return {d for d in deps if d.endswith(".py")}
+def declared(stage: dict) -> tuple[set[str], list[str]]:
+    """(declared .py files, declared folders under stages/)."""
+    deps = [d.split("#")[0].strip() for d in stage["deps"]]
+    return {d for d in deps if d.endswith(".py")}, [d for d in deps if d.startswith("stages/") and not d.endswith(".py")]
 
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -65,22 +65,25 @@ PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def cases():
     for name, stage in DVC_YAML.items():
-        if "foreach" not in stage:
-            yield name, stage, "", {}
+        assert "foreach" not in stage, f"{name}: per-category stages are matrices"
+        dims = {k: v for k, v in stage.get("matrix", {}).items() if k != "category"}
+        if not dims:
+            yield name, stage, None
             continue
-        items = PARAMS[stage["foreach"].strip("${}")]
-        for key, item in items.items():
-            yield f"{name}@{key}", stage["do"], key, item
+        (dim, ref), = dims.items()
+        for key, entry in PARAMS[ref.strip("${}")].items():
+            yield f"{name}@<category>-{key}", stage, entry.get("method") if dim == "model" else None
 
 
-@pytest.mark.parametrize("name, stage, key, item", list(cases()), ids=[c[0] for c in cases()])
-def test_stage_declares_every_module_it_imports(name, stage, key, item):
+@pytest.mark.parametrize("name, stage, method", list(cases()), ids=[c[0] for c in cases()])
+def test_stage_declares_every_module_it_imports(name, stage, method):
     script = REPO / (stage["cmd"].split()[2].replace(".", "/") + ".py")
     roots = [script]
-    if "method" in item:  # the registry imports the method's module by name
-        roots.append(REPO / "stages" / "methods" / f"{item['method']}.py")
-        assert roots[-1].is_file(), f"method {item['method']} must live in stages/methods/{item['method']}.py"
-    missing = closure(*roots) - declared(stage, key, item)
+    if method is not None:  # the registry imports the method's module by name
+        roots.append(REPO / "stages" / "methods" / f"{method}.py")
+        assert roots[-1].is_file(), f"method {method} must live in stages/methods/{method}.py"
+    files, folders = declared(stage)
+    missing = {f for f in closure(*roots) - files if not any(f.startswith(folder + "/") for folder in folders)}
     assert not missing, f"{name} imports but does not declare {sorted(missing)}"
 
 

@@ -79,9 +79,9 @@ def upload(browser, url: str, model: str, path: Path):
 def test_demo_scores_an_upload_as_predict_does(fitted, server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    image = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "hole" / "000.png"
+    image = fitted / "data" / "raw" / "carpet.dataset" / "test" / "hole" / "000.png"
     _, rows = predict(fitted, "pc", str(image), "--out", str(tmp_path / "pred"))
-    score, error = upload(browser, server, "pc", image)
+    score, error = upload(browser, server, "carpet/pc", image)
     assert error == ""
     assert float(score) == pytest.approx(float(rows[0]["score"]), rel=1e-5)
     verdict = browser.find_element(By.ID, "verdict").text
@@ -96,7 +96,7 @@ def test_demo_scores_an_upload_as_predict_does(fitted, server, browser, tmp_path
 def test_demo_refuses_what_is_not_an_image_or_too_large(server, browser, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    assert upload(browser, server, "ae", text) == ("", "notes.png: not an image that can be read")
+    assert upload(browser, server, "carpet/ae", text) == ("", "notes.png: not an image that can be read")
     big = tmp_path / "huge.png"
     big.write_bytes(b"\0" * (10 * 1024 * 1024 + 1))
-    assert upload(browser, server, "ae", big) == ("", "huge.png: larger than 10 MB")
+    assert upload(browser, server, "carpet/ae", big) == ("", "huge.png: larger than 10 MB")

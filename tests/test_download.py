@@ -302,7 +302,7 @@ def test_cache_dir_no_leftovers_on_mismatch(tmp_path, carpet_archive, out):
 
 
 def test_unknown_category_names_param(out):
-    with pytest.raises(PipelineError, match=r"data\.category"):
+    with pytest.raises(PipelineError, match=r"data\.categories: 'spaceship' is not an MVTec AD category"):
         mvtec.download_category("spaceship", out / "spaceship")
     assert leftovers(out) == []
 
@@ -327,13 +327,53 @@ def test_full_archive_defaults(monkeypatch, out):
     def fake_fetch(url, target, timeout):
         seen["url"] = url
         target.write_bytes(b"x")
-        return "b" * 64
+        return {"sha256": "b" * 64, "md5": "c" * 32}
 
     monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
-    with pytest.raises(PipelineError, match=mvtec.FULL_ARCHIVE_SHA256):
+    with pytest.raises(PipelineError, match=f"sha256 checksum mismatch \\(expected {mvtec.FULL_ARCHIVE_SHA256}"):
         mvtec.download_category("carpet", out / "carpet", archive="full")
     assert seen["url"] == mvtec.FULL_ARCHIVE_URL
     assert leftovers(out) == []
+
+
+PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)
+    "bottle": "79b4d46b8647d969e323afef8d8445ff", "cable": "2ba411739e8239e7558ead13f18b0ead",
+    "capsule": "380afc46701c99cb7b9a928edbe16eb5", "carpet": "5ce0a646d054d9e88195bd74c690de4b",
+    "grid": "37239e47f99673bb73393b67ca4cc418", "hazelnut": "5c30a9e574a762d845ca79cf2f241b01",
+    "leather": "e7971b60323840bfc36247e8d9c3598e", "metal_nut": "bfbc32e780827923f4b2c61923e364f7",
+    "pill": "834e2d57f62cd4d8d74cd0a5775cc48b", "screw": "2e817e865841f4947db4ded51c13bb23",
+    "tile": "d78d2c0f6d8bbe9cbe3b72a77bc3e328", "toothbrush": "53ba30bb7aeac103e28e1b83ae28ffb9",
+    "transistor": "4fe2681f0ce1793cbf71d762f926d564", "wood": "b2478b1c65e9a470f360cc6173299d58",
+    "zipper": "015bfd289a1782abc77318aa015a728d",
+}
+
+
+@pytest.mark.parametrize("category", ["carpet", "grid", "zipper"])
+def test_official_category_archive_is_checked_against_its_published_md5(monkeypatch, out, category):
+    """Each official per-category URL is verified against that category's MD5; a wrong file is refused."""
+    assert mvtec.CATEGORY_MD5 == PUBLISHED_MD5 and mvtec.FULL_ARCHIVE_MD5 == "eefca59f2cede9c3fc5b6befbfec275e"
+    seen = {}
+
+    def fake_fetch(url, target, timeout):
+        seen["url"] = url
+        target.write_bytes(b"x")
+        return {"sha256": "b" * 64, "md5": "c" * 32}
+
+    monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
+    with pytest.raises(PipelineError, match=f"md5 checksum mismatch \\(expected {PUBLISHED_MD5[category]}, got c+\\)"):
+        mvtec.download_category(category, out / category)
+    assert seen["url"] == mvtec.CATEGORY_URLS[category]
+    assert leftovers(out) == []
+
+
+def test_url_template_names_each_category(carpet_archive, out):
+    """data.mvtec.url with {category}: one mirror line serves every category (here a file:// folder)."""
+    mirror = carpet_archive.parent
+    template = (mirror / "{category}.tar.xz").as_uri().replace("%7B", "{").replace("%7D", "}")
+    mvtec.download_category("carpet", out / "carpet", url=template)
+    assert (out / "carpet" / "train" / "good").is_dir()
+    with pytest.raises(PipelineError, match=r"grid\.tar\.xz"):
+        mvtec.download_category("grid", out / "grid", url=template)
 
 
 # ------------------------------------------------------------------------------ layout + copy

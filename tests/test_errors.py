@@ -21,8 +21,8 @@ def assert_no_output(path: Path) -> None:
 TINY = dict(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, seed=0)
 
 
-def raw_category(project: Path, source: str = "synthetic", category: str = "carpet") -> Path:
-    root = project / "data" / "raw" / source / f"{category}.dataset"
+def raw_category(project: Path, category: str = "carpet") -> Path:
+    root = project / "data" / "raw" / f"{category}.dataset"
     generate_category(root, defect_types=("color", "hole"), **TINY)
     return root
 
@@ -42,13 +42,13 @@ def test_unknown_source(project):
     params = tiny_params(project)
     params["data"]["source"] = "ftp"
     write_params(project, params)
-    line = error_line(run_stage("download", cwd=project))
+    line = error_line(run_stage("download", "carpet", cwd=project))
     assert "data.source" in line and "'ftp'" in line
     assert not (project / "data").exists()
 
 
 def test_checksum_mismatch_leaves_no_dataset(project):
-    root = raw_category(project, source="staging")
+    root = raw_category(project, category="staging")
     archive = project / "carpet.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(root, arcname="carpet")
@@ -56,29 +56,29 @@ def test_checksum_mismatch_leaves_no_dataset(project):
     params["data"]["source"] = "mvtec"
     params["data"]["mvtec"].update(url=archive.as_uri(), sha256="0" * 64)
     write_params(project, params)
-    line = error_line(run_stage("download", cwd=project))
+    line = error_line(run_stage("download", "carpet", cwd=project))
     assert "checksum mismatch" in line and archive.as_uri() in line
     assert hashlib.sha256(archive.read_bytes()).hexdigest() in line
-    assert_no_output(project / "data" / "raw" / "mvtec" / "carpet.dataset")
+    assert_no_output(project / "data" / "raw" / "carpet.dataset")
     # the right checksum downloads and extracts
     params["data"]["mvtec"]["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
     write_params(project, params)
-    run_stage("download", cwd=project, check=True)
-    assert len(list((project / "data/raw/mvtec/carpet.dataset/train/good").iterdir())) == TINY["n_train"]
+    run_stage("download", "carpet", cwd=project, check=True)
+    assert len(list((project / "data/raw/carpet.dataset/train/good").iterdir())) == TINY["n_train"]
 
 
 def test_missing_category_folder(project):
     tiny_params(project)
-    line = error_line(run_stage("preprocess", cwd=project))
-    assert "data/raw/synthetic/carpet.dataset: category folder not found" in line
-    assert_no_output(project / "data" / "features" / "pixels")
+    line = error_line(run_stage("preprocess", "carpet", cwd=project))
+    assert "data/raw/carpet.dataset: category folder not found" in line
+    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_missing_folder_source(project):
     params = tiny_params(project)
     params["data"].update(source="folder", folder=str(project / "nowhere"))
     write_params(project, params)
-    line = error_line(run_stage("download", cwd=project))
+    line = error_line(run_stage("download", "carpet", cwd=project))
     assert str(project / "nowhere") in line
     assert not (project / "data" / "raw").exists() or not any((project / "data" / "raw").rglob("*.png"))
 
@@ -88,9 +88,9 @@ def test_empty_train_good(project):
     for image in (root / "train" / "good").iterdir():
         image.unlink()
     tiny_params(project)
-    line = error_line(run_stage("preprocess", cwd=project))
+    line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert "train/good: no training images" in line
-    assert_no_output(project / "data" / "features" / "pixels")
+    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_truncated_image(project):
@@ -98,9 +98,9 @@ def test_truncated_image(project):
     victim = root / "test" / "hole" / "000.png"
     victim.write_bytes(victim.read_bytes()[:200])
     tiny_params(project)
-    line = error_line(run_stage("preprocess", cwd=project))
+    line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert str(Path("test") / "hole" / "000.png") in line and "unreadable or truncated" in line
-    assert_no_output(project / "data" / "features" / "pixels")
+    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_mask_size_mismatch(project):
@@ -109,16 +109,16 @@ def test_mask_size_mismatch(project):
     root = raw_category(project)
     Image.new("L", (32, 32)).save(root / "ground_truth" / "color" / "000_mask.png")
     tiny_params(project)
-    line = error_line(run_stage("preprocess", cwd=project))
+    line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert "000_mask.png: mask size 32x32 differs from its image" in line
-    assert_no_output(project / "data" / "features" / "pixels")
+    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 @pytest.fixture
 def prepared(project):
     raw_category(project)
     tiny_params(project)
-    call_stage("preprocess", cwd=project)
+    call_stage("preprocess", "carpet", cwd=project)
     return project
 
 
@@ -126,9 +126,9 @@ def test_unknown_backbone(prepared):
     params = tiny_params(prepared)
     params["backbones"]["resnet9000"] = {"batch_size": 4}
     write_params(prepared, params)
-    line = error_line(run_stage("extract", "resnet9000", cwd=prepared))
+    line = error_line(run_stage("extract", "carpet", "resnet9000", cwd=prepared))
     assert "unknown backbone 'resnet9000'" in line
-    assert_no_output(prepared / "data" / "features" / "resnet9000")
+    assert_no_output(prepared / "data" / "features" / "carpet.category" / "resnet9000.features")
 
 
 @pytest.mark.parametrize(
@@ -145,14 +145,26 @@ def test_bad_model_entry_stops_the_fit_stage(project, model, expected):
     """The stage script's side of a params error: exit 1, one line, nothing written (the many
     other params errors are checked in-process in test_params.py)."""
     tiny_params(project, m=model)
-    assert error_line(run_stage("fit", "m", cwd=project)) == expected
-    assert_no_output(project / "models" / "m")
+    assert error_line(run_stage("fit", "carpet", "m", cwd=project)) == expected
+    assert_no_output(project / "models" / "carpet.category" / "m.model")
 
 
 def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):
     model = {"method": "autoencoder", "backbone": "pixels", "fit": {"image_size": 32, "epochs": 3, "lr": 1e30}}
     tiny_params(prepared, ae=model)
-    line = error_line(run_stage("fit", "ae", cwd=prepared))
-    assert re.search(r"models\.ae: loss became (NaN|infinite) at epoch \d+", line), line
-    assert_no_output(prepared / "models" / "ae")
-    assert_no_output(prepared / "plots" / "ae" / "train")
+    line = error_line(run_stage("fit", "carpet", "ae", cwd=prepared))
+    assert re.search(r"models\.ae \(carpet\): loss became (NaN|infinite) at epoch \d+", line), line
+    assert_no_output(prepared / "models" / "carpet.category" / "ae.model")
+    assert_no_output(prepared / "plots" / "carpet.category" / "ae.model" / "train")
+
+
+def test_stage_refuses_a_category_that_is_not_listed(project):
+    tiny_params(project)
+    line = error_line(run_stage("download", "bottle", cwd=project))
+    assert line == "error: data.categories: 'bottle' is not listed (listed: carpet)"
+    assert not (project / "data").exists()
+
+
+def test_usage_line_names_the_arguments(project):
+    tiny_params(project)
+    assert error_line(run_stage("fit", "carpet", cwd=project)) == "error: usage: python -m stages.fit <category> <model>"

@@ -66,7 +66,7 @@ def test_pngs_are_reproducible(tmp_path):
     rows = {"a": {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None}, "b": {"image_auroc": 0.5, "pixel_auroc": 0.7, "aupro": 0.6}}
     digests = []
     for i in range(2):
-        save_png(summary_figure(rows), tmp_path / f"{i}.png", panels=(1, 3))
+        save_png(summary_figure(rows, "carpet"), tmp_path / f"{i}.png", panels=(1, 3))
         digests.append(hashlib.md5((tmp_path / f"{i}.png").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
     from PIL import Image

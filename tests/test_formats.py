@@ -52,12 +52,12 @@ def write_category(root: Path, sixteen_bit: bool, mask_scale: int) -> None:
 
 
 def prepared(project: Path, sixteen_bit: bool, mask_scale: int) -> tuple[dict, str]:
-    write_category(project / "data" / "raw" / "synthetic" / "carpet.dataset", sixteen_bit, mask_scale)
+    write_category(project / "data" / "raw" / "carpet.dataset", sixteen_bit, mask_scale)
     params = default_params()
     params["preprocess"].update(resize=40, crop_size=32, val_fraction=0.25)
     write_params(project, params)
-    result = run_stage("preprocess", cwd=project, check=True)
-    out = project / "data" / "features" / "pixels"
+    result = run_stage("preprocess", "carpet", cwd=project, check=True)
+    out = project / "data/features/carpet.category/pixels.features"
     return {split: np.load(out / f"{split}.npz") for split in ("train", "val", "test")}, result.stderr
 
 
@@ -67,7 +67,7 @@ def reference(tmp_path_factory):
     project = tmp_path_factory.mktemp("eight_bit")
     splits, stderr = prepared(project, sixteen_bit=False, mask_scale=255)
     assert "warning" not in stderr
-    test = load_split(project / "data/features/pixels/test.npz")
+    test = load_split(project / "data/features/carpet.category/pixels.features/test.npz")
     assert test.masks.any(axis=(1, 2)).tolist() == [False, True, True]
     assert splits["train"]["images"].max() == 255
     return splits
@@ -91,13 +91,13 @@ def test_masks_stored_as_0_1_equal_their_0_255_twin(tmp_path, reference):
 
 
 def test_all_zero_mask_of_a_defect_image_warns(tmp_path):
-    root = tmp_path / "data" / "raw" / "synthetic" / "carpet.dataset"
+    root = tmp_path / "data" / "raw" / "carpet.dataset"
     write_category(root, sixteen_bit=False, mask_scale=255)
     Image.new("L", SIZE).save(root / "ground_truth" / "spot" / "001_mask.png")
     params = default_params()
     params["preprocess"].update(resize=40, crop_size=32, val_fraction=0.25)
     write_params(tmp_path, params)
-    stderr = run_stage("preprocess", cwd=tmp_path, check=True).stderr
+    stderr = run_stage("preprocess", "carpet", cwd=tmp_path, check=True).stderr
     warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "ground_truth/spot/001_mask.png" in warnings[0] and "all zero" in warnings[0]
 

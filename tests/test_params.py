@@ -22,7 +22,7 @@ def load_all(tmp_path: Path, text: str) -> dict:
     path.write_text(text)
     params = load_params(path)
     for name in params["models"]:
-        model_config(params, name)
+        model_config(params, "carpet", name)
     return params
 
 
@@ -53,7 +53,7 @@ def test_params_yaml_is_read_exactly_as_dvc_reads_it(tmp_path):
 )
 def test_scientific_notation_is_a_float(tmp_path, old, new, model, block, key, value):
     params = load_all(tmp_path, edited(old, new))
-    assert getattr(getattr(model_config(params, model), block), key) == value
+    assert getattr(getattr(model_config(params, "carpet", model), block), key) == value
 
 
 def test_scientific_notation_in_evaluate(tmp_path):
@@ -140,7 +140,7 @@ def test_old_flat_model_layout_is_refused_with_the_new_keys(tmp_path):
 def test_defaults_fill_absent_keys(tmp_path):
     text = edited("    score:\n      k: 50\n", "")
     params = load_all(tmp_path, text)
-    assert model_config(params, "knn_effnet").score.k == 50
+    assert model_config(params, "carpet", "knn_effnet").score.k == 50
 
 
 def test_readme_parameter_reference_is_generated_from_the_schemas():

@@ -1,11 +1,14 @@
-"""No params value can make DVC delete data outside the download stage's own output.
+"""No params value can make DVC delete data outside a stage's own output.
 
-DVC removes a stage's outputs before it runs its command, so the stage cannot protect itself: the
-layout data/raw/<source>/<category>.dataset keeps every category value inside one path component
-with a fixed suffix, and the stage then rejects the bad name with one line.
+DVC removes a stage's outputs before it runs its command, so the stage cannot protect itself: every
+output path carries each category, backbone and model name in a component with a fixed suffix
+(data/raw/<category>.dataset, data/features/<category>.category/<backbone>.features,
+models/<category>.category/<model>.model, ...), and the stage then rejects the bad name with one
+line. Real DVC runs on each bad value, for all three kinds of name at once.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -16,11 +19,11 @@ import pytest
 import yaml
 
 from stages.common import PipelineError
-from stages.download import check_category_name
+from stages.params import check_categories
 from tests.conftest import REPO, error_line, run_stage, write_params
 from tests.test_pipeline import DVC, dvc, tiny_params
 
-BAD_NAMES = ["", ".", "..", "a/b", "../../x"]
+BAD_NAMES = ["", ".", "..", "a/b", "../../x", "x/.."]
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -33,53 +36,78 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
+def small_params() -> dict:
+    params = tiny_params()
+    params["models"] = {"knn_effnet": params["models"]["knn_effnet"]}
+    return params
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A dvc project whose download stage has run, plus files beside, above and around its output."""
+    """A dvc project with one model fitted, plus files beside, above and around every output."""
     root = tmp_path_factory.mktemp("paths")
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    write_params(root, tiny_params())
+    shutil.copytree(REPO / "weights", root / "weights")
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    pipeline.pop("plots")  # the all-model charts name the default models
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    write_params(root, small_params())
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
-    dvc(root, "repro", "--single-item", "download")
-    for keep in ("keep.txt", "data/keep.txt", "data/raw/keep.txt", "data/raw/synthetic/keep.txt", "data/x.txt"):
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)  # a repo with a commit (dvclive reads the revision)
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", *git_user, "commit", "-qm", "tiny"], cwd=root, check=True)
+    dvc(root, "repro", "--glob", "fit@*")
+    # (not inside data/features/carpet.category/: every model of the category depends on that folder)
+    for keep in ("keep.txt", "data/keep.txt", "data/raw/keep.txt", "data/features/keep.txt",
+                 "models/keep.txt", "models/carpet.category/keep.txt",
+                 "plots/keep.csv", "plots/carpet.category/keep.csv", "metrics/keep.json", "x/keep.txt", "train/keep.txt"):
+        (root / keep).parent.mkdir(parents=True, exist_ok=True)
         (root / keep).write_text("precious\n")
     return root
 
 
-@pytest.mark.parametrize("category", BAD_NAMES)
-def test_bad_category_deletes_nothing(repo, category):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["category"] = category
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_bad_category_backbone_or_model_name_deletes_nothing(repo, bad):
+    params = small_params()
+    good = copy.deepcopy(params)
+    params["data"]["categories"].append(bad)
+    params["backbones"][bad] = params["backbones"]["efficientnet_lite0"]
+    params["models"][bad] = params["models"]["knn_effnet"]
     write_params(repo, params)
     before = snapshot(repo)
-    assert any(f.startswith("data/raw/synthetic/carpet") and f.endswith("good/000.png") for f in before)
+    assert any(f.startswith("data/raw/carpet.dataset/") and f.endswith("good/000.png") for f in before)
+    assert any(f.startswith("models/carpet.category/knn_effnet.model/") for f in before)
     try:
         env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-        result = subprocess.run([*DVC, "repro", "--single-item", "download"], cwd=repo, env=env, capture_output=True)
+        result = subprocess.run([*DVC, "repro", "--single-item", "--keep-going", "--glob", "download@*", "extract@*",
+                                 "fit@*"], cwd=repo, env=env, capture_output=True, text=True)
         assert result.returncode != 0
         assert snapshot(repo) == before
+        assert "Running stage 'fit@carpet-knn_effnet'" not in result.stdout  # the good model was left alone
     finally:
-        params["data"]["category"] = "carpet"
-        write_params(repo, params)
+        write_params(repo, good)
 
 
-def test_download_rejects_bad_category_with_one_line(tmp_path):
+def test_stage_rejects_a_bad_category_with_one_line(tmp_path):
     params = tiny_params()
-    params["data"]["category"] = ".."
+    params["data"]["categories"] = [".."]
     write_params(tmp_path, params)
-    line = error_line(run_stage("download", cwd=tmp_path))
-    assert line.startswith("error: data.category: invalid category name '..'")
+    line = error_line(run_stage("download", "..", cwd=tmp_path))
+    assert line.startswith("error: data.categories: invalid category name '..'")
     assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("category", BAD_NAMES + ["../..", "a/../..", "/", ".hidden", "a\\b", " carpet", None, 3])
 def test_category_name_rule(category):
-    with pytest.raises(PipelineError, match=r"^data\.category: invalid category name"):
-        check_category_name(category)
-    check_category_name("metal_nut")
+    with pytest.raises(PipelineError, match=r"^data\.categories: invalid category name"):
+        check_categories(["carpet", category])
+    check_categories(["metal_nut", "carpet"])
+    with pytest.raises(PipelineError, match=r"^data\.categories: carpet listed twice"):
+        check_categories(["carpet", "grid", "carpet"])
+    with pytest.raises(PipelineError, match=r"^data\.categories: empty"):
+        check_categories([])
 
 
 def broken_folder(root: Path) -> Path:
@@ -94,24 +122,25 @@ def broken_folder(root: Path) -> Path:
 
 
 def test_folder_source_errors_name_the_users_file(tmp_path):
-    victim = broken_folder(tmp_path / "my folder")
+    victim = broken_folder(tmp_path / "my folder" / "carpet")
     params = tiny_params()
     params["data"].update(source="folder", folder=str(tmp_path / "my folder"))
     write_params(tmp_path, params)
-    line = error_line(run_stage("download", cwd=tmp_path))
+    line = error_line(run_stage("download", "carpet", cwd=tmp_path))
     assert line.startswith(f"error: {victim}: unreadable or truncated image")
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").rglob("*.png"))
 
 
 def test_fixed_folder_source_is_picked_up_without_force(repo, tmp_path):
     """The broken folder is never copied, so the failed download reruns by itself once the folder is fixed."""
-    victim = broken_folder(tmp_path / "source")
+    victim = broken_folder(tmp_path / "source" / "carpet")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="folder", folder=str(tmp_path / "source"))
     write_params(repo, params)
     env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-    failed = subprocess.run([*DVC, "repro", "--single-item", "download"], cwd=repo, env=env, capture_output=True, text=True)
+    failed = subprocess.run([*DVC, "repro", "--single-item", "download@carpet"], cwd=repo, env=env,
+                            capture_output=True, text=True)
     assert failed.returncode != 0 and str(victim) in failed.stdout + failed.stderr
-    shutil.copy(tmp_path / "source" / "test" / "color" / "000.png", victim)  # the user fixes the file
-    assert "Running stage 'download'" in dvc(repo, "repro", "--single-item", "download")
-    assert (repo / "data/raw/folder/carpet.dataset/test/hole/000.png").read_bytes() == victim.read_bytes()
+    shutil.copy(tmp_path / "source" / "carpet" / "test" / "color" / "000.png", victim)  # the user fixes the file
+    assert "Running stage 'download@carpet'" in dvc(repo, "repro", "--single-item", "download@carpet")
+    assert (repo / "data/raw/carpet.dataset/test/hole/000.png").read_bytes() == victim.read_bytes()

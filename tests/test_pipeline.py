@@ -2,9 +2,11 @@
 
 Proves: every configured model gets metrics; `dvc repro --force` is deterministic (figure PNGs
 included); a fitting param reruns only that model's fit/evaluate/figures and the report, a scoring
-param only its evaluate/figures and the report, a method file only its models; a preprocess param
-makes every reader of the prepared images stale and never the download; `dvc plots show` renders
-every declared plot on one offline page.
+param only its evaluate/figures and the report; a second category (another source, grayscale) adds
+only its own stages and joins the category x model tables, a third makes only its own stages and
+the report stale; push -> clone -> pull recomputes nothing; a preprocess param makes every reader
+of the prepared images stale and never the download; `dvc plots show` renders every declared plot
+on one offline page.
 """
 from __future__ import annotations
 
@@ -97,6 +99,11 @@ def top_level_plots(pipeline: dict) -> dict:
     return {plot_id: spec for entry in pipeline["plots"] for plot_id, spec in entry.items()}
 
 
+def chart_model(path: str) -> str:
+    """plots/${data.categories[0]}.category/<model>.model/roc.csv -> <model>"""
+    return Path(path).parts[2].removesuffix(".model")
+
+
 def with_plot_sources_of(models: dict) -> dict:
     """The repository's dvc.yaml with the all-model charts cut down to these models."""
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -105,7 +112,7 @@ def with_plot_sources_of(models: dict) -> dict:
     for entry in pipeline["plots"]:
         for plot_id, spec in entry.items():
             if plot_id in ALL_MODEL_PLOTS:
-                spec["y"] = {path: column for path, column in spec["y"].items() if Path(path).parts[1] in models}
+                spec["y"] = {path: column for path, column in spec["y"].items() if chart_model(path) in models}
     return pipeline
 
 
@@ -114,7 +121,8 @@ def test_all_model_charts_list_every_model_of_params_yaml():
     models = set(yaml.safe_load((REPO / "params.yaml").read_text())["models"])
     plots = top_level_plots(yaml.safe_load((REPO / "dvc.yaml").read_text()))
     for plot_id in ALL_MODEL_PLOTS:
-        assert {Path(path).parts[1] for path in plots[plot_id]["y"]} == models, f"dvc.yaml plots.{plot_id}"
+        assert {chart_model(path) for path in plots[plot_id]["y"]} == models, f"dvc.yaml plots.{plot_id}"
+        assert all(Path(path).parts[1] == "${data.categories[0]}.category" for path in plots[plot_id]["y"])
 
 
 @pytest.fixture(scope="module")
@@ -144,17 +152,17 @@ def repo(tmp_path_factory) -> Path:
 def first_run(repo) -> dict:
     output = dvc(repo, "repro")
     models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
-    assert ran(output) >= {f"fit@{m}" for m in models} | {f"evaluate@{m}" for m in models} | {"report"}
+    assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {"report"}
     return read_metrics(repo)
 
 
 def test_repro_writes_metrics_for_every_model(repo, first_run):
     models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
-    summary = first_run["metrics/summary.json"]
+    summary = first_run["metrics/summary.json"]["mean"]
     assert set(summary) == set(models)
     for name in models:
-        metrics = first_run[f"metrics/models/{name}.json"]
-        assert summary[name]["image_auroc"] == metrics["image_auroc"]
+        metrics = first_run[f"metrics/models/carpet.category/{name}.metrics.json"]
+        assert summary[name]["image_auroc"] == metrics["image_auroc"]  # the mean of one category
         assert summary[name]["image_auroc"] is not None
     # the synthetic defects are easy at any size: the feature methods separate them (not a random 0.5)
     assert summary["patchcore_effnet"]["image_auroc"] >= 0.9 and summary["patchcore_effnet"]["pixel_auroc"] >= 0.9
@@ -167,7 +175,7 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
     assert trained, "the configuration should include trained models"
     plots = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
     for name in trained:
-        curve = f"plots/{name}/train/plots/metrics/train_loss.tsv"
+        curve = f"plots/carpet.category/{name}.model/train/plots/metrics/train_loss.tsv"
         assert any(curve in key for key in plots), f"no learning curve for {name} in dvc plots show"
         rows = (repo / curve).read_text().splitlines()
         assert rows[0] == "step\ttrain_loss" and len(rows) == 1 + params["models"][name]["fit"]["epochs"]
@@ -176,7 +184,7 @@ def test_repro_writes_metrics_for_every_model(repo, first_run):
     # each number once: the per-model files are the metrics, the summary is a plain output
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
-    assert {f for f in files if f.startswith("metrics/")} == {f"metrics/models/{name}.json" for name in models}
+    assert {f for f in files if f.startswith("metrics/")} == {f"metrics/models/carpet.category/{name}.metrics.json" for name in models}
 
 
 def png_panels(path: Path) -> tuple[int, int]:
@@ -201,24 +209,25 @@ def test_plots_show_offline_page(repo, first_run, tmp_path):
     for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]:
         top_level.update(entry)
     for plot_id in ("image_roc", "image_pr", "pixel_roc", "pro"):  # all models, so colours match across charts
-        sources = {Path(path).parts[1] for path in top_level[plot_id]["y"]}
+        sources = {chart_model(path) for path in top_level[plot_id]["y"]}
         assert sources == set(models), f"dvc.yaml plots.{plot_id} must list exactly these models: {sorted(models)}"
         values = shown[plot_id][0]["content"]["data"]["values"]
-        assert {v["filename"].split("/")[0] for v in values} == set(models), plot_id
+        assert {v["filename"].split("/")[0].removesuffix(".model") for v in values} == set(models), plot_id
+    here = "plots/carpet.category"
     for m in with_maps:  # real pixel curves, not the one-point placeholder of models without maps
-        assert len((repo / f"plots/{m}/pixel_roc.csv").read_text().splitlines()) > 20, m
-    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary"}
-    expected_vega |= {f"plots/{m}/{name}.csv" for m in models for name in ("confusion", "scores")}
-    expected_vega |= {f"plots/tsne/{b}.csv" for b in backbones}
-    expected_images = {"plots/dataset/overview.png", "plots/summary.png"}
-    expected_images |= {f"plots/{m}/figures/scores.png" for m in models}
-    expected_images |= {f"plots/{m}/figures/heatmaps.png" for m in with_maps}
+        assert len((repo / f"{here}/{m}.model/pixel_roc.csv").read_text().splitlines()) > 20, m
+    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary", "categories"}
+    expected_vega |= {f"{here}/{m}.model/{name}.csv" for m in models for name in ("confusion", "scores")}
+    expected_vega |= {f"{here}/{b}.tsne.csv" for b in backbones}
+    expected_images = {f"{here}/overview.png", "plots/summary.png"}
+    expected_images |= {f"{here}/{m}.model/figures/scores.png" for m in models}
+    expected_images |= {f"{here}/{m}.model/figures/heatmaps.png" for m in with_maps}
     assert expected_vega | expected_images <= set(shown)
-    assert not {f"plots/{m}/figures/heatmaps.png" for m in set(models) - set(with_maps)} & set(shown)  # no maps, no grid
+    assert not {f"{here}/{m}.model/figures/heatmaps.png" for m in set(models) - set(with_maps)} & set(shown)  # no maps, no grid
     for plot_id in expected_vega:
         assert shown[plot_id][0]["type"] == "vega", plot_id
         assert shown[plot_id][0]["content"]["data"]["values"], f"{plot_id}: no data"
-    tsne = shown[f"plots/tsne/{next(iter(backbones))}.csv"][0]["content"]["data"]["values"]
+    tsne = shown[f"{here}/{next(iter(backbones))}.tsne.csv"][0]["content"]["data"]["values"]
     assert {v["split"] for v in tsne} == {"train", "val", "test"}
     for plot_id in expected_images:
         assert shown[plot_id][0]["type"] == "image", plot_id
@@ -231,9 +240,9 @@ def test_plots_show_offline_page(repo, first_run, tmp_path):
     heat = fig["heatmaps"]
     rows = len(test_types) * min(heat["per_defect"], per_type) + min(heat["good"], n_good)
     for m in with_maps:
-        assert png_panels(repo / f"plots/{m}/figures/heatmaps.png") == (rows, 6 if m in pixel_aes else 5), m
+        assert png_panels(repo / f"{here}/{m}.model/figures/heatmaps.png") == (rows, 6 if m in pixel_aes else 5), m
     per = fig["overview"]["per_defect"]
-    assert png_panels(repo / "plots/dataset/overview.png") == (len(test_types) + 1, 2 * min(per, per_type, n_good))
+    assert png_panels(repo / f"{here}/overview.png") == (len(test_types) + 1, 2 * min(per, per_type, n_good))
 
     # the HTML page: DVC fills the project template; nothing is loaded from the network
     out = tmp_path / "page"
@@ -254,37 +263,35 @@ def test_forced_repro_is_deterministic(repo, first_run):
     a heatmap grid with its reconstructions, the t-SNE."""
     hashes = output_hashes(repo)  # as dvc.lock recorded them in the first run
     # the stages with anything seeded: generator, split, coreset, training, image selection, t-SNE
-    stages = ["download", "preprocess", "extract@efficientnet_lite0", "fit@skipae_ssim", "fit@patchcore_effnet",
-              "evaluate@patchcore_effnet", "figures@skipae_ssim", "tsne@efficientnet_lite0"]
+    stages = ["download@carpet", "preprocess@carpet", "extract@carpet-efficientnet_lite0", "fit@carpet-skipae_ssim",
+              "fit@carpet-patchcore_effnet", "evaluate@carpet-patchcore_effnet", "figures@carpet-skipae_ssim",
+              "tsne@carpet-efficientnet_lite0"]
     assert ran(dvc(repo, "repro", "--force", "--single-item", *stages)) == set(stages)
     assert read_metrics(repo) == first_run
     assert output_hashes(repo) == hashes
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
-def test_fitting_param_scoring_param_and_method_file_rerun_only_their_readers(repo, first_run):
-    """Three changes at once, each to another model: a fitting param refits its model, a scoring
-    param only re-scores its model (evaluate and figures, no fit), editing one method's file reruns
-    only that method's models. The stage sets are disjoint per model, so `dvc status` (what reads
-    each change) and `dvc repro` (that and what follows) check every change exactly, and the model
-    left alone keeps its metrics byte for byte."""
+def test_fitting_param_and_scoring_param_rerun_only_their_readers(repo, first_run):
+    """Two changes at once, each to another model: a fitting param refits its model, a scoring param
+    only re-scores its model (evaluate and figures, no fit). The stage sets are disjoint per model, so
+    `dvc status` (what reads each change) and `dvc repro` (that and what follows) check each change
+    exactly, and the models left alone keep their metrics byte for byte. (Method files are one folder
+    dependency of every model: DVC's matrix items carry a model's name, not its method.)"""
     before = read_metrics(repo)
     set_param(repo, "models.knn_effnet.fit.top_variance_dims", 100)
     set_param(repo, "models.skipae_ssim.score.smoothing_sigma", 2)
-    method = repo / "stages" / "methods" / "patchcore.py"
-    text = method.read_text()
-    method.write_text(text.replace("return float(score)", "return 2 * float(score)"))  # doubled scores
-    assert method.read_text() != text
     # the report reads the list of models, so any models.* change makes it stale (it reruns anyway)
-    stale = {"fit@knn_effnet", "report", "evaluate@skipae_ssim", "figures@skipae_ssim",
-             "fit@patchcore_effnet", "evaluate@patchcore_effnet", "figures@patchcore_effnet"}
+    stale = {"fit@carpet-knn_effnet", "report", "evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
     assert set(json.loads(dvc(repo, "status", "--json"))) == stale
     # the summary chart follows the report whenever the summary changed
-    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@knn_effnet", "figures@knn_effnet"}
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@carpet-knn_effnet", "figures@carpet-knn_effnet"}
     after = read_metrics(repo)
-    for model in ("knn_effnet", "skipae_ssim", "patchcore_effnet"):
-        assert after[f"metrics/models/{model}.json"] != before[f"metrics/models/{model}.json"], model
-    assert after["metrics/models/feature_ae.json"] == before["metrics/models/feature_ae.json"]
+    metrics = "metrics/models/carpet.category/{}.metrics.json".format
+    for model in ("knn_effnet", "skipae_ssim"):
+        assert after[metrics(model)] != before[metrics(model)], model
+    for model in ("patchcore_effnet", "feature_ae"):
+        assert after[metrics(model)] == before[metrics(model)], model
 
 
 def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
@@ -293,7 +300,7 @@ def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
     dvc(repo, "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote"))
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", *git_user, "commit", "-qm", "results"], cwd=repo, check=True)
-    dvc(repo, "push")
+    dvc(repo, "push", "--run-cache")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     dvc(clone, "pull")
@@ -301,20 +308,71 @@ def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
     assert ran(dvc(clone, "repro")) == set()
 
 
+def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, tmp_path):
+    """A second category from a local folder (grayscale, another source than the synthetic carpet)
+    gets its own stages and metrics and joins the cross-category tables; the carpet's stages stay
+    up to date. A third category then makes `dvc status` list only its own stages and the report."""
+    from tests.test_preprocess import make_category
+
+    make_category(tmp_path / "mine" / "grid", grayscale=True, with_masks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet")}  # keep it short
+    params["data"].update(categories=["carpet", "grid"], sources={"grid": "folder"}, folder=str(tmp_path / "mine"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = set(json.loads(dvc(repo, "status", "--json")))
+    # the carpet's download reads data.sources and data.folder too; its output is unchanged, so nothing after it reruns
+    assert {s for s in stale if "carpet" in s} <= {"download@carpet"}
+    output = dvc(repo, "repro")
+    assert {s for s in ran(output) if "carpet" in s} <= {"download@carpet"}
+    assert {"download@grid", "extract@grid-efficientnet_lite0", "fit@grid-patchcore_effnet",
+            "evaluate@grid-knn_effnet", "report"} <= ran(output)
+
+    grid = json.loads((repo / "metrics/models/grid.category/patchcore_effnet.metrics.json").read_text())
+    carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
+    assert grid["category"] == "grid" and grid["image_auroc"] == 1.0  # bright squares on a dark grid
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    mean = (grid["image_auroc"] + carpet["image_auroc"]) / 2
+    assert summary["mean"]["patchcore_effnet"]["image_auroc"] == pytest.approx(mean)
+    assert summary["categories"]["grid"]["knn_effnet"]["image_auroc"] == grid_knn(repo)
+    table = (repo / "metrics/categories.csv").read_text().splitlines()
+    assert table[0] == "metric,category,knn_effnet,patchcore_effnet"
+    assert [row.split(",")[:2] for row in table[1:4]] == [["image_auroc", "carpet"], ["image_auroc", "grid"],
+                                                         ["image_auroc", "mean"]]
+    markdown = (repo / "metrics/summary.md").read_text()
+    assert "## Image AUROC" in markdown and "| **mean** |" in markdown and "| grid |" in markdown
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+    cells = shown["categories"][0]["content"]["data"]["values"]
+    assert {(v["category"], v["model"]) for v in cells} >= {("grid", "patchcore_effnet"), ("mean", "knn_effnet")}
+
+    params["data"]["categories"].append("tile")  # synthetic, the default source
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tile = {"download@tile", "preprocess@tile", "extract@tile-efficientnet_lite0", "overview@tile",
+            "tsne@tile-efficientnet_lite0"}
+    tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"report"}
+    params["data"]["categories"].remove("tile")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def grid_knn(repo: Path) -> float:
+    return json.loads((repo / "metrics/models/grid.category/knn_effnet.metrics.json").read_text())["image_auroc"]
+
+
 def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(repo, first_run):
     set_param(repo, "preprocess.seed", 1)  # another validation split
-    assert set(json.loads(dvc(repo, "status", "--json"))) == {"preprocess"}
-    assert ran(dvc(repo, "repro", "--single-item", "preprocess")) == {"preprocess"}
-    # Every stage that reads the prepared images is now stale (DVC reruns them and, through their
-    # outputs, everything after them); the download is not. Running the whole cascade here would
-    # only time DVC's own propagation, which the model-param tests above already exercise.
+    categories = yaml.safe_load((repo / "params.yaml").read_text())["data"]["categories"]
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {f"preprocess@{c}" for c in categories}
+    assert ran(dvc(repo, "repro", "--single-item", "preprocess@carpet")) == {"preprocess@carpet"}
+    # Every stage that reads the carpet's prepared images is now stale (DVC reruns them and, through
+    # their outputs, everything after them); the download is not. Running the whole cascade here would
+    # only time DVC's own propagation, which the model-param tests above already exercise. Every
+    # model reads the category's feature folder, which holds the prepared images too.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     readers = (
-        {"overview"}
-        | {f"extract@{b}" for b in params["backbones"]}
-        | {f"tsne@{b}" for b in params["backbones"]}
-        | {f"fit@{m}" for m, entry in params["models"].items() if entry["backbone"] == "pixels"}
-        | {f"evaluate@{m}" for m in params["models"]}
-        | {f"figures@{m}" for m in params["models"]}
+        {"overview@carpet"}
+        | {f"preprocess@{c}" for c in categories if c != "carpet"}
+        | {f"extract@carpet-{b}" for b in params["backbones"]}
+        | {f"tsne@carpet-{b}" for b in params["backbones"]}
+        | {f"{stage}@carpet-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
     )
     assert set(json.loads(dvc(repo, "status", "--json"))) == readers

@@ -22,13 +22,13 @@ def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
         code = main(list(args))
     finally:
         os.chdir(previous)
-    out = Path(args[args.index("--out") + 1]) if "--out" in args else project / "predictions" / args[0]
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else project / "predictions" / "carpet" / args[0]
     rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []
     return code, rows
 
 
 def evaluate_scores(project: Path, model: str) -> dict[str, float]:
-    rows = csv.DictReader(open(project / "plots" / model / "scores.csv"))
+    rows = csv.DictReader(open(project / "plots" / "carpet.category" / f"{model}.model" / "scores.csv"))
     return {row["image"]: float(row["score"]) for row in rows}
 
 
@@ -36,7 +36,7 @@ def evaluate_scores(project: Path, model: str) -> dict[str, float]:
 def test_new_images_score_as_evaluate_scored_them(fitted, model):
     """The raw test images, given as files, get the scores the evaluate stage gave them, the
     verdict of its threshold, and an overlay at the prepared size."""
-    raw = fitted / "data" / "raw" / "synthetic" / "carpet.dataset"
+    raw = fitted / "data" / "raw" / "carpet.dataset"
     expected = evaluate_scores(fitted, model)
     code, rows = predict(fitted, model, *(str(raw / name) for name in expected))
     assert code == 0 and len(rows) == len(expected)
@@ -44,14 +44,14 @@ def test_new_images_score_as_evaluate_scored_them(fitted, model):
         assert row["image"] == str(raw / name)
         assert float(row["score"]) == pytest.approx(score, rel=1e-5)
         assert int(row["anomalous"]) == int(float(row["score"]) >= float(row["threshold"]))
-    overlays = sorted((fitted / "predictions" / model).glob("*_overlay.png"))
+    overlays = sorted((fitted / "predictions" / "carpet" / model).glob("*_overlay.png"))
     assert len(overlays) == len(expected)  # same-named files from different folders are numbered
     assert Image.open(overlays[0]).size == (48, 48)
 
 
 def test_the_saved_recipe_wins_over_todays_params(fitted):
     """A model fitted at 48 px scores at 48 px even after params.yaml says otherwise."""
-    raw = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "hole"
+    raw = fitted / "data" / "raw" / "carpet.dataset" / "test" / "hole"
     _, before = predict(fitted, "pc", str(raw))
     shutil.copy(fitted / "params.yaml", fitted / "params.saved")
     text = (fitted / "params.yaml").read_text()
@@ -67,7 +67,7 @@ def test_the_saved_recipe_wins_over_todays_params(fitted):
 def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
     folder = tmp_path / "incoming"
     folder.mkdir()
-    good = fitted / "data" / "raw" / "synthetic" / "carpet.dataset" / "test" / "good" / "000.png"
+    good = fitted / "data" / "raw" / "carpet.dataset" / "test" / "good" / "000.png"
     shutil.copy(good, folder / "a_good.png")
     Image.open(good).convert("L").save(folder / "b_gray.png")  # another channel count: converted
     (folder / "c_text.png").write_text("not an image")
@@ -82,5 +82,21 @@ def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
 
 
 def test_a_model_never_fitted_is_a_one_line_error(fitted):
-    with pytest.raises(PipelineError, match=r"models/nope/model.pt: model 'nope' was never fitted"):
+    with pytest.raises(PipelineError, match=r"^models: model 'nope' was never fitted and evaluated"):
         predict(fitted, "nope", "x.png")
+    with pytest.raises(PipelineError, match=r"models/grid.category/pc.model/model.pt: model 'pc' was never fitted for grid"):
+        predict(fitted, "pc", "x.png", "--category", "grid")
+
+
+def test_a_model_fitted_for_several_categories_needs_the_category(fitted, tmp_path):
+    """With a second category's fit beside it, the category must be named; naming it picks that fit."""
+    second = fitted / "models" / "other.category"
+    shutil.copytree(fitted / "models" / "carpet.category", second)
+    try:
+        with pytest.raises(PipelineError, match=r"model 'pc' is fitted for carpet, other: pick one with --category"):
+            predict(fitted, "pc", "x.png")
+        image = fitted / "data" / "raw" / "carpet.dataset" / "test" / "hole" / "000.png"
+        code, rows = predict(fitted, "pc", str(image), "--category", "other", "--out", str(tmp_path / "o"))
+        assert code == 0 and len(rows) == 1
+    finally:
+        shutil.rmtree(second)

@@ -41,12 +41,12 @@ def prepare(tmp_path: Path, grayscale: bool, with_masks: bool, seed: int = 0, ma
     source = tmp_path / "my_category"
     make_category(source, grayscale, with_masks)
     params = default_params()
-    params["data"].update(source="folder", category="spots", folder=str(source))
+    params["data"].update(source="folder", categories=["my_category"], folder=str(tmp_path))
     params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34, seed=seed, max_train=max_train)
     write_params(tmp_path, params)
-    call_stage("download", cwd=tmp_path)
-    call_stage("preprocess", cwd=tmp_path)
-    return tmp_path / "data" / "features" / "pixels"
+    call_stage("download", "my_category", cwd=tmp_path)
+    call_stage("preprocess", "my_category", cwd=tmp_path)
+    return tmp_path / "data" / "features" / "my_category.category" / "pixels.features"
 
 
 def test_masks_follow_their_images_through_resize_and_crop(tmp_path):
@@ -87,7 +87,7 @@ def test_validation_split_is_seeded(tmp_path):
 def test_category_without_ground_truth_is_evaluated_at_image_level(tmp_path):
     prepare(tmp_path, grayscale=True, with_masks=False)
     params = default_params()
-    params["data"].update(source="folder", category="spots", folder=str(tmp_path / "my_category"))
+    params["data"].update(source="folder", categories=["my_category"], folder=str(tmp_path))
     params["preprocess"].update(resize=48, crop_size=40, val_fraction=0.34)
     params["models"] = {
         "pc": {"method": "patchcore", "backbone": "efficientnet_lite0",
@@ -95,8 +95,8 @@ def test_category_without_ground_truth_is_evaluated_at_image_level(tmp_path):
     }
     write_params(tmp_path, params)
     for stage, arg in (("extract", "efficientnet_lite0"), ("fit", "pc"), ("evaluate", "pc")):
-        call_stage(stage, arg, cwd=tmp_path)
-    metrics = json.loads((tmp_path / "metrics" / "models" / "pc.json").read_text())
+        call_stage(stage, "my_category", arg, cwd=tmp_path)
+    metrics = json.loads((tmp_path / "metrics/models/my_category.category/pc.metrics.json").read_text())
     # the white squares on a dark texture are found: both spot images score above the good one
     assert metrics["image_auroc"] == 1.0 and metrics["per_defect_auroc"] == {"spot": 1.0}
     assert "pixel_auroc" not in metrics and "aupro" not in metrics
@@ -106,7 +106,7 @@ def test_few_shot_keeps_the_validation_split_and_a_seeded_subset(tmp_path):
     """preprocess.max_train: the validation split is taken first, so it is the same at every number of
     shots; the training subset is seeded (same params, same images) and nested in the full set."""
     full = load_split(prepare(tmp_path / "all", grayscale=False, with_masks=False) / "train.npz").names
-    val = load_split(tmp_path / "all" / "data" / "features" / "pixels" / "val.npz").names
+    val = load_split(tmp_path / "all/data/features/my_category.category/pixels.features/val.npz").names
     for shots in (1, 2):
         subsets = []
         for attempt in ("a", "b"):
@@ -121,13 +121,14 @@ def test_few_shot_keeps_the_validation_split_and_a_seeded_subset(tmp_path):
 def test_few_shot_table_from_experiments():
     from stages.few_shot import sweep_rows
 
+    knn_file, pc_file = "metrics/models/c.category/knn.metrics.json", "metrics/models/c.category/pc.metrics.json"
+
     def experiment(n_train, knn, pc):
-        return {"rev": "x", "metrics/models/knn.json:n_train": float(n_train), "metrics/models/knn.json:image_auroc": knn,
-                "metrics/models/pc.json:n_train": float(n_train), "metrics/models/pc.json:image_auroc": pc,
-                "metrics/models/pc.json:pixel_auroc": pc / 2}
+        return {"rev": "x", f"{knn_file}:n_train": float(n_train), f"{knn_file}:image_auroc": knn,
+                f"{pc_file}:n_train": float(n_train), f"{pc_file}:image_auroc": pc, f"{pc_file}:pixel_auroc": pc / 2}
 
     experiments = [experiment(90, 0.9, 1.0), experiment(90, 0.0, 0.0), experiment(4, 0.5, 0.8), {"rev": "failed"}]
-    assert sweep_rows(experiments, ["knn", "pc"]) == [
+    assert sweep_rows(experiments, "c", ["knn", "pc"]) == [
         {"model": "knn", "n_train": 4, "image_auroc": 0.5, "pixel_auroc": None},
         {"model": "knn", "n_train": 90, "image_auroc": 0.9, "pixel_auroc": None},  # the first row of a size wins
         {"model": "pc", "n_train": 4, "image_auroc": 0.8, "pixel_auroc": 0.4},

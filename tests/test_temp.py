@@ -26,21 +26,22 @@ def test_stage_removes_temporaries_of_killed_runs_only(project):
     dead = dead_pid()
     stale = [
         project / ".tmp" / f"{dead}-0-efficientnet_lite0",
-        project / "data" / "raw" / "synthetic" / f".carpet.dataset.tmp{dead}",
+        project / "data" / "raw" / f".carpet.dataset.tmp{dead}",
     ]
     live = project / ".tmp" / f"{os.getppid()}-0-pixels"  # a concurrent run that is still going
     for folder in stale + [live]:
         folder.mkdir(parents=True)
         (folder / "train.pt").write_bytes(b"x" * 100)
-    run_stage("download", cwd=project, check=True)
+    run_stage("download", "carpet", cwd=project, check=True)
     assert not [p for p in stale if p.exists()]
     assert (live / "train.pt").is_file()
-    assert (project / "data/raw/synthetic/carpet.dataset/train/good").is_dir()
-    assert len(list((project / "data/raw/synthetic/carpet.dataset/train/good").iterdir())) == TINY["n_train"]
+    assert (project / "data/raw/carpet.dataset/train/good").is_dir()
+    assert len(list((project / "data/raw/carpet.dataset/train/good").iterdir())) == TINY["n_train"]
     assert sorted(p.name for p in (project / ".tmp").iterdir()) == [live.name]
 
 
-@pytest.mark.parametrize("output", ["metrics/models/m.json", "data/features/pixels", "models/m", "plots/m/train"])
+@pytest.mark.parametrize("output", ["metrics/models/c.category/m.metrics.json", "data/features/c.category/pixels.features",
+                                    "models/c.category/m.model", "plots/c.category/m.model/train"])
 def test_temporaries_live_in_the_project_tmp_folder(project, monkeypatch, output):
     monkeypatch.chdir(project)
     (project / Path(output).parent).mkdir(parents=True)
@@ -68,7 +69,7 @@ def test_output_removes_its_stale_sibling_of_an_older_version(project, monkeypat
 
 def test_download_staging_lives_in_the_project_tmp_folder(project, monkeypatch):
     monkeypatch.chdir(project)
-    dest = Path("data/raw/mvtec/carpet.dataset")
+    dest = Path("data/raw/carpet.dataset")
     made = mvtec._sibling_tmpdir(dest, "tmp")
     assert made.parent.resolve() == (project / ".tmp").resolve() and made.name.startswith(f"{os.getpid()}-")
     assert list(dest.parent.iterdir()) == []

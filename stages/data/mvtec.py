@@ -67,8 +67,30 @@ _CATEGORY_IDS = {
 }
 CATEGORY_URLS: dict[str, str] = {c: f"{BASE_URL}/{_CATEGORY_IDS[c]}/{c}.tar.xz" for c in CATEGORIES}
 
+# MD5 of each official per-category archive, as open-source MVTec AD loaders publish them
+# (anomalib's and torchvision-style dataset helpers); checked whenever the official URL is used.
+CATEGORY_MD5 = {
+    "bottle": "79b4d46b8647d969e323afef8d8445ff",
+    "cable": "2ba411739e8239e7558ead13f18b0ead",
+    "capsule": "380afc46701c99cb7b9a928edbe16eb5",
+    "carpet": "5ce0a646d054d9e88195bd74c690de4b",
+    "grid": "37239e47f99673bb73393b67ca4cc418",
+    "hazelnut": "5c30a9e574a762d845ca79cf2f241b01",
+    "leather": "e7971b60323840bfc36247e8d9c3598e",
+    "metal_nut": "bfbc32e780827923f4b2c61923e364f7",
+    "pill": "834e2d57f62cd4d8d74cd0a5775cc48b",
+    "screw": "2e817e865841f4947db4ded51c13bb23",
+    "tile": "d78d2c0f6d8bbe9cbe3b72a77bc3e328",
+    "toothbrush": "53ba30bb7aeac103e28e1b83ae28ffb9",
+    "transistor": "4fe2681f0ce1793cbf71d762f926d564",
+    "wood": "b2478b1c65e9a470f360cc6173299d58",
+    "zipper": "015bfd289a1782abc77318aa015a728d",
+}
+
 FULL_ARCHIVE_URL = f"{BASE_URL}/420938113-1629952094/mvtec_anomaly_detection.tar.xz"
 FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+FULL_ARCHIVE_MD5 = "eefca59f2cede9c3fc5b6befbfec275e"
+CATEGORY_PLACEHOLDER = "{category}"  # in data.mvtec.url: replaced by each category's name
 
 ARCHIVES = ("category", "full")
 CHUNK = 1 << 20
@@ -138,9 +160,9 @@ def _reason(exc: BaseException) -> str:
     return _one_line(exc) or type(exc).__name__
 
 
-def _fetch(url: str, target: Path, timeout: float) -> str:
-    """Stream `url` into the (already created) file `target`; return its SHA-256 hex digest."""
-    digest = hashlib.sha256()
+def _fetch(url: str, target: Path, timeout: float) -> dict[str, str]:
+    """Stream `url` into the (already created) file `target`; return its {"sha256", "md5"} hex digests."""
+    digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -162,24 +184,25 @@ def _fetch(url: str, target: Path, timeout: float) -> str:
                 if not chunk:
                     break
                 out.write(chunk)
-                digest.update(chunk)
+                for digest in digests.values():
+                    digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
     if total is not None and received != total:
         raise PipelineError(f"could not download {url}: connection closed after {received} of {total} bytes")
-    return digest.hexdigest()
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digest_of(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _checksum_error(url: str, expected: str, actual: str) -> PipelineError:
-    return PipelineError(f"{url}: sha256 checksum mismatch (expected {expected}, got {actual})")
+def _checksum_error(url: str, algorithm: str, expected: str, actual: str) -> PipelineError:
+    return PipelineError(f"{url}: {algorithm} checksum mismatch (expected {expected}, got {actual})")
 
 
 def _decompressed(raw: BinaryIO) -> ContextManager[BinaryIO]:
@@ -279,27 +302,31 @@ def _cache_name(url: str) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
 
 
-def _resolve_source(category: str, url: str | None, sha256: str | None, archive: str) -> tuple[str, str | None]:
+def _resolve_source(
+    category: str, url: str | None, sha256: str | None, archive: str
+) -> tuple[str, tuple[str, str] | None]:
+    """The URL to fetch and the (algorithm, hex digest) it must match, None when nothing is known."""
     if archive not in ARCHIVES:
         raise PipelineError(f"params.yaml: data.mvtec.archive must be one of {', '.join(ARCHIVES)}, got '{archive}'")
     if not isinstance(category, str) or category in ("", ".", "..") or "/" in category or "\\" in category:
-        raise PipelineError(f"params.yaml: data.category '{category}' is not a valid category name")
+        raise PipelineError(f"data.categories: '{category}' is not a valid category name")
     if url is None and category not in CATEGORIES:
         raise PipelineError(
-            f"params.yaml: data.category '{category}' is not an MVTec AD category "
-            f"(one of {', '.join(CATEGORIES)}; or give a url)"
+            f"data.categories: '{category}' is not an MVTec AD category "
+            f"(one of {', '.join(CATEGORIES)}; or give data.mvtec.url)"
         )
     if archive == "full":
         chosen = url or FULL_ARCHIVE_URL
-        if sha256 is None and chosen == FULL_ARCHIVE_URL:
-            sha256 = FULL_ARCHIVE_SHA256
+        official = FULL_ARCHIVE_URL, ("sha256", FULL_ARCHIVE_SHA256)
     else:
-        chosen = url or CATEGORY_URLS[category]
+        chosen = (url or CATEGORY_URLS[category]).replace(CATEGORY_PLACEHOLDER, category)
+        official = CATEGORY_URLS.get(category), ("md5", CATEGORY_MD5.get(category))
     if sha256 is not None:
         sha256 = str(sha256).strip().lower()
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise PipelineError(f"params.yaml: data.mvtec.sha256 '{sha256}' is not a SHA-256 hex digest (64 hex digits)")
-    return chosen, sha256
+        return chosen, ("sha256", sha256)
+    return chosen, official[1] if chosen == official[0] else None
 
 
 def download_category(
@@ -316,10 +343,12 @@ def download_category(
     archive="category" fetches CATEGORY_URLS[category] (or `url`); archive="full" fetches the
     whole dataset (FULL_ARCHIVE_URL, checked against FULL_ARCHIVE_SHA256 unless another url or
     sha256 is given) and extracts just the one category. With `cache_dir`, the verified archive
-    is kept there and reused by later calls (re-checked when a sha256 is known). Returns dest.
+    is kept there and reused by later calls (re-checked when a checksum is known). The official
+    per-category archives are checked against their published MD5, the full one against its
+    SHA-256; `sha256` checks any other URL. `url` may hold "{category}". Returns dest.
     """
     dest = Path(dest)
-    url, sha256 = _resolve_source(category, url, sha256, archive)
+    url, expected = _resolve_source(category, url, sha256, archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     cached: Path | None = None
@@ -339,11 +368,11 @@ def download_category(
     from_cache = False
     try:
         if cached is not None and cached.is_file():
-            if sha256 is None or _sha256_of(cached) == sha256:
+            if expected is None or _digest_of(cached, expected[0]) == expected[1]:
                 print(f"using cached {cached}", file=sys.stderr)
                 archive_path, from_cache = cached, True
             else:
-                print(f"cached {cached} does not match its sha256, downloading again", file=sys.stderr)
+                print(f"cached {cached} does not match its {expected[0]}, downloading again", file=sys.stderr)
                 _remove(cached)
         if archive_path is None:
             prefix, folder = _tmp_prefix(dest, "download")
@@ -353,8 +382,8 @@ def download_category(
             os.close(fd)
             part = Path(name)
             actual = _fetch(url, part, timeout)
-            if sha256 is not None and actual != sha256:
-                raise _checksum_error(url, sha256, actual)
+            if expected is not None and actual[expected[0]] != expected[1]:
+                raise _checksum_error(url, expected[0], expected[1], actual[expected[0]])
             if cached is not None:
                 os.replace(part, cached)
                 part, archive_path = None, cached
@@ -365,7 +394,7 @@ def download_category(
         try:
             _extract_category(archive_path, category, staging, url)
         except PipelineError:
-            if from_cache and sha256 is None:
+            if from_cache and expected is None:
                 _remove(archive_path)  # unverifiable cache entry is bad: fetch afresh next time
             raise
         check_layout(staging, f"{url}: {category}")

@@ -54,7 +54,7 @@ def distribution_figure(
     return fig
 
 
-def summary_figure(rows: dict[str, dict]):
+def summary_figure(rows: dict[str, dict], subtitle: str):
     """rows: model -> {metric: value or None}. One bar group per metric, one bar per model."""
     models = list(rows)
     metrics = list(SUMMARY_METRICS)
@@ -75,7 +75,7 @@ def summary_figure(rows: dict[str, dict]):
     ax.set_ylim(0, 1.18)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("score (higher is better)")
-    ax.set_title("Detection quality per model")
+    ax.set_title(f"Detection quality per model ({subtitle})")
     handles = [Patch(color=palette[model], label=model) for model in models]
     ax.legend(handles=handles, title="model", fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
