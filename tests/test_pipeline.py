@@ -33,6 +33,14 @@ def dvc(repo: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def dvc_json(repo: Path, *args: str):
+    """`dvc <args> --json`, its stdout only (warnings about plot files not written yet go to stderr)."""
+    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
+    result = subprocess.run([*DVC, *args, "--json"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -322,10 +330,11 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
     stale = set(json.loads(dvc(repo, "status", "--json")))
     # the carpet's download reads data.sources and data.folder too; its output is unchanged, so nothing after it reruns
     assert {s for s in stale if "carpet" in s} <= {"download@carpet"}
-    output = dvc(repo, "repro")
+    output = dvc(repo, "repro", "report")  # the tables; the grid's figure stages are the first run's code paths
     assert {s for s in ran(output) if "carpet" in s} <= {"download@carpet"}
-    assert {"download@grid", "extract@grid-efficientnet_lite0", "fit@grid-patchcore_effnet",
-            "evaluate@grid-knn_effnet", "report"} <= ran(output)
+    grid_models = {f"{stage}@grid-{m}" for stage in ("fit", "evaluate") for m in params["models"]}
+    assert ran(output) - {"download@carpet"} == {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0",
+                                                 "report"} | grid_models
 
     grid = json.loads((repo / "metrics/models/grid.category/patchcore_effnet.metrics.json").read_text())
     carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
@@ -340,7 +349,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
                                                          ["image_auroc", "mean"]]
     markdown = (repo / "metrics/summary.md").read_text()
     assert "## Image AUROC" in markdown and "| **mean** |" in markdown and "| grid |" in markdown
-    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+    shown = dvc_json(repo, "plots", "show")["data"]
     cells = shown["categories"][0]["content"]["data"]["values"]
     assert {(v["category"], v["model"]) for v in cells} >= {("grid", "patchcore_effnet"), ("mean", "knn_effnet")}
 
@@ -349,7 +358,9 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
     tile = {"download@tile", "preprocess@tile", "extract@tile-efficientnet_lite0", "overview@tile",
             "tsne@tile-efficientnet_lite0"}
     tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
-    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"report"}
+    not_run = {"overview@grid", "tsne@grid-efficientnet_lite0", "summary_figure"}
+    not_run |= {f"figures@grid-{m}" for m in params["models"]}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"report"} | not_run
     params["data"]["categories"].remove("tile")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -361,7 +372,8 @@ def grid_knn(repo: Path) -> float:
 def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(repo, first_run):
     set_param(repo, "preprocess.seed", 1)  # another validation split
     categories = yaml.safe_load((repo / "params.yaml").read_text())["data"]["categories"]
-    assert set(json.loads(dvc(repo, "status", "--json"))) == {f"preprocess@{c}" for c in categories}
+    carpet = {s for s in json.loads(dvc(repo, "status", "--json")) if "carpet" in s}
+    assert carpet == {"preprocess@carpet"}
     assert ran(dvc(repo, "repro", "--single-item", "preprocess@carpet")) == {"preprocess@carpet"}
     # Every stage that reads the carpet's prepared images is now stale (DVC reruns them and, through
     # their outputs, everything after them); the download is not. Running the whole cascade here would
@@ -370,9 +382,10 @@ def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_
     params = yaml.safe_load((repo / "params.yaml").read_text())
     readers = (
         {"overview@carpet"}
-        | {f"preprocess@{c}" for c in categories if c != "carpet"}
         | {f"extract@carpet-{b}" for b in params["backbones"]}
         | {f"tsne@carpet-{b}" for b in params["backbones"]}
         | {f"{stage}@carpet-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
     )
-    assert set(json.loads(dvc(repo, "status", "--json"))) == readers
+    status = set(json.loads(dvc(repo, "status", "--json")))
+    assert {s for s in status if "carpet" in s} == readers
+    assert {f"preprocess@{c}" for c in categories} - {"preprocess@carpet"} <= status
