@@ -320,19 +320,25 @@ def test_urls_table():
     assert mvtec.FULL_ARCHIVE_URL.endswith("/420938113-1629952094/mvtec_anomaly_detection.tar.xz")
 
 
-def test_full_archive_defaults(monkeypatch, out):
-    """archive='full' without url/sha256 fetches FULL_ARCHIVE_URL and checks FULL_ARCHIVE_SHA256."""
-    seen = {}
+@pytest.fixture
+def fetched_urls(monkeypatch) -> list[str]:
+    """No network: every fetch 'downloads' one byte whose digests match no published checksum."""
+    seen = []
 
     def fake_fetch(url, target, timeout):
-        seen["url"] = url
+        seen.append(url)
         target.write_bytes(b"x")
         return {"sha256": "b" * 64, "md5": "c" * 32}
 
     monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
+    return seen
+
+
+def test_full_archive_defaults(fetched_urls, out):
+    """archive='full' without url/sha256 fetches FULL_ARCHIVE_URL and checks FULL_ARCHIVE_SHA256."""
     with pytest.raises(PipelineError, match=f"sha256 checksum mismatch \\(expected {mvtec.FULL_ARCHIVE_SHA256}"):
         mvtec.download_category("carpet", out / "carpet", archive="full")
-    assert seen["url"] == mvtec.FULL_ARCHIVE_URL
+    assert fetched_urls == [mvtec.FULL_ARCHIVE_URL]
     assert leftovers(out) == []
 
 
@@ -349,20 +355,12 @@ PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)
 
 
 @pytest.mark.parametrize("category", ["carpet", "grid", "zipper"])
-def test_official_category_archive_is_checked_against_its_published_md5(monkeypatch, out, category):
+def test_official_category_archive_is_checked_against_its_published_md5(fetched_urls, out, category):
     """Each official per-category URL is verified against that category's MD5; a wrong file is refused."""
     assert mvtec.CATEGORY_MD5 == PUBLISHED_MD5 and mvtec.FULL_ARCHIVE_MD5 == "eefca59f2cede9c3fc5b6befbfec275e"
-    seen = {}
-
-    def fake_fetch(url, target, timeout):
-        seen["url"] = url
-        target.write_bytes(b"x")
-        return {"sha256": "b" * 64, "md5": "c" * 32}
-
-    monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
     with pytest.raises(PipelineError, match=f"md5 checksum mismatch \\(expected {PUBLISHED_MD5[category]}, got c+\\)"):
         mvtec.download_category(category, out / category)
-    assert seen["url"] == mvtec.CATEGORY_URLS[category]
+    assert fetched_urls == [mvtec.CATEGORY_URLS[category]]
     assert leftovers(out) == []
 
 
