@@ -1,0 +1,268 @@
+"""Our PatchCore against anomalib's, side by side on the same images and the same EfficientNet-Lite0 weights.
+
+Needs a separate venv outside the repo with anomalib (benchmark only, not in requirements.txt):
+
+    python3.11 -m venv /work/anomalib-venv
+    /work/anomalib-venv/bin/pip install -r bench/requirements-anomalib.txt
+    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 20                 # validate first
+    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
+    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~30-40 min of anomalib fit
+
+What runs: a synthetic carpet category (stages.data.synthetic: --n-train good training images, 20
+good + 8 per defect type test images, exact masks), preprocessed at 256 px (resize 256, crop 256)
+with the pipeline's code. Every implementation runs in its own process (so peak RSS is its own),
+from the same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessing):
+
+- ours: stages.backbones.FeatureExtractor (timm tf_efficientnet_lite0 with the packaged weights,
+  hooks on blocks.2 + blocks.4), then stages.methods.patchcore.PatchCore, coreset 0.1, with
+  pretrain = target embed dimension = each --ours-dims value. Image score = max patch score (our
+  default, reweight false); the eq. 7 reweighted image AUROC (9 neighbours, what anomalib does) is
+  reported too, from a second, untimed scoring.
+- anomalib: anomalib.models.image.patchcore.torch_model.PatchcoreModel built with its own timm path
+  (backbone="tf_efficientnet_lite0", pre_trained=False, layers blocks.2 + blocks.4: timm's
+  features_only model, out_indices 2 and 3), then our Lite0 state dict loaded into that
+  feature extractor (no key missing; only the unused head is left out). Giving PatchcoreModel the
+  nn.Module itself does not work: anomalib then traces it with torch.fx, which fails on the TF
+  "same" padding of the tf_ variant. Fit = what anomalib's Lightning Patchcore does in
+  training_step + fit (forward in train mode to fill embedding_store, then
+  subsample_embedding(0.1): KCenterGreedy on a sparse random projection); scoring = forward in
+  eval mode (nearest neighbour, eq. 7 with num_neighbors 9, bilinear upsampling + Gaussian blur
+  sigma 4). Its patch feature is the concatenation 40 + 112 = 152-d (no MeanMapper/Aggregator).
+
+Both children run with the same glibc setting MALLOC_MMAP_THRESHOLD_ (--malloc-mmap-threshold, default
+1 MiB; 0 leaves glibc's default): with glibc's default dynamic threshold, anomalib's KCenterGreedy
+(one fresh N x ~250 float32 difference per selected point) fragmented the heap and its RSS grew by
+up to ~17 MiB per step (one run at 20 training images was OOM-killed at 23.6 GB RSS; at a fixed
+1 MiB threshold the same fit stays at ~1.1 GB). A watchdog ends a child whose RSS passes
+--max-rss-gib, so the machine is never driven out of memory.
+
+Fit time includes the backbone on the training images for both (anomalib cannot separate them),
+scoring time the backbone on the test images; "PatchCore only" columns give ours without the backbone.
+Metrics (image AUROC, pixel AUROC, AUPRO up to FPR 0.3) come from stages.metrics for both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_data  # noqa: E402
+
+BATCH = 8  # images per forward pass, fit and scoring, both implementations (our fit/score batch_size default)
+
+
+def _tensor(images):
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    return (x - 0.5) / 0.5  # stages.backbones: efficientnet_lite0 mean = std = 0.5
+
+
+def run_ours(workdir: Path, dim: int, coreset_ratio: float, num_neighbors: int) -> dict:
+    import torch
+
+    from stages.methods.patchcore import PatchCore
+
+    torch.manual_seed(0)
+    train, test = bench_data.load(workdir, "train"), bench_data.load(workdir, "test")
+    backbone = bench_data.lite0_model()
+    baseline = bench_data.peak_rss_mib()
+    model = PatchCore(
+        fit={"coreset_ratio": coreset_ratio, "pretrain_embed_dimension": dim, "target_embed_dimension": dim,
+             "batch_size": BATCH},
+        score={"num_neighbors": num_neighbors, "batch_size": BATCH},
+    )
+    start = time.perf_counter()
+    features = bench_data.extract(train, backbone, BATCH)
+    extract_s = time.perf_counter() - start
+    model.fit(features)
+    fit_s = time.perf_counter() - start
+    fit_peak = bench_data.peak_rss_mib()
+    del features
+    start = time.perf_counter()
+    test_features = bench_data.extract(test, backbone, BATCH)
+    test_extract_s = time.perf_counter() - start
+    prediction = model.predict(test_features)
+    score_s = time.perf_counter() - start
+    result = bench_data.metrics(test, prediction.image_scores, prediction.anomaly_maps)
+    reweighted = PatchCore(fit=model.fit_params, score={"num_neighbors": num_neighbors, "reweight": True})
+    reweighted.bank = model.bank
+    eq7 = bench_data.metrics(test, reweighted.predict(test_features).image_scores, prediction.anomaly_maps)
+    return {
+        "impl": f"ours, {dim}-d",
+        "bank": list(model.bank.shape),
+        **result,
+        "image_auroc_eq7": eq7["image_auroc"],
+        "fit_s": round(fit_s, 1),
+        "fit_patchcore_only_s": round(fit_s - extract_s, 1),
+        "score_ms_per_image": round(1000 * score_s / len(test), 1),
+        "score_patchcore_only_ms_per_image": round(1000 * (score_s - test_extract_s) / len(test), 1),
+        "fit_peak_rss_mib": round(fit_peak),
+        "added_by_fit_mib": round(fit_peak - baseline),
+    }
+
+
+def anomalib_model(num_neighbors: int):
+    """anomalib's PatchcoreModel, its timm feature extractor holding our Lite0 weights."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    model = PatchcoreModel(layers=list(bench_data.LAYERS), backbone="tf_efficientnet_lite0", pre_trained=False,
+                           num_neighbors=num_neighbors)
+    timm_features = model.feature_extractor.feature_extractor  # timm EfficientNetFeatures, out_indices (2, 3)
+    loaded = timm_features.load_state_dict(bench_data.lite0_model().state_dict(), strict=False)
+    if loaded.missing_keys:
+        raise RuntimeError(f"Lite0 weights do not cover anomalib's extractor: missing {loaded.missing_keys}")
+    unused = {k.split(".")[0] for k in loaded.unexpected_keys}
+    if unused - {"conv_head", "bn2", "classifier"}:
+        raise RuntimeError(f"unexpected Lite0 keys left unused: {sorted(unused)}")
+    return model
+
+
+def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int) -> dict:
+    import anomalib
+    import torch
+
+    import numpy as np
+
+    torch.manual_seed(0)  # KCenterGreedy's first centre and the projection's signs: torch's global RNG
+    np.random.seed(0)  # the projection's column choice: sklearn's sample_without_replacement(random_state=None)
+    train, test = bench_data.load(workdir, "train"), bench_data.load(workdir, "test")
+    model = anomalib_model(num_neighbors)
+    baseline = bench_data.peak_rss_mib()
+    start = time.perf_counter()
+    model.train()
+    for i in range(0, len(train), BATCH):  # Patchcore.training_step
+        model(_tensor(train.images[i : i + BATCH]))
+    model.subsample_embedding(coreset_ratio)  # Patchcore.fit
+    fit_s = time.perf_counter() - start
+    fit_peak = bench_data.peak_rss_mib()
+    model.eval()
+    scores, maps = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(test), BATCH):
+            out = model(_tensor(test.images[i : i + BATCH]))
+            scores.append(out.pred_score.reshape(-1))
+            maps.append(out.anomaly_map.reshape(-1, *test.image_size))
+    score_s = time.perf_counter() - start
+    scores = torch.cat(scores).double().numpy()
+    maps = torch.cat(maps).float().numpy()
+    return {
+        "impl": f"anomalib {anomalib.__version__}",
+        "bank": list(model.memory_bank.shape),
+        **bench_data.metrics(test, scores, maps),
+        "image_auroc_eq7": None,
+        "fit_s": round(fit_s, 1),
+        "fit_patchcore_only_s": None,
+        "score_ms_per_image": round(1000 * score_s / len(test), 1),
+        "score_patchcore_only_ms_per_image": None,
+        "fit_peak_rss_mib": round(fit_peak),
+        "added_by_fit_mib": round(fit_peak - baseline),
+    }
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) and digits else str(value)
+
+
+def _watchdog(max_rss_gib: float) -> None:
+    """End this process (exit 3) if its RSS passes the limit: an OOM kill could take other jobs with it."""
+    import threading
+
+    import psutil
+
+    def watch():
+        process = psutil.Process()
+        while True:
+            rss = process.memory_info().rss
+            if rss > max_rss_gib * 2**30:
+                print(f"RSS {rss / 2**30:.1f} GiB > --max-rss-gib {max_rss_gib}: stopped", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=50)
+    parser.add_argument("--n-test-good", type=int, default=20)
+    parser.add_argument("--n-test-per-defect", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--ours-dims", type=int, nargs="+", default=[1024], help="our embed dimension(s)")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--num-neighbors", type=int, default=9)
+    parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
+                        help="MALLOC_MMAP_THRESHOLD_ for both children, bytes (0: glibc's dynamic default)")
+    parser.add_argument("--max-rss-gib", type=float, default=12.0, help="a child above this RSS is stopped")
+    parser.add_argument("--workdir", type=Path, help="default /tmp/patchcore-bench/compare_n<N>")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "anomalib" or "ours:<dim>"
+    args = parser.parse_args()
+    workdir = args.workdir or Path(f"/tmp/patchcore-bench/compare_n{args.n_train}")
+    if args.one:
+        _watchdog(args.max_rss_gib)
+        if args.one == "anomalib":
+            row = run_anomalib(workdir, args.coreset_ratio, args.num_neighbors)
+        else:
+            row = run_ours(workdir, int(args.one.split(":")[1]), args.coreset_ratio, args.num_neighbors)
+        print(json.dumps(row))
+        return
+
+    size = args.image_size
+    bench_data.prepare(workdir, args.n_train, args.n_test_good, args.n_test_per_defect, size, size, size)
+    jobs = [f"ours:{d}" for d in args.ours_dims] + ([] if args.skip_anomalib else ["anomalib"])
+    rows = []
+    for job in jobs:
+        load = bench_data.loadavg()
+        cmd = [sys.executable, __file__, "--one", job, "--workdir", str(workdir),
+               "--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", str(args.num_neighbors),
+               "--max-rss-gib", str(args.max_rss_gib)]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if args.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        start = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            sys.exit(f"{job} failed:\n{out.stderr[-5000:]}")
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_before": load,
+                     "process_s": round(time.perf_counter() - start, 1)})
+        print(rows[-1], file=sys.stderr, flush=True)
+
+    n_test = args.n_test_good + 5 * args.n_test_per_defect
+    print(f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
+          f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "
+          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}\n")
+    print("| implementation | bank | fit (s) | PatchCore-only fit (s) | ms / test image | PatchCore-only ms / image | "
+          "fit peak RSS (MiB) | added by fit (MiB) | image AUROC | image AUROC eq. 7 | pixel AUROC | AUPRO | load avg before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
+              f"{r['score_ms_per_image']} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | {r['fit_peak_rss_mib']} | "
+              f"{r['added_by_fit_mib']} | {_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | "
+              f"{_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | {r['loadavg_before']} |")
+    theirs = next((r for r in rows if r["impl"].startswith("anomalib")), None)
+    if theirs:
+        print("\nRatios ours / anomalib:\n")
+        print("| implementation | fit time | ms / test image | fit peak RSS | image AUROC | pixel AUROC |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if r is theirs:
+                continue
+            ratio = lambda key, d=2: f"{r[key] / theirs[key]:.{d}f}"  # noqa: E731
+            print(f"| {r['impl']} | {ratio('fit_s')} | {ratio('score_ms_per_image')} | {ratio('fit_peak_rss_mib')} | "
+                  f"{ratio('image_auroc', 4)} | {ratio('pixel_auroc', 4)} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
