@@ -2,11 +2,11 @@
 
 Needs a separate venv outside the repo with anomalib (benchmark only, not in requirements.txt):
 
-    python3.11 -m venv /work/anomalib-venv
-    /work/anomalib-venv/bin/pip install -r bench/requirements-anomalib.txt
-    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 20                 # validate first
-    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
-    /work/anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~30-40 min of anomalib fit
+    python3.11 -m venv ../anomalib-venv
+    ../anomalib-venv/bin/pip install -r bench/requirements-anomalib.txt
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 20                 # validate first
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~30-40 min of anomalib fit
 
 What runs: a synthetic carpet category (stages.data.synthetic: --n-train good training images, 20
 good + 8 per defect type test images, exact masks), preprocessed at 256 px (resize 256, crop 256)

@@ -150,6 +150,8 @@ def check_categories(categories: list) -> None:
         if not isinstance(category, str) or not NAME.fullmatch(category):
             raise PipelineError(f"data.categories: invalid category name {category!r} (a plain folder name such as "
                                 "'carpet': letters, digits, '_' or '-')")
+    if "mean" in categories:
+        raise PipelineError("data.categories: 'mean' is reserved (the report's row of means over categories)")
     repeated = sorted({c for c in categories if categories.count(c) > 1})
     if repeated:
         raise PipelineError(f"data.categories: {', '.join(repeated)} listed twice")
@@ -203,6 +205,9 @@ def validate(raw: object, path: Path) -> dict:
     data = parse(Data, top.data, "data")
     check_categories(data.categories)
     for category, source in (data.sources or {}).items():
+        if category not in data.categories:
+            raise PipelineError(f"data.sources.{category}: not a category of data.categories "
+                                f"({', '.join(data.categories)})")
         if source not in SOURCES:
             raise PipelineError(f"data.sources.{category}: unknown source {source!r} (known: {', '.join(SOURCES)})")
     backbones = top.backbones or {}
@@ -214,6 +219,8 @@ def validate(raw: object, path: Path) -> dict:
     for section, entries in (("backbones", backbones), ("models", models)):
         for name in entries:
             check_name(section, name)
+    if PIXELS in backbones:
+        raise PipelineError(f"backbones.{PIXELS}: reserved (models with backbone: {PIXELS} read the prepared images)")
     return {
         "device": top.device,
         "data": {

@@ -20,6 +20,8 @@ WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.w
 PLOTS_ROOT = Path("plots")  # plots/<category>.category/<model>.model/{roc,scores,...}.csv, train/, figures/
 TMP_ROOT = Path(".tmp")  # every stage's temporary files (git- and dvc-ignored), see common.atomic_path
 
+DOWNLOADS = Path("data/downloads")  # verified MVTec AD archives, reused by later downloads (git- and dvc-ignored)
+
 RAW_SUFFIX = ".dataset"
 CATEGORY_SUFFIX = ".category"
 FEATURES_SUFFIX = ".features"

@@ -28,7 +28,7 @@ from stages.data.prepared import Split
 from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
 from stages.methods import get_method
 from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
-from stages.params import check_name
+from stages.params import check_categories, check_name
 from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file
 
 DEFAULT_OUT = Path("predictions")
@@ -56,7 +56,7 @@ def fitted_models() -> list[tuple[str, str]]:
 
 def choose_category(name: str, category: str | None) -> str:
     if category is not None:
-        check_name("categories", category)
+        check_categories([category])
         return category
     categories = fitted_categories(name)
     if len(categories) == 1:

@@ -156,3 +156,49 @@ def test_readme_parameter_reference_is_generated_from_the_schemas():
 def test_shipped_configurations_are_valid(tmp_path, config):
     params = load_all(tmp_path, config.read_text())
     assert params["data"]["source"] == "mvtec" and params["models"]
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "configs/study_carpet.yaml", "configs/patchcore_paper.yaml"])
+def test_every_param_dvc_yaml_declares_exists_in_the_params_file(params_file):
+    """DVC refuses to run a stage whose declared param is missing from params.yaml (MissingParamsError),
+    whatever the schema's defaults: each shipped params file must spell out every declared key."""
+    import yaml
+
+    params = yaml.safe_load((REPO / params_file).read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        dims = {k: list(params[v.strip("${}").split(".")[0]]) for k, v in stage.get("matrix", {}).items()
+                if k != "category"}
+        items = [{dim: key} for dim, keys in dims.items() for key in keys] or [{}]
+        for item in items:
+            for declared in stage.get("params", []):
+                dotted = declared
+                for dim, key in item.items():
+                    dotted = dotted.replace("${item.%s}" % dim, key)
+                node = params
+                for part in dotted.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{name}: {dotted}")
+                        break
+                    node = node[part]
+    assert not missing, f"{params_file} lacks params that dvc.yaml declares: {missing}"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["data"].update(sources={"carpt": "folder"}),
+     "data.sources.carpt: not a category of data.categories (carpet)"),
+    (lambda p: p["data"].update(categories=["carpet", "mean"]),
+     "data.categories: 'mean' is reserved (the report's row of means over categories)"),
+    (lambda p: p["backbones"].update(pixels={}),
+     "backbones.pixels: reserved (models with backbone: pixels read the prepared images)"),
+])
+def test_names_that_would_silently_mislead_are_refused(tmp_path, edit, message):
+    import yaml
+
+    params = yaml.safe_load(DEFAULT_TEXT)
+    edit(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as info:
+        load_params(tmp_path / "params.yaml")
+    assert str(info.value) == message

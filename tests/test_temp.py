@@ -58,11 +58,11 @@ def test_temporaries_live_in_the_project_tmp_folder(project, monkeypatch, output
 def test_output_removes_its_stale_sibling_of_an_older_version(project, monkeypatch):
     monkeypatch.chdir(project)
     dead = dead_pid()
-    stale = project / "data" / "features" / f".efficientnet_lite0.tmp{dead}"
-    live = project / "data" / "features" / f".efficientnet_lite0.tmp{os.getppid()}"
+    stale = project / "data" / "features" / "c.category" / f".efficientnet_lite0.features.tmp{dead}"
+    live = project / "data" / "features" / "c.category" / f".efficientnet_lite0.features.tmp{os.getppid()}"
     for folder in (stale, live):
         folder.mkdir(parents=True)
-    with atomic_path("data/features/efficientnet_lite0") as tmp:
+    with atomic_path("data/features/c.category/efficientnet_lite0.features") as tmp:
         tmp.mkdir()
     assert not stale.exists() and live.exists()
 
