@@ -355,9 +355,11 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
 
     # one model's scoring param: that model's stages in every category, and the report
     set_param(repo, "models.knn_effnet.score.k", 3)
-    assert set(json.loads(dvc(repo, "status", "--json"))) - not_run_yet(params) == {
-        f"{stage}@{c}-knn_effnet" for stage in ("evaluate", "figures") for c in ("carpet", "grid")} | {"report"}
-    set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
+    try:  # (the grid's figures@ stages have not run: they are stale anyway)
+        assert set(json.loads(dvc(repo, "status", "--json"))) - not_run_yet(params) == {
+            "evaluate@carpet-knn_effnet", "evaluate@grid-knn_effnet", "figures@carpet-knn_effnet", "report"}
+    finally:
+        set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
 
     params["data"]["categories"].append("tile")  # synthetic, the default source
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
