@@ -35,15 +35,6 @@ DEFAULT_OUT = Path("predictions")
 CHUNK = 32  # images read and scored together: bounded memory for any number of files
 
 
-def fitted_categories(name: str) -> list[str]:
-    """The categories for which `dvc repro` has fitted and evaluated model `name`."""
-    return sorted(
-        folder.name[: -len(CATEGORY_SUFFIX)]
-        for folder in MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}")
-        if (folder / f"{name}{MODEL_SUFFIX}" / STATE_FILE).is_file() and (folder / f"{name}.scoring.json").is_file()
-    )
-
-
 def fitted_models() -> list[tuple[str, str]]:
     """(category, model) of every model that `dvc repro` has fitted and evaluated."""
     found = []
@@ -52,6 +43,11 @@ def fitted_models() -> list[tuple[str, str]]:
         if scoring_file(category, name).is_file():
             found.append((category, name))
     return found
+
+
+def fitted_categories(name: str) -> list[str]:
+    """The categories for which `dvc repro` has fitted and evaluated model `name`."""
+    return [category for category, model in fitted_models() if model == name]
 
 
 def choose_category(name: str, category: str | None) -> str:

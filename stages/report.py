@@ -81,7 +81,7 @@ def metric_tables(rows: list[dict], means: list[dict], categories: list[str], na
     ]
 
 
-def markdown(rows, means, tables, categories, names) -> str:
+def markdown(rows, tables, categories, names) -> str:
     parts = []
     for metric, title in HEADLINE.items():
         table = [{**t, "category": f"**{MEAN}**" if t["category"] == MEAN else t["category"]}
@@ -108,7 +108,7 @@ def main() -> None:
         "categories": {c: {r["model"]: {k: v for k, v in r.items() if k not in ("category", "model")}
                            for r in rows if r["category"] == c} for c in categories},
     })
-    text = markdown(rows, means, tables, categories, names)
+    text = markdown(rows, tables, categories, names)
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)
     all_rows = [*rows, *means]
