@@ -86,6 +86,40 @@ def test_greedy_coreset_matches_naive_k_center():
     assert greedy_coreset(points, 1.0, progress=False).tolist() == list(range(300))
 
 
+def _plain_greedy_select(points: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """The official loop with the same arithmetic: one full pass per selected point."""
+    n_select = int(len(points) * ratio)
+    start = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:10]
+    min_dist = torch.cdist(points, points[start]).mean(dim=1).square()
+    norms = (points * points).sum(dim=1)
+    chosen = []
+    for _ in range(n_select):
+        i = int(torch.argmax(min_dist))
+        chosen.append(i)
+        min_dist = torch.minimum(min_dist, (points @ points[i]).mul_(-2).add_(norms).add_(norms[i]))
+    return torch.tensor(sorted(chosen))
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 16, 10_000])
+def test_greedy_rounds_select_what_the_plain_loop_selects(monkeypatch, candidates):
+    """Rounds of picks among the farthest points (few candidates: many rounds; more than the points:
+    one round) give the plain loop's indices, duplicates included: equal distances at the
+    candidates' bound must fall back to the plain step and take the lowest index."""
+    import stages.methods.sampler as sampler
+
+    g = torch.Generator().manual_seed(11)
+    clusters = torch.randn(6, 5, generator=g) * 4
+    points = torch.cat([clusters.repeat_interleave(40, 0) + torch.randn(240, 5, generator=g), clusters.repeat(3, 1)])
+    far = torch.tensor([[30.0, -30, 30, -30, 30], [-25.0, 25, 25, -25, 0]])
+    # exact duplicates, the farthest points among them: ties at the candidates' bound
+    points = torch.cat([points[:5], far, points[5:], points[:50], far, far])
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+    monkeypatch.setattr(sampler, "PASS_BLOCK", 64)  # several blocks per pass
+    for ratio in (0.05, 0.3, 0.9):
+        selected = sampler.greedy_select(points, ratio, torch.Generator().manual_seed(2), progress=False)
+        assert torch.equal(selected, _plain_greedy_select(points, ratio, seed=2)), ratio
+
+
 def test_greedy_coreset_picks_one_point_per_cluster():
     g = torch.Generator().manual_seed(4)
     centres = torch.randn(5, 16, generator=g) * 20

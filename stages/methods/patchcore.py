@@ -100,12 +100,15 @@ class PatchCore(AnomalyDetector):
         if len(train) == 0:
             raise PipelineError("no training images to build the memory bank")
         fit = self.fit_params
-        projection, reduced = None, []
-        for embeddings, _ in self._batches(train, fit.batch_size, "embed train"):
+        projection, reduced, offset = None, None, 0
+        for embeddings, grid in self._batches(train, fit.batch_size, "embed train"):
             if projection is None:
                 projection = RandomProjection(embeddings.shape[1], fit.projection_dim, fit.seed)
-            reduced.append(projection(embeddings))
-        reduced = torch.cat(reduced)
+                # filled in place: a list of batches plus their concatenation would hold it twice
+                reduced = torch.empty(len(train) * grid[0] * grid[1], projection.out_dim or embeddings.shape[1],
+                                      device=embeddings.device)
+            reduced[offset : offset + len(embeddings)] = projection(embeddings)
+            offset += len(embeddings)
         selected = greedy_select(reduced, fit.coreset_ratio, projection.generator).to(self.device)
         del reduced
         bank, offset = [], 0
