@@ -6,18 +6,21 @@ Needs a separate venv outside the repo with anomalib (benchmark only, not in req
     ../anomalib-venv/bin/pip install -r bench/requirements-anomalib.txt
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 20                 # validate first
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
-    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~30-40 min of anomalib fit
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~40 min of anomalib fit
 
 What runs: a synthetic carpet category (stages.data.synthetic: --n-train good training images, 20
 good + 8 per defect type test images, exact masks), preprocessed at 256 px (resize 256, crop 256)
-with the pipeline's code. Every implementation runs in its own process (so peak RSS is its own),
-from the same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessing):
+with the pipeline's code. Every job runs in its own process (so its peak RSS is its own), from the
+same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessing):
 
-- ours: stages.backbones.FeatureExtractor (timm tf_efficientnet_lite0 with the packaged weights,
-  hooks on blocks.2 + blocks.4), then stages.methods.patchcore.PatchCore, coreset 0.1, with
-  pretrain = target embed dimension = each --ours-dims value. Image score = max patch score (our
-  default, reweight false); the eq. 7 reweighted image AUROC (9 neighbours, what anomalib does) is
-  reported too, from a second, untimed scoring.
+- ours, as the pipeline runs it, in three processes: the extract stage (stages.backbones.
+  FeatureExtractor: timm tf_efficientnet_lite0 with the packaged weights, hooks on blocks.2 +
+  blocks.4; features saved to a file), the fit stage (features loaded, stages.methods.patchcore.
+  PatchCore fitted, coreset 0.1, pretrain = target embed dimension = each --ours-dims value; no
+  backbone in this process) and scoring (backbone on the test images + the saved bank). Fit time =
+  extract + fit; "fit peak RSS" is the fit stage's process, "extract peak RSS" the extract's.
+  Image score = max patch score (our default, reweight false); the eq. 7 reweighted image AUROC
+  (9 neighbours, what anomalib does) is reported too, from a second, untimed scoring.
 - anomalib: anomalib.models.image.patchcore.torch_model.PatchcoreModel built with its own timm path
   (backbone="tf_efficientnet_lite0", pre_trained=False, layers blocks.2 + blocks.4: timm's
   features_only model, out_indices 2 and 3), then our Lite0 state dict loaded into that
@@ -36,8 +39,9 @@ up to ~17 MiB per step (one run at 20 training images was OOM-killed at 23.6 GB 
 1 MiB threshold the same fit stays at ~1.1 GB). A watchdog ends a child whose RSS passes
 --max-rss-gib, so the machine is never driven out of memory.
 
-Fit time includes the backbone on the training images for both (anomalib cannot separate them),
-scoring time the backbone on the test images; "PatchCore only" columns give ours without the backbone.
+Fit time includes the backbone on the training images for both, scoring time the backbone on the
+test images; "PatchCore only" columns give ours without the backbone. anomalib's fit is one process
+(backbone and coreset cannot be separated there), so its fit peak RSS includes the backbone.
 Metrics (image AUROC, pixel AUROC, AUPRO up to FPR 0.3) come from stages.metrics for both.
 """
 from __future__ import annotations
@@ -63,47 +67,63 @@ def _tensor(images):
     return (x - 0.5) / 0.5  # stages.backbones: efficientnet_lite0 mean = std = 0.5
 
 
-def run_ours(workdir: Path, dim: int, coreset_ratio: float, num_neighbors: int) -> dict:
+def run_ours_extract(workdir: Path) -> dict:
+    """Our extract stage: the backbone on the training images, features cached to a file."""
+    from stages.features import save_features
+
+    train = bench_data.load(workdir, "train")
+    backbone = bench_data.lite0_model()
+    start = time.perf_counter()
+    save_features(workdir / "ours_train.features", bench_data.extract(train, backbone, BATCH))
+    return {"extract_s": round(time.perf_counter() - start, 1), "extract_peak_rss_mib": round(bench_data.peak_rss_mib())}
+
+
+def run_ours_fit(workdir: Path, dim: int, coreset_ratio: float) -> dict:
+    """Our fit stage: cached features in, memory bank out; a process that never loads the backbone."""
     import torch
 
+    from stages.features import load_features
     from stages.methods.patchcore import PatchCore
 
     torch.manual_seed(0)
-    train, test = bench_data.load(workdir, "train"), bench_data.load(workdir, "test")
-    backbone = bench_data.lite0_model()
     baseline = bench_data.peak_rss_mib()
-    model = PatchCore(
-        fit={"coreset_ratio": coreset_ratio, "pretrain_embed_dimension": dim, "target_embed_dimension": dim,
-             "batch_size": BATCH},
-        score={"num_neighbors": num_neighbors, "batch_size": BATCH},
-    )
+    model = PatchCore(fit={"coreset_ratio": coreset_ratio, "pretrain_embed_dimension": dim,
+                           "target_embed_dimension": dim, "batch_size": BATCH})
     start = time.perf_counter()
-    features = bench_data.extract(train, backbone, BATCH)
-    extract_s = time.perf_counter() - start
-    model.fit(features)
+    model.fit(load_features(workdir / "ours_train.features"))
     fit_s = time.perf_counter() - start
-    fit_peak = bench_data.peak_rss_mib()
-    del features
+    model.save(workdir / f"ours_{dim}.model")
+    peak = bench_data.peak_rss_mib()
+    return {"bank": list(model.bank.shape), "fit_patchcore_only_s": round(fit_s, 1),
+            "fit_peak_rss_mib": round(peak), "added_by_fit_mib": round(peak - baseline)}
+
+
+def run_ours_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
+    """Our predict path: the backbone on the test images, then the fitted bank's nearest-neighbour
+    scoring, timed with the max patch score (our default) and with eq. 7 (anomalib's)."""
+    from stages.methods.patchcore import PatchCore
+
+    test = bench_data.load(workdir, "test")
+    backbone = bench_data.lite0_model()
+    model = PatchCore.load(workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH})
     start = time.perf_counter()
     test_features = bench_data.extract(test, backbone, BATCH)
     test_extract_s = time.perf_counter() - start
     prediction = model.predict(test_features)
     score_s = time.perf_counter() - start
     result = bench_data.metrics(test, prediction.image_scores, prediction.anomaly_maps)
-    reweighted = PatchCore(fit=model.fit_params, score={"num_neighbors": num_neighbors, "reweight": True})
-    reweighted.bank = model.bank
-    eq7 = bench_data.metrics(test, reweighted.predict(test_features).image_scores, prediction.anomaly_maps)
+    reweighted = PatchCore.load(workdir / f"ours_{dim}.model",
+                                score={"num_neighbors": num_neighbors, "batch_size": BATCH, "reweight": True})
+    start = time.perf_counter()
+    eq7_scores = reweighted.predict(test_features).image_scores
+    eq7_s = time.perf_counter() - start + test_extract_s
+    eq7 = bench_data.metrics(test, eq7_scores, prediction.anomaly_maps)
     return {
-        "impl": f"ours, {dim}-d",
-        "bank": list(model.bank.shape),
         **result,
         "image_auroc_eq7": eq7["image_auroc"],
-        "fit_s": round(fit_s, 1),
-        "fit_patchcore_only_s": round(fit_s - extract_s, 1),
         "score_ms_per_image": round(1000 * score_s / len(test), 1),
+        "score_eq7_ms_per_image": round(1000 * eq7_s / len(test), 1),
         "score_patchcore_only_ms_per_image": round(1000 * (score_s - test_extract_s) / len(test), 1),
-        "fit_peak_rss_mib": round(fit_peak),
-        "added_by_fit_mib": round(fit_peak - baseline),
     }
 
 
@@ -163,6 +183,7 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int) -> dic
         "score_patchcore_only_ms_per_image": None,
         "fit_peak_rss_mib": round(fit_peak),
         "added_by_fit_mib": round(fit_peak - baseline),
+        "extract_peak_rss_mib": None,
     }
 
 
@@ -190,6 +211,42 @@ def _watchdog(max_rss_gib: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _peak_any(row: dict) -> int:
+    """The largest peak RSS of the implementation's processes: ours, the extract stage's or the fit stage's."""
+    return max(row["fit_peak_rss_mib"], row.get("extract_peak_rss_mib") or 0)
+
+
+def print_tables(rows: list[dict]) -> None:
+    """The side-by-side table and the ratios ours / anomalib (also: --tables-from a saved --json)."""
+    print("| implementation | bank | fit (s) | PatchCore-only fit (s) | ms / test image | ms / test image, eq. 7 | "
+          "PatchCore-only ms / image | fit peak RSS (MiB) | added by fit (MiB) | extract peak RSS (MiB) | "
+          "image AUROC | image AUROC eq. 7 | pixel AUROC | AUPRO | load avg before fit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        eq7_ms = r.get("score_eq7_ms_per_image") if r.get("extract_peak_rss_mib") else r["score_ms_per_image"]
+        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
+              f"{r['score_ms_per_image']} | {_fmt(eq7_ms, 0)} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | "
+              f"{r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {_fmt(r['extract_peak_rss_mib'])} | "
+              f"{_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | "
+              f"{r['loadavg_before']} |")
+    theirs = next((r for r in rows if r["impl"].startswith("anomalib")), None)
+    if not theirs:
+        return
+    print("\nRatios ours / anomalib (anomalib's fit RSS includes its backbone, in the same process):\n")
+    print("| implementation | fit time | ms / test image | ms / test image, both eq. 7 | fit peak RSS | "
+          "peak RSS, extract or fit | image AUROC | pixel AUROC |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r is theirs:
+            continue
+        ratio = lambda ours, base, d=2: "-" if ours is None else f"{ours / base:.{d}f}"  # noqa: E731
+        print(f"| {r['impl']} | {ratio(r['fit_s'], theirs['fit_s'])} | "
+              f"{ratio(r['score_ms_per_image'], theirs['score_ms_per_image'])} | "
+              f"{ratio(r.get('score_eq7_ms_per_image'), theirs['score_ms_per_image'])} | "
+              f"{ratio(r['fit_peak_rss_mib'], theirs['fit_peak_rss_mib'])} | {ratio(_peak_any(r), _peak_any(theirs))} | "
+              f"{ratio(r['image_auroc'], theirs['image_auroc'], 4)} | {ratio(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-train", type=int, default=50)
@@ -205,23 +262,32 @@ def main() -> None:
     parser.add_argument("--max-rss-gib", type=float, default=12.0, help="a child above this RSS is stopped")
     parser.add_argument("--workdir", type=Path, help="default /tmp/patchcore-bench/compare_n<N>")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "anomalib" or "ours:<dim>"
+    parser.add_argument("--tables-from", type=Path, help="only print the tables of rows saved with --json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "anomalib", "ours-extract", "ours-fit:<dim>", "ours-score:<dim>"
     args = parser.parse_args()
+    if args.tables_from:
+        print_tables(json.loads(args.tables_from.read_text()))
+        return
     workdir = args.workdir or Path(f"/tmp/patchcore-bench/compare_n{args.n_train}")
     if args.one:
         _watchdog(args.max_rss_gib)
-        if args.one == "anomalib":
+        job, _, dim = args.one.partition(":")
+        if job == "anomalib":
             row = run_anomalib(workdir, args.coreset_ratio, args.num_neighbors)
+        elif job == "ours-extract":
+            row = run_ours_extract(workdir)
+        elif job == "ours-fit":
+            row = run_ours_fit(workdir, int(dim), args.coreset_ratio)
         else:
-            row = run_ours(workdir, int(args.one.split(":")[1]), args.coreset_ratio, args.num_neighbors)
+            row = run_ours_score(workdir, int(dim), args.num_neighbors)
         print(json.dumps(row))
         return
 
     size = args.image_size
     bench_data.prepare(workdir, args.n_train, args.n_test_good, args.n_test_per_defect, size, size, size)
-    jobs = [f"ours:{d}" for d in args.ours_dims] + ([] if args.skip_anomalib else ["anomalib"])
-    rows = []
-    for job in jobs:
+
+    def child(job: str) -> dict:
+        """One job in its own process, so its peak RSS is its own."""
         load = bench_data.loadavg()
         cmd = [sys.executable, __file__, "--one", job, "--workdir", str(workdir),
                "--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", str(args.num_neighbors),
@@ -229,40 +295,34 @@ def main() -> None:
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if args.malloc_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-        start = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"{job} failed:\n{out.stderr[-5000:]}")
-        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_before": load,
-                     "process_s": round(time.perf_counter() - start, 1)})
-        print(rows[-1], file=sys.stderr, flush=True)
+        result = {**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_before": load}
+        print(job, result, file=sys.stderr, flush=True)
+        return result
+
+    # Ours as the pipeline runs it: extract stage (backbone, features cached), fit stage (features ->
+    # bank, no backbone), then scoring (backbone on the test images + nearest-neighbour search).
+    rows = []
+    if args.ours_dims:
+        extract = child("ours-extract")
+    for dim in args.ours_dims:
+        fit = child(f"ours-fit:{dim}")
+        score = child(f"ours-score:{dim}")
+        rows.append({"impl": f"ours, {dim}-d", **extract, **fit, **score,
+                     "fit_s": round(extract["extract_s"] + fit["fit_patchcore_only_s"], 1),
+                     "loadavg_before": fit["loadavg_before"]})
+    if not args.skip_anomalib:
+        rows.append(child("anomalib"))
 
     n_test = args.n_test_good + 5 * args.n_test_per_defect
     print(f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
           f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "
           f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}\n")
-    print("| implementation | bank | fit (s) | PatchCore-only fit (s) | ms / test image | PatchCore-only ms / image | "
-          "fit peak RSS (MiB) | added by fit (MiB) | image AUROC | image AUROC eq. 7 | pixel AUROC | AUPRO | load avg before |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
-              f"{r['score_ms_per_image']} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | {r['fit_peak_rss_mib']} | "
-              f"{r['added_by_fit_mib']} | {_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | "
-              f"{_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | {r['loadavg_before']} |")
-    theirs = next((r for r in rows if r["impl"].startswith("anomalib")), None)
-    if theirs:
-        print("\nRatios ours / anomalib:\n")
-        print("| implementation | fit time | ms / test image | fit peak RSS | image AUROC | pixel AUROC |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            if r is theirs:
-                continue
-            ratio = lambda key, d=2: f"{r[key] / theirs[key]:.{d}f}"  # noqa: E731
-            print(f"| {r['impl']} | {ratio('fit_s')} | {ratio('score_ms_per_image')} | {ratio('fit_peak_rss_mib')} | "
-                  f"{ratio('image_auroc', 4)} | {ratio('pixel_auroc', 4)} |")
+    print_tables(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -109,14 +109,20 @@ class PatchCore(AnomalyDetector):
                                       device=embeddings.device)
             reduced[offset : offset + len(embeddings)] = projection(embeddings)
             offset += len(embeddings)
+        if offset != len(reduced):
+            raise PipelineError(f"the feature maps hold {offset} patches, not {len(reduced)} ({len(train)} images)")
         selected = greedy_select(reduced, fit.coreset_ratio, projection.generator).to(self.device)
         del reduced
-        bank, offset = [], 0
+        bank, offset, filled = None, 0, 0
         for embeddings, _ in self._batches(train, fit.batch_size, "gather bank"):
-            in_batch = selected[(selected >= offset) & (selected < offset + len(embeddings))] - offset
-            bank.append(embeddings[in_batch].cpu())
+            # `selected` is sorted: the rows of this batch are one slice of it
+            lo, hi = torch.searchsorted(selected, torch.tensor([offset, offset + len(embeddings)], device=self.device)).tolist()
+            if bank is None:
+                bank = torch.empty(len(selected), embeddings.shape[1])  # filled in place, held once
+            bank[filled : filled + hi - lo] = embeddings[selected[lo:hi] - offset].cpu()
+            filled += hi - lo
             offset += len(embeddings)
-        self.bank = torch.cat(bank).contiguous()
+        self.bank = bank
         return self
 
     def predict(self, inputs: FeatureSet) -> Prediction:

@@ -14,6 +14,12 @@ from tqdm import tqdm
 
 from stages.common import PipelineError
 
+# Points searched between two passes over all of them. The selection does not depend on it
+# (tests/test_methods.py), only the speed: fewer passes, each a larger matrix product.
+CANDIDATES = 256
+# Points per block of a pass: bounds its (centres x points) distance block to 8 MiB.
+PASS_BLOCK = 8192
+
 
 def check_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -65,29 +71,21 @@ def greedy_select(
 ) -> torch.Tensor:
     """Greedy k-center on already projected rows; `generator` draws the starting points.
 
-    The official loop adds the point farthest from the coreset, then lowers every point's
-    distance with one pass over all points: memory-bound, one read of the (n, d) rows per point.
-    Here the same selections come in rounds: the next points are searched among the current
-    CANDIDATES farthest points, updated on their own, for as long as the best of them stays
-    farther than the (CANDIDATES + 1)-th farthest point, a bound for every point outside them
-    (distances only go down). One pass then lowers every point with all centres of the round at
-    once, a matrix product instead of one vector product per centre. Same arithmetic, same ties
-    (lowest index first), same indices.
+    The official loop (plain_greedy_select) adds the point farthest from the coreset, then lowers
+    every point's distance with one pass over all points: memory-bound, one read of the (n, d)
+    rows per selected point. Here the same selections come in rounds: the next points are searched
+    among the current CANDIDATES farthest points, updated on their own, for as long as the best of
+    them stays farther than the (CANDIDATES + 1)-th farthest point, a bound for every point outside
+    them (distances only go down). One pass then lowers every point with all centres of the round
+    at once, a matrix product instead of one vector product per centre. Same formula in the same
+    order, same ties (lowest index first): the same indices as the plain loop on the tests' data and
+    on 204,800 real Lite0 patches, on the CPU and on CUDA (bench/patchcore_devices.py). Only the
+    library routine computing the products differs, so two points a rounding unit apart could in
+    principle swap.
     """
-    check_ratio(ratio)
-    n = len(reduced)
-    n_select = max(1, int(n * ratio))
-    if n_select >= n:
-        return torch.arange(n)
-    n_start = min(n_starting_points, n)
-    start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
-    # Approximate distance to the (not yet chosen) coreset: mean distance to a few random anchors.
-    # Distances are kept squared from here on: the argmax and the minimum are the same.
-    # Block by block: whole-matrix temporaries (cdist's padded copy, reduced * reduced) would each
-    # be as large as `reduced`.
-    blocks = reduced.split(PASS_BLOCK)
-    min_dist = torch.cat([torch.cdist(block, reduced[start]).mean(dim=1) for block in blocks]).square()
-    squared_norms = torch.cat([(block * block).sum(dim=1) for block in blocks])
+    n_select, min_dist, squared_norms = _start(reduced, ratio, generator, n_starting_points)
+    if n_select >= len(reduced):
+        return torch.arange(len(reduced))
     selected = torch.empty(n_select, dtype=torch.long)
     done = 0
     with tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=1.0) as bar:
@@ -104,10 +102,40 @@ def greedy_select(
     return selected.sort().values
 
 
-# Points searched between two passes over all of them: only speed depends on it, not the selection.
-CANDIDATES = 256
-# Points per block of a pass: bounds its (centres x points) distance block to 8 MiB.
-PASS_BLOCK = 8192
+def plain_greedy_select(reduced: torch.Tensor, ratio: float, generator: torch.Generator, n_starting_points: int = 10):
+    """The official loop, one pass over all points per selected point: the reference greedy_select
+    is tested against (and far slower on a CPU)."""
+    n_select, min_dist, squared_norms = _start(reduced, ratio, generator, n_starting_points)
+    if n_select >= len(reduced):
+        return torch.arange(len(reduced))
+    columns = reduced.t().contiguous()  # (d, n): a row vector times this, as the previous version did
+    chosen = []
+    for _ in range(n_select):
+        point = int(torch.argmax(min_dist))
+        chosen.append(point)
+        # ||x - p||^2 = -2 x.p + ||x||^2 + ||p||^2
+        distances = (reduced[point : point + 1] @ columns)[0].mul_(-2).add_(squared_norms).add_(squared_norms[point])
+        torch.minimum(min_dist, distances, out=min_dist)
+    return torch.tensor(sorted(chosen))
+
+
+def _start(reduced, ratio, generator, n_starting_points):
+    """How many points to select, the starting distances (squared) and every point's squared norm."""
+    check_ratio(ratio)
+    n = len(reduced)
+    n_start = min(n_starting_points, n)
+    start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
+    # Approximate distance to the (not yet chosen) coreset: mean distance to a few random anchors.
+    # Distances are kept squared from here on: the argmax and the minimum are the same.
+    # Block by block: whole-matrix temporaries (cdist's padded copy, reduced * reduced) would each
+    # be as large as `reduced`; the matrix-product mode keeps a short last block's arithmetic.
+    blocks = reduced.split(PASS_BLOCK)
+    anchors = reduced[start]
+    min_dist = torch.cat(
+        [torch.cdist(block, anchors, compute_mode="use_mm_for_euclid_dist").mean(dim=1) for block in blocks]
+    ).square()
+    squared_norms = torch.cat([(block * block).sum(dim=1) for block in blocks])
+    return max(1, int(n * ratio)), min_dist, squared_norms
 
 
 def _select_among_farthest(reduced, squared_norms, min_dist, limit: int) -> list[int]:
@@ -117,22 +145,24 @@ def _select_among_farthest(reduced, squared_norms, min_dist, limit: int) -> list
         values, index = torch.topk(min_dist, CANDIDATES + 1)
         bound, values, index = values[CANDIDATES], values[:CANDIDATES], index[:CANDIDATES]
     else:
-        values, index = min_dist, torch.arange(n, device=min_dist.device)
+        values, index = min_dist.clone(), torch.arange(n, device=min_dist.device)
         bound = torch.tensor(float("-inf"), device=min_dist.device)
     index, order = index.sort()  # argmax takes the first of equal values: the lowest index, as the plain loop
-    values = values[order].clone()
+    values = values[order]
     rows, norms = reduced[index] * -2, squared_norms[index]  # x 2 is exact: same bits as scaling the product
+    index_list = index.tolist()
     chosen = []
-    while len(chosen) < limit:
-        best = int(torch.argmax(values))
-        if not bool(values[best] > bound):
+    # at most one pick per candidate: bounds the round's distance block (a point picked twice,
+    # on rounding noise among duplicates, ends the round; the next one picks it as the plain loop)
+    while len(chosen) < min(limit, len(index_list)):
+        best = torch.argmax(values)
+        best, farther = torch.stack([best, values[best] > bound]).tolist()  # one device sync per pick
+        if not farther:
             break
-        point = int(index[best])
+        point = index_list[best]
         chosen.append(point)
-        # ||x - p||^2 = -2 x.p + ||x||^2 + ||p||^2, in the plain loop's order
-        distances = (rows @ reduced[point]).add_(norms).add_(squared_norms[point])
+        distances = (rows @ reduced[point]).add_(norms).add_(squared_norms[point])  # the plain loop's order
         torch.minimum(values, distances, out=values)
-    min_dist[index] = values
     return chosen
 
 
