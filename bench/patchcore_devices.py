@@ -36,10 +36,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(device: str, fn, *args):
+def _timed(device: str, fn):
     _sync(device)
     start = time.perf_counter()
-    result = fn(*args)
+    result = fn()
     _sync(device)
     return result, round(time.perf_counter() - start, 2)
 
@@ -55,10 +55,10 @@ def check_rounds(train, devices: list[str], ratio: float) -> dict:
         points = reduced.to(device)
         greedy_select(points[:4096], ratio, torch.Generator().manual_seed(0), progress=False)  # warm-up
         picks[device], result[f"rounds_s_{device}"] = _timed(
-            device, greedy_select, points, ratio, torch.Generator().manual_seed(0), False)
+            device, lambda: greedy_select(points, ratio, torch.Generator().manual_seed(0), progress=False))
     device = devices[-1]
-    plain, result[f"plain_s_{device}"] = _timed(device, plain_greedy_select, reduced.to(device), ratio,
-                                                torch.Generator().manual_seed(0))
+    plain, result[f"plain_s_{device}"] = _timed(
+        device, lambda: plain_greedy_select(reduced.to(device), ratio, torch.Generator().manual_seed(0)))
     result[f"rounds_equal_plain_{device}"] = bool(torch.equal(picks[device], plain))
     result["selected"] = len(plain)
     if len(devices) > 1:

@@ -79,7 +79,7 @@ def greedy_select(
     them (distances only go down). One pass then lowers every point with all centres of the round
     at once, a matrix product instead of one vector product per centre. Same formula in the same
     order, same ties (lowest index first): the same indices as the plain loop on the tests' data and
-    on 204,800 real Lite0 patches, on the CPU and on CUDA (bench/patchcore_devices.py). Only the
+    on 204,800 real Lite0 patches (bench/patchcore_devices.py; results in bench/results/). Only the
     library routine computing the products differs, so two points a rounding unit apart could in
     principle swap.
     """
