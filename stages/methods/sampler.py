@@ -90,7 +90,7 @@ def greedy_select(
     done = 0
     with tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=1.0) as bar:
         while done < n_select:
-            with _threads(1, reduced.device):
+            with _one_thread(reduced.device):
                 chosen = _select_among_farthest(reduced, squared_norms, min_dist, n_select - done)
             if not chosen:  # the farthest candidate ties with the bound: one step of the plain loop
                 chosen = [int(torch.argmax(min_dist))]
@@ -177,14 +177,14 @@ def _lower_distances(reduced, squared_norms, min_dist, chosen: list[int]) -> Non
 
 
 @contextlib.contextmanager
-def _threads(count: int, device: torch.device):
-    """Small products on the CPU run faster on one thread: hand-offs cost more than they save,
-    and on a busy machine they dominate (measured 30x slower with 2 threads under load)."""
+def _one_thread(device: torch.device):
+    """A round's small products on the CPU run faster on one thread: hand-offs cost more than they
+    save, and on a busy machine they dominate (measured 30x slower with 2 threads under load)."""
     if device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
