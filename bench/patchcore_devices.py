@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_data  # noqa: E402  (puts the repository root on sys.path)
 from stages.data.prepared import load_split  # noqa: E402
 from stages.features import load_features  # noqa: E402
 from stages.methods.patchcore import PatchCore  # noqa: E402
 from stages.methods.sampler import greedy_select, plain_greedy_select  # noqa: E402
-from stages.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -66,30 +66,20 @@ def check_rounds(train, devices: list[str], ratio: float) -> dict:
     return result
 
 
-def run(train, test, split, dim: int, device: str, ratio: float) -> tuple[dict, torch.Tensor]:
+def run(train, test, split, dim: int, device: str, ratio: float) -> dict:
     params = {"coreset_ratio": ratio, "pretrain_embed_dimension": dim, "target_embed_dimension": dim}
     if device.startswith("cuda"):
         PatchCore(fit=params, device=device).fit(test)  # warm-up: CUDA context, cuBLAS handles
         torch.cuda.reset_peak_memory_stats()
     model = PatchCore(fit=params, device=device)
-    _sync(device)
-    start = time.perf_counter()
-    model.fit(train)
-    _sync(device)
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    prediction = model.predict(test)
-    _sync(device)
-    score_s = time.perf_counter() - start
-    row = {
-        "dim": dim, "device": device, "bank": list(model.bank.shape), "fit_s": round(fit_s, 2),
+    _, fit_s = _timed(device, lambda: model.fit(train))
+    prediction, score_s = _timed(device, lambda: model.predict(test))
+    return {
+        "dim": dim, "device": device, "bank": list(model.bank.shape), "fit_s": fit_s,
         "ms_per_test_image": round(1000 * score_s / len(test), 1),
         "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None,
-        "image_auroc": image_auroc(split.labels, prediction.image_scores),
-        "pixel_auroc": pixel_auroc(split.masks, prediction.anomaly_maps),
-        "aupro": aupro(split.masks, prediction.anomaly_maps, 0.3),
+        **bench_data.metrics(split, prediction.image_scores, prediction.anomaly_maps),
     }
-    return row, model.bank
 
 
 def main() -> None:
@@ -111,7 +101,7 @@ def main() -> None:
     rows = []
     for dim in args.dims:
         for device in devices:
-            row, _ = run(train, test, split, dim, device, args.coreset_ratio)
+            row = run(train, test, split, dim, device, args.coreset_ratio)
             rows.append(row)
             print(row, flush=True)
     print("\n| dim | device | bank | fit (s) | ms / test image | GPU peak (MiB) | image AUROC | pixel AUROC | AUPRO |")

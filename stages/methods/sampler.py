@@ -83,9 +83,10 @@ def greedy_select(
     library routine computing the products differs, so two points a rounding unit apart could in
     principle swap.
     """
-    n_select, min_dist, squared_norms = _start(reduced, ratio, generator, n_starting_points)
+    n_select = _n_select(len(reduced), ratio)
     if n_select >= len(reduced):
         return torch.arange(len(reduced))
+    min_dist, squared_norms = _start(reduced, generator, n_starting_points)
     selected = torch.empty(n_select, dtype=torch.long)
     done = 0
     with tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=1.0) as bar:
@@ -105,9 +106,10 @@ def greedy_select(
 def plain_greedy_select(reduced: torch.Tensor, ratio: float, generator: torch.Generator, n_starting_points: int = 10):
     """The official loop, one pass over all points per selected point: the reference greedy_select
     is tested against (and far slower on a CPU)."""
-    n_select, min_dist, squared_norms = _start(reduced, ratio, generator, n_starting_points)
+    n_select = _n_select(len(reduced), ratio)
     if n_select >= len(reduced):
         return torch.arange(len(reduced))
+    min_dist, squared_norms = _start(reduced, generator, n_starting_points)
     columns = reduced.t().contiguous()  # (d, n): a row vector times this, as the previous version did
     chosen = []
     for _ in range(n_select):
@@ -119,9 +121,13 @@ def plain_greedy_select(reduced: torch.Tensor, ratio: float, generator: torch.Ge
     return torch.tensor(sorted(chosen))
 
 
-def _start(reduced, ratio, generator, n_starting_points):
-    """How many points to select, the starting distances (squared) and every point's squared norm."""
+def _n_select(n: int, ratio: float) -> int:
     check_ratio(ratio)
+    return max(1, int(n * ratio))
+
+
+def _start(reduced, generator, n_starting_points):
+    """The starting distances (squared) and every point's squared norm."""
     n = len(reduced)
     n_start = min(n_starting_points, n)
     start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
@@ -135,7 +141,7 @@ def _start(reduced, ratio, generator, n_starting_points):
         [torch.cdist(block, anchors, compute_mode="use_mm_for_euclid_dist").mean(dim=1) for block in blocks]
     ).square()
     squared_norms = torch.cat([(block * block).sum(dim=1) for block in blocks])
-    return max(1, int(n * ratio)), min_dist, squared_norms
+    return min_dist, squared_norms
 
 
 def _select_among_farthest(reduced, squared_norms, min_dist, limit: int) -> list[int]:
