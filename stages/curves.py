@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages import metrics
-from stages.common import write_csv
+from stages.outputs import write_csv
 
 
 def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> np.ndarray:

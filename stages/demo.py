@@ -21,8 +21,10 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from stages.common import PipelineError
-from stages.predict import FittedModel, fitted_models as fitted_pairs, overlay
+from stages.errors import PipelineError
+from stages.data.raw import ImageTooLarge
+from stages.overlay import overlay
+from stages.predict import FittedModel, fitted_models as fitted_pairs
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
@@ -50,7 +52,10 @@ def create_app(device: str = "cpu") -> FastAPI:
             raise HTTPException(404, f"model '{name}' is not fitted and evaluated (run dvc repro)")
         if name not in loaded:
             category, model_name = name.split("/", 1)
-            loaded[name] = FittedModel.load(category, model_name, device=device)
+            try:
+                loaded[name] = FittedModel.load(category, model_name, device=device)
+            except PipelineError as exc:  # a corrupt or refused model or scoring file: the server's data, said plainly
+                raise HTTPException(503, str(exc)) from None
         return loaded[name]
 
     @app.get("/", response_class=HTMLResponse)
@@ -70,13 +75,15 @@ def create_app(device: str = "cpu") -> FastAPI:
         start = time.perf_counter()
         try:
             image = fitted.prepare(io.BytesIO(data))
+        except ImageTooLarge as exc:
+            raise HTTPException(413, f"{file.filename}: {str(exc).split(': ', 1)[1]}") from None
         except PipelineError:
             raise HTTPException(415, f"{file.filename}: not an image that can be read") from None
         prediction = fitted.score(image[None], [file.filename or "upload"])
         score = float(prediction.image_scores[0])
         heatmap = None
         if prediction.anomaly_maps is not None:
-            heatmap = png_data_url(overlay(image, prediction.anomaly_maps[0], fitted.validation_median, fitted.threshold))
+            heatmap = png_data_url(overlay(image, prediction.anomaly_maps[0], fitted.colour_scale))
         return {
             "model": model_name,
             "image": file.filename,

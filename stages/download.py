@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, param, run_main, stage_args, warn
+from stages.cli import run_main, stage_args
+from stages.errors import PipelineError, warn
+from stages.outputs import atomic_path
+from stages.params import param
 from stages.data import mvtec
 from stages.data.synthetic import generate_category
 from stages.data.raw import verify_category

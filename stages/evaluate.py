@@ -7,13 +7,16 @@ and plots/<category>.category/<model>.model/{scores,roc}.csv for `dvc plots`, pl
 """
 from __future__ import annotations
 
-import numpy as np
-
 from stages import curves, metrics
-from stages.common import PipelineError, param, run_main, write_csv, write_json
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import write_csv, write_json
+from stages.params import param
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
+from stages.overlay import ColourScale
 from stages.paths import metrics_file, pixels_dir, scoring_file
+from stages.scoring import write_scoring
 
 
 def main() -> None:
@@ -34,7 +37,7 @@ def main() -> None:
             )
     try:
         prediction = detector.predict(inputs["test"])
-        val_scores = detector.predict(inputs["val"]).image_scores
+        validation = detector.predict(inputs["val"])
     except PipelineError as exc:
         raise PipelineError(f"models.{name} ({config.category}): {exc}") from exc
 
@@ -43,7 +46,7 @@ def main() -> None:
         test.labels,
         prediction.image_scores,
         test.defect_types,
-        val_scores,
+        validation.image_scores,
         masks=test.masks if with_maps else None,
         maps=prediction.anomaly_maps if with_maps else None,
         fpr_limit=fpr_limit,
@@ -65,12 +68,9 @@ def main() -> None:
     curves.write_curves(plot_dir, test, prediction, result["threshold"], curve_points, with_maps)
     write_json(metrics_file(config.category, name), result)
     # what `python -m stages.predict` needs besides the fitted model: how to score, and the threshold
-    write_json(scoring_file(config.category, name), {
-        "score": config.score.as_dict(),
-        "threshold": result["threshold"],
-        "threshold_rule": f"mean + {n_std} std of the validation (good) image scores",
-        "validation_median": float(np.median(val_scores)),
-    })
+    scale = ColourScale.from_validation(validation.anomaly_maps, result["threshold"])
+    write_scoring(scoring_file(config.category, name), config.score.as_dict(), result["threshold"], n_std, scale,
+                  validation.image_scores)
     shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
     print(f"{config.stage}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 

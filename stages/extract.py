@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 
 from stages.backbones import FeatureExtractor, get_spec, load_backbone
-from stages.common import atomic_path, check, param, resolve_device, run_main, stage_args
+from stages.cli import run_main, stage_args
+from stages.errors import check
+from stages.outputs import atomic_path
+from stages.params import param
+from stages.runtime import resolve_device
 from stages.data.prepared import SPLITS, load_split, read_inputs, write_inputs
 from stages.features import FeatureSet, save_features
 from stages.paths import WEIGHTS_ROOT, features_dir, pixels_dir

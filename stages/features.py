@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from stages.common import PipelineError, atomic_path
+from stages.errors import PipelineError
+from stages.outputs import atomic_path
+from stages.torch_files import load_tensors
 
 
 @dataclass
@@ -46,10 +48,13 @@ def load_features(path: str | Path) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: cached features not found (run the extract stage for this backbone)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return FeatureSet(
-        global_embeddings=blob["global"],
-        feature_maps=blob["maps"],
-        image_size=tuple(blob["image_size"]),
-        names=list(blob["names"]),
-    )
+    blob = load_tensors(path, "feature cache", "rerun the extract stage")
+    try:
+        return FeatureSet(
+            global_embeddings=blob["global"],
+            feature_maps=dict(blob["maps"]),
+            image_size=tuple(blob["image_size"]),
+            names=list(blob["names"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: not a feature cache of this version (no {exc}; rerun the extract stage)") from None

@@ -10,7 +10,13 @@ fitted on (`n_train`).
 """
 from __future__ import annotations
 
-from stages.common import PipelineError, load_params, param, run_main, write_csv
+import argparse
+from pathlib import Path
+
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import write_csv
+from stages.params import load_params, param
 from stages.paths import PLOTS_ROOT, metrics_file
 
 OUTPUT = PLOTS_ROOT / "few_shot.csv"
@@ -31,16 +37,40 @@ def sweep_rows(experiments: list[dict], category: str, models: list[str]) -> lis
     return sorted(rows, key=lambda r: (models.index(r["model"]), r["n_train"]))
 
 
-def main() -> None:
+def existing_rows(path) -> int:
+    """Data rows of the table already there (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    return max(0, len(path.read_text().splitlines()) - 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.few_shot", description=__doc__.split("\n\n")[0],
+        epilog="the sweep it collects:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUTPUT, help=f"where to write the table (default: {OUTPUT})")
+    parser.add_argument("--allow-fewer", action="store_true",
+                        help="write even when the experiments found give fewer rows than the table already holds "
+                             "(otherwise it is left as it is: a fresh clone or a `dvc queue remove` has fewer)")
+    args = parser.parse_args(argv)
     import dvc.api
 
     params = load_params()
     models, category = list(param(params, "models")), param(params, "data.categories")[0]
-    rows = sweep_rows(dvc.api.exp_show(), category, models)
+    experiments = dvc.api.exp_show()
+    rows = sweep_rows(experiments, category, models)
+    sizes = sorted({r["n_train"] for r in rows})
+    found = (f"{len(experiments)} experiment(s) and the workspace give {len(rows)} row(s) for {category}: "
+             f"{len(sizes)} size(s) ({', '.join(map(str, sizes)) or 'none'}) x {len({r['model'] for r in rows})} model(s)")
+    print(found)
     if not rows:
         raise PipelineError("no experiment has metrics yet: run the sweep first (see python -m stages.few_shot --help)")
-    write_csv(OUTPUT, rows, ["model", "n_train", *METRICS])
-    print(f"{len(rows)} rows ({len({r['n_train'] for r in rows})} sizes x {len(models)} models) -> {OUTPUT}")
+    held = existing_rows(args.out)
+    if len(rows) < held and not args.allow_fewer:
+        raise PipelineError(f"{args.out}: holds {held} rows, the experiments found give {len(rows)}; left as it is "
+                            "(run the sweep, or pass --allow-fewer to replace it)")
+    write_csv(args.out, rows, ["model", "n_train", *METRICS])
+    print(f"{len(rows)} rows -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,18 @@ numbers the metrics were computed from.
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 
-from stages.common import PipelineError, atomic_path, param, run_main
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import atomic_path
+from stages.params import param
 from stages.data.prepared import load_split
 from stages.models import model_from_argv
-from stages.paths import metrics_file, pixels_dir
+from stages.overlay import ColourScale
+from stages.paths import pixels_dir, scoring_file
+from stages.scoring import read_scoring
 
 FIGURES = "figures"  # plots/<category>.category/<model>.model/figures/
 
@@ -35,7 +39,7 @@ def read_scores(path) -> dict[str, float]:
 
 def main() -> None:
     from stages.plotting.charts import distribution_figure
-    from stages.plotting.grids import ColourScale, heatmap_figure, select, subset
+    from stages.plotting.grids import heatmap_figure, select, subset
     from stages.plotting.style import save_png
 
     params, config, device = model_from_argv("figures")
@@ -45,10 +49,9 @@ def main() -> None:
     seed = param(params, "figures.heatmaps.seed")
     bins = param(params, "figures.distribution.bins")
 
-    metrics_path = metrics_file(config.category, name)
-    if not metrics_path.is_file():
-        raise PipelineError(f"{metrics_path}: metrics missing (run evaluate@{config.stage})")
-    threshold = float(json.loads(metrics_path.read_text())["threshold"])
+    record = read_scoring(scoring_file(config.category, name), config.stage)  # evaluate's threshold and scale
+    threshold, scale = float(record["threshold"]), ColourScale(**record["colour_scale"])
+    val_scores = np.array(record["validation_scores"], dtype=np.float64)
     scores_path = config.plots / "scores.csv"
     scores_by_name = read_scores(scores_path)
     test = load_split(pixels_dir(config.category) / "test.npz")
@@ -58,11 +61,10 @@ def main() -> None:
     test_scores = np.array([scores_by_name[n] for n in test.names])
 
     detector = config.load(device)
-    val = detector.predict(config.load_inputs("val"))
 
     with atomic_path(config.plots / FIGURES) as out:
         out.mkdir(parents=True)
-        fig = distribution_figure(f"{name} ({config.category})", test_scores, test.defect_types, val.image_scores, threshold, bins)
+        fig = distribution_figure(f"{name} ({config.category})", test_scores, test.defect_types, val_scores, threshold, bins)
         save_png(fig, out / "scores.png")
         shown = "scores.png"
         chosen = select(test.defect_types, per_defect, n_good, seed)
@@ -79,7 +81,7 @@ def main() -> None:
                 prediction.anomaly_maps,
                 test_scores[chosen],
                 threshold,
-                ColourScale.from_validation(val.anomaly_maps, threshold),
+                scale,
                 recon,
             )
             save_png(fig, out / "heatmaps.png", panels, colours=256)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, run_main, seed_everything
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import atomic_path
+from stages.runtime import seed_everything
 from stages.models import model_from_argv
 from stages.data.prepared import read_inputs
 

@@ -5,7 +5,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from stages.common import PipelineError, warn
+from stages.errors import PipelineError, warn
 
 # 8-connectivity, as in MVTec's official evaluation: diagonal neighbours join one region.
 _STRUCTURE = np.ones((3, 3), dtype=int)

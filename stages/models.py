@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import PipelineError, param, resolve_device, stage_args
+from stages.cli import stage_args
+from stages.errors import PipelineError
+from stages.params import param
+from stages.runtime import resolve_device
 from stages.data.prepared import load_split
 from stages.features import load_features
 from stages.methods import get_method

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from stages.common import param, run_main, stage_args
+from stages.cli import run_main, stage_args
+from stages.params import param
 from stages.data.prepared import load_split
 from stages.data.raw import list_category, read_image, read_mask
 from stages.paths import category_plots_dir, pixels_dir, raw_category_dir

@@ -11,23 +11,37 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
-from stages.common import PipelineError
+from stages import numerics
+from stages.errors import PipelineError
 from stages.paths import PIXELS
 from stages.schema import Schema, SchemaError, check_keys, option, parse
 
 SOURCES = ("synthetic", "mvtec", "folder")
 
 
+# Upper bounds of the generator: a typo (n_train: 1000000000) must not write until the disk is full.
+# MVTec AD's largest category has 391 training images of 1024 px; these allow far more.
+SYNTHETIC_MAX_PIXELS = 2**30  # all generated images together: 1.07 G pixels, about 3 GB as RGB
+
+
 @dataclasses.dataclass(frozen=True)
 class Synthetic(Schema):
-    image_size: int = option(256, "side of the generated square images", ge=32)
-    n_train: int = option(100, "defect-free training images", ge=1)
-    n_test_good: int = option(20, "defect-free test images", ge=0)
-    n_test_per_defect: int = option(8, "test images per defect type", ge=0)
+    image_size: int = option(256, "side of the generated square images", ge=32, le=2048)
+    n_train: int = option(100, "defect-free training images", ge=1, le=10000)
+    n_test_good: int = option(20, "defect-free test images", ge=0, le=10000)
+    n_test_per_defect: int = option(8, "test images per defect type", ge=0, le=10000)
     # which names exist is the generator's business (stages/data/synthetic.py checks them)
     defect_types: list[str] = option(["color", "cut", "hole", "metal_contamination", "thread"], "defect types to draw")
     seed: int = option(0, "generator seed", ge=0)
+
+    def validate_block(self) -> None:
+        images = self.n_train + self.n_test_good + self.n_test_per_defect * len(self.defect_types)
+        if images * self.image_size**2 > SYNTHETIC_MAX_PIXELS:
+            raise SchemaError(None, f"{images} images of {self.image_size}x{self.image_size} would be "
+                                    f"{images * self.image_size**2:,} pixels, more than the generator's limit of "
+                                    f"{SYNTHETIC_MAX_PIXELS:,} (fewer images or a smaller image_size)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +130,32 @@ class Figures(Schema):
     tsne: dict = option({}, "plots/<category>.category/<backbone>.tsne.csv")
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # also predict's and the demo's --device
+
+
 def _valid_device(value: str) -> bool:
-    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+    return DEVICE.fullmatch(value) is not None
+
+
+def param(params: dict, dotted: str, default: Any = ...) -> Any:
+    """Look up 'a.b.c' in params; a missing key without default names the param in the error."""
+    node: Any = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            if default is ...:
+                raise PipelineError(f"params.yaml: missing parameter '{dotted}'")
+            return default
+        node = node[key]
+    return node
 
 
 @dataclasses.dataclass(frozen=True)
 class Top(Schema):
     device: str = option("auto", "where extract, fit and evaluate run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
                          allowed="auto, cpu, cuda or cuda:N")
+    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every x86-64 CPU with AVX2 (fixed kernels and "
+                                             "threads, README 'Reproducibility'); fast: native kernels, every core",
+                           choices=numerics.MODES)
     data: dict = option({}, "stage download")
     preprocess: dict = option({}, "stage preprocess")
     backbones: dict = option({}, "one extract@<category>-<name> stage per category each")
@@ -223,6 +255,7 @@ def validate(raw: object, path: Path) -> dict:
         raise PipelineError(f"backbones.{PIXELS}: reserved (models with backbone: {PIXELS} read the prepared images)")
     return {
         "device": top.device,
+        "numerics": top.numerics,
         "data": {
             **data.as_dict(),
             "synthetic": parse(Synthetic, data.synthetic, "data.synthetic").as_dict(),

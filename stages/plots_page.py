@@ -6,7 +6,9 @@ vega-embed) taken from the installed vl-convert-python; see stages/plotting/page
 """
 from __future__ import annotations
 
-from stages.common import PipelineError, atomic_path, run_main
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import atomic_path
 from stages.paths import PLOTS_ROOT
 
 OUTPUT = PLOTS_ROOT / "page_template.html"

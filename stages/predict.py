@@ -13,7 +13,6 @@ one line and skipped; the others are still scored (exit code 1 if any was skippe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +22,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import PipelineError, run_main, write_csv
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import atomic_path, write_csv
+from stages.runtime import resolve_device
 from stages.data.prepared import Split
 from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
-from stages.methods import get_method
+from stages.methods import load_fitted
 from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
+from stages.overlay import ColourScale, overlay
 from stages.params import check_categories, check_name
+from stages.scoring import read_scoring
 from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file
 
 DEFAULT_OUT = Path("predictions")
@@ -72,7 +76,7 @@ class FittedModel:
     preprocess: dict  # resize, crop_size
     backbone: dict | None  # name, arch, layers, weights; None for pixel models
     threshold: float
-    validation_median: float
+    colour_scale: ColourScale
 
     @classmethod
     def load(cls, category: str, name: str, device: str = "cpu") -> "FittedModel":
@@ -83,15 +87,12 @@ class FittedModel:
         if not scoring.is_file():
             raise PipelineError(f"{scoring}: model '{name}' was never evaluated for {category} "
                                 f"(run `dvc repro evaluate@{stage}`)")
-        import torch
-
-        method = torch.load(state, map_location="cpu", weights_only=False).get("method")
-        record = json.loads(scoring.read_text())
-        detector = get_method(method).load(folder, score=record["score"], device=device)
+        record = read_scoring(scoring, stage)
+        detector = load_fitted(folder, score=record["score"], device=device)
         if not detector.inputs:
             raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{stage}`")
         return cls(category, name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
-                   float(record["threshold"]), float(record["validation_median"]))
+                   float(record["threshold"]), ColourScale(**record["colour_scale"]))
 
     def __post_init__(self) -> None:
         self.extractor = None
@@ -144,15 +145,45 @@ def unique_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Heatmap over the image on a fixed scale: `low` (validation median) transparent, `high`
-    (the threshold) and above at full colour, so a pale overlay means "normal"."""
-    from matplotlib import colormaps
+# Folders `dvc repro` writes (and DVC's and git's own): predictions never go inside them, where they
+# would overwrite a stage output (evaluate's scores.csv is one) or be taken for one.
+PIPELINE_FOLDERS = ("data", "models", "metrics", "plots", "dvc_plots", ".dvc", ".git", ".tmp", "stages")
 
-    level = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colour = colormaps["inferno"](level)[..., :3] * 255.0
-    alpha = 0.6 * level[..., None]
-    return (image * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """--out must be a folder of its own: never a pipeline folder, never someone's file, and only
+    with --overwrite one that already holds files (an earlier run's, or anyone's)."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out}: exists and is not a folder (predictions go into a folder)")
+    resolved, root = out.resolve(), Path.cwd().resolve()
+    for folder in PIPELINE_FOLDERS:
+        inside = root / folder
+        if resolved == inside or inside in resolved.parents:
+            raise PipelineError(f"--out {out}: inside {folder}/, which the pipeline writes or tracks; choose a folder "
+                                f"outside it (default: {DEFAULT_OUT}/<category>/<model>)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise PipelineError(f"--out {out}: already holds {len(held)} file(s) ({', '.join(held[:3])}"
+                            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace files of the same "
+                            "names (nothing else is touched), or choose another folder")
+
+
+def write_png(path: Path, picture: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+
+
+def score_chunk(model: FittedModel, images: list[np.ndarray], paths: list[Path]) -> list[tuple[Path, Prediction | str]]:
+    """Each path with its one-image prediction, or the reason it failed. Out of memory on the whole chunk,
+    the images are tried one by one, so one oversized image fails alone (a last resort: the pixel
+    bounds of stages/data/raw.py stop such images before they are decoded)."""
+    try:
+        prediction = model.score(np.stack(images), [p.name for p in paths])
+        return [(path, prediction.row(i)) for i, path in enumerate(paths)]
+    except MemoryError:
+        if len(images) == 1:
+            return [(paths[0], f"{paths[0]}: out of memory while scoring")]
+    return [result for image, path in zip(images, paths) for result in score_chunk(model, [image], [path])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,19 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", default=None,
                         help="which category's fit of the model (default: the only one the model is fitted for)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder (default: {DEFAULT_OUT}/<category>/<model>)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+                        help=f"output folder, outside the pipeline's folders (default: {DEFAULT_OUT}/<category>/<model>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that already holds files, replacing those of the same names")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
+    device = resolve_device(args.device, "--device")
     category = choose_category(args.model, args.category)
     out = args.out or DEFAULT_OUT / category / args.model
+    check_out(out, args.overwrite)
 
-    model = FittedModel.load(category, args.model, device=args.device)
+    model = FittedModel.load(category, args.model, device=device)
     files = image_files(args.paths)
     if not files:
         raise PipelineError(f"no image files in {' '.join(args.paths)}")
 
     rows, failed, seconds, used = [], 0, 0.0, set()
+    out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), desc=f"predict {category}/{args.model}", unit="img") as bar:
         for start in range(0, len(files), CHUNK):
             begin = time.perf_counter()
@@ -186,19 +222,24 @@ def main(argv: list[str] | None = None) -> int:
                 except PipelineError as exc:  # one bad file must not stop the others
                     print(f"error: {exc}", file=sys.stderr)
                     failed += 1
+                except MemoryError:
+                    print(f"error: {path}: out of memory while reading it", file=sys.stderr)
+                    failed += 1
                 bar.update()
             if not images:
                 continue
-            prediction = model.score(np.stack(images), [p.name for p in paths])
-            for i, path in enumerate(paths):
-                score = float(prediction.image_scores[i])
-                if prediction.anomaly_maps is not None:
-                    out.mkdir(parents=True, exist_ok=True)
-                    picture = overlay(images[i], prediction.anomaly_maps[i], model.validation_median, model.threshold)
-                    Image.fromarray(picture).save(out / unique_name(path, used))
+            for image, (path, result) in zip(images, score_chunk(model, images, paths)):
+                if isinstance(result, str):
+                    print(f"error: {result}", file=sys.stderr)
+                    failed += 1
+                    continue
+                score, name = float(result.image_scores[0]), ""
+                if result.anomaly_maps is not None:
+                    name = unique_name(path, used)
+                    write_png(out / name, overlay(image, result.anomaly_maps[0], model.colour_scale))
                 # the threshold rule of the metrics: score >= threshold is anomalous
                 rows.append({"image": str(path), "score": score, "anomalous": int(score >= model.threshold),
-                             "threshold": model.threshold})
+                             "threshold": model.threshold, "overlay": name})
             seconds += time.perf_counter() - begin
     if rows:
         write_csv(out / "scores.csv", rows)
@@ -206,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{category}/{args.model}: scored {len(rows)} image(s), {flagged} anomalous (score >= {model.threshold:.4g}), "
               f"{1000 * seconds / len(rows):.0f} ms per image -> {out}/scores.csv")
     if failed:
-        print(f"error: {failed} of {len(files)} image(s) could not be read (named above)", file=sys.stderr)
+        print(f"error: {failed} of {len(files)} image(s) could not be scored (named above)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -10,10 +10,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import atomic_path, check, param, run_main, stage_args, warn
+from stages.cli import run_main, stage_args
+from stages.errors import check, warn
+from stages.outputs import atomic_path
+from stages.params import param
 from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
 from stages.paths import pixels_dir, raw_category_dir
+
+MIN_VALIDATION = 5  # fewer validation images make the threshold's std a guess
 
 
 def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
@@ -53,6 +58,11 @@ def main() -> None:
         n_val < len(train_items),
         f"preprocess.val_fraction={val_fraction} leaves no training images ({len(train_items)} in train/good)",
     )
+    if n_val < MIN_VALIDATION:
+        warn(f"preprocess.val_fraction={val_fraction} holds out {n_val} of {len(train_items)} good training images of "
+             f"{category}: the mean + n_std * std threshold rests on {n_val} validation score(s)"
+             + (" (with one, the threshold is that image's score)" if n_val == 1 else "")
+             + f"; at least {MIN_VALIDATION} give a usable spread (raise val_fraction)")
     order = np.random.default_rng(seed).permutation(len(train_items))
     val_items = [train_items[i] for i in sorted(order[:n_val])]
     fit_items = [train_items[i] for i in sorted(order[n_val:])]

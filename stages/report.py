@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 
-from stages.common import PipelineError, atomic_path, load_params, param, run_main, write_csv, write_json
+from stages.cli import run_main
+from stages.errors import PipelineError
+from stages.outputs import atomic_path, write_csv, write_json
+from stages.params import load_params, param
 from stages.paths import SUMMARY_ROOT as OUTPUT, metrics_file
 
 HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}

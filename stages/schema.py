@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 
 class SchemaError(PipelineError):

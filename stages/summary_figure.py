@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from stages.common import PipelineError, run_main
+from stages.cli import run_main
+from stages.errors import PipelineError
 from stages.paths import PLOTS_ROOT, SUMMARY_ROOT
 
 OUTPUT = PLOTS_ROOT / "summary.png"

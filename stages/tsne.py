@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.common import PipelineError, param, run_main, stage_args, write_csv
+from stages.cli import run_main, stage_args
+from stages.errors import PipelineError
+from stages.outputs import write_csv
+from stages.params import param
 from stages.data.prepared import SPLITS, load_split
 from stages.features import load_features
 from stages.paths import features_dir, pixels_dir, tsne_file

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.data.prepared import Split
 from stages.features import FeatureSet
 from stages.methods import get_method

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from stages.backbones import BACKBONES, FeatureExtractor, load_backbone
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 
 def _classify(model: torch.nn.Module, image: np.ndarray, arch: str = "efficientnet_lite0") -> torch.Tensor:

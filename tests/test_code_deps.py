@@ -34,7 +34,7 @@ def imported_files(path: Path) -> set[Path]:
             if name.split(".")[0] != "stages":
                 continue
             parts = name.split(".")
-            for i in range(2, len(parts) + 1):  # importing a.b.c runs a/b/__init__.py too
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py too
                 file = module_file(".".join(parts[:i]))
                 if file is not None:
                     found.add(file)

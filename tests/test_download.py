@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.data import mvtec
 
 

@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.curves import pixel_roc_rows, pro_rows, thin_curve
 from stages.plotting.grids import ColourScale, select
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.features import FeatureSet
 from stages.methods import get_method
 from stages.methods.global_knn import GlobalKNN

@@ -7,7 +7,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from stages import metrics
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 # The classic sklearn example: AUROC 0.75.
 LABELS = [0, 0, 1, 1]

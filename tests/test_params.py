@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.models import model_config
 from stages.params import load_params, read_yaml
 from tests.conftest import REPO

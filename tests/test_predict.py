@@ -8,21 +8,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from tests.conftest import MODELS_FITTED as MODELS
 
 def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
+    """predict's main() in `project`, into a fresh --out unless one is given; (exit code, scores.csv rows)."""
     import os
+    import tempfile
 
     from stages.predict import main
 
+    if "--out" not in args:
+        args = (*args, "--out", tempfile.mkdtemp(prefix="predict-"))
     previous = Path.cwd()
     os.chdir(project)
     try:
         code = main(list(args))
     finally:
         os.chdir(previous)
-    out = Path(args[args.index("--out") + 1]) if "--out" in args else project / "predictions" / "carpet" / args[0]
+    out = Path(args[args.index("--out") + 1])
     rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []
     return code, rows
 
@@ -33,18 +37,19 @@ def evaluate_scores(project: Path, model: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_new_images_score_as_evaluate_scored_them(fitted, model):
+def test_new_images_score_as_evaluate_scored_them(fitted, model, tmp_path):
     """The raw test images, given as files, get the scores the evaluate stage gave them, the
     verdict of its threshold, and an overlay at the prepared size."""
     raw = fitted / "data" / "raw" / "carpet.dataset"
     expected = evaluate_scores(fitted, model)
-    code, rows = predict(fitted, model, *(str(raw / name) for name in expected))
+    out = tmp_path / "out"
+    code, rows = predict(fitted, model, *(str(raw / name) for name in expected), "--out", str(out))
     assert code == 0 and len(rows) == len(expected)
     for row, (name, score) in zip(rows, expected.items()):
         assert row["image"] == str(raw / name)
         assert float(row["score"]) == pytest.approx(score, rel=1e-5)
         assert int(row["anomalous"]) == int(float(row["score"]) >= float(row["threshold"]))
-    overlays = sorted((fitted / "predictions" / "carpet" / model).glob("*_overlay.png"))
+    overlays = sorted(out.glob("*_overlay.png"))
     assert len(overlays) == len(expected)  # same-named files from different folders are numbered
     assert Image.open(overlays[0]).size == (48, 48)
 
@@ -78,7 +83,7 @@ def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
     assert code == 1
     assert [Path(r["image"]).name for r in rows] == ["a_good.png", "b_gray.png"]
     assert any("c_text.png" in e for e in errors) and any("d_truncated.png" in e for e in errors)
-    assert errors[-1] == "error: 2 of 4 image(s) could not be read (named above)"
+    assert errors[-1] == "error: 2 of 4 image(s) could not be scored (named above)"
 
 
 def test_a_model_never_fitted_is_a_one_line_error(fitted):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from tests.conftest import call_stage, default_params, write_params
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import atomic_path, write_json
+from stages.outputs import atomic_path, write_json
 from stages.data import mvtec
 from tests.conftest import run_stage
 from tests.test_errors import TINY, tiny_params

@@ -24,8 +24,9 @@ from typing import BinaryIO, ContextManager
 
 from tqdm import tqdm
 
-from stages.common import PipelineError, temp_dir_for
-from stages.common import remove_path as _remove
+from stages.errors import PipelineError
+from stages.outputs import temp_dir_for
+from stages.outputs import remove_path as _remove
 from stages.data.raw import check_layout
 
 CATEGORIES = (

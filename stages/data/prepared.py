@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import PipelineError, atomic_path
+from stages.errors import PipelineError
+from stages.outputs import atomic_path
 
 SPLITS = ("train", "val", "test")
 INPUTS_FILE = "inputs.json"  # beside the splits: how they were made (preprocess, backbone), for predict

@@ -1,13 +1,14 @@
 """Read one category in MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import PipelineError
+from stages.errors import PipelineError, warn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -62,19 +63,58 @@ def list_category(root: Path) -> tuple[list[RawImage], list[RawImage], bool]:
     return train, test, has_masks
 
 
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _FULL_16 = 65535
 
+# Every image is bounded before it is decoded or resized. The resize scales the short side to
+# `preprocess.resize`, so the long side grows with the aspect ratio: a 118-byte 1 x 20000 PNG would
+# become 256 x 5,120,000 (5 GB). MAX_PIXELS bounds decoding (PIL's own bomb check starts at 89 MP),
+# MAX_ASPECT_RATIO bounds the resized image at 16 x resize on its long side.
+MAX_PIXELS = 64 * 2**20  # 67.1 MP, e.g. 8192 x 8192
+MAX_ASPECT_RATIO = 16
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image (a truncated file fails here, not later)."""
+
+class ImageTooLarge(PipelineError):
+    """An image over MAX_PIXELS or MAX_ASPECT_RATIO (the demo answers 413 for it)."""
+
+
+def check_image_bounds(path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{path}: {width}x{height} pixels is more than the limit of {MAX_PIXELS:,} "
+                            f"({MAX_PIXELS / 2**20:.0f} MP, stages/data/raw.py MAX_PIXELS); scale it down first")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageTooLarge(f"{path}: {width}x{height} pixels is longer than {MAX_ASPECT_RATIO}:1 "
+                            f"(stages/data/raw.py MAX_ASPECT_RATIO); crop it to the part to inspect")
+
+
+def _open(path) -> Image.Image:
+    """Open, bound and fully decode an image (a truncated file fails here, not later).
+
+    Only regular files are read (a FIFO would block forever); the size is checked from the header,
+    before decoding. A multi-frame file (TIFF pages, GIF frames) gives its first frame, with a warning.
+    """
+    if isinstance(path, (str, Path)) and not Path(path).is_file():
+        what = "not found" if not Path(path).exists() else "not a regular file (a folder, FIFO or device)"
+        raise PipelineError(f"{path}: {what}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound, below
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{path}: {exc}") from None
     except _DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: unreadable or truncated image ({exc})") from exc
+    with image:
+        check_image_bounds(path, *image.size)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            warn(f"{path}: holds {frames} frames (pages); only the first is used")
+        try:
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise PipelineError(f"{path}: unreadable or truncated image ({exc})") from exc
+        return image
 
 
 def _sixteen_bit_to_8(path: Path, image: Image.Image) -> Image.Image:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 # method name -> "module:Class"; imported lazily so a broken optional method never blocks the others
 REGISTRY = {
@@ -25,3 +25,18 @@ def get_method(name: str):
         raise PipelineError(f"unknown method '{name}' (known: {known})")
     module_name, class_name = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_fitted(directory, score=None, device: str = "cpu"):
+    """The fitted model in `directory`, whatever its method (read from the file, loaded once)."""
+    from pathlib import Path
+
+    from stages.methods.base import STATE_FILE, read_state
+
+    path = Path(directory) / STATE_FILE
+    method = read_state(path)["method"]
+    try:
+        cls = get_method(method)
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+    return cls.load(directory, score=score, device=device)

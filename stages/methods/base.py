@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.schema import Schema, parse
+from stages.torch_files import load_tensors
 
 STATE_FILE = "model.pt"
 
@@ -30,6 +31,11 @@ STATE_FILE = "model.pt"
 class Prediction:
     image_scores: np.ndarray  # (N,) float64, higher = more anomalous
     anomaly_maps: np.ndarray | None  # (N, H, W) float32 at the prepared image size, or None
+
+    def row(self, i: int) -> "Prediction":
+        """The prediction of image i alone."""
+        maps = None if self.anomaly_maps is None else self.anomaly_maps[i : i + 1]
+        return Prediction(self.image_scores[i : i + 1], maps)
 
 
 class TrainingDiverged(PipelineError):
@@ -82,13 +88,23 @@ class AnomalyDetector:
 
     @classmethod
     def load(cls, directory: str | Path, score: Schema | dict | None = None, device: str = "cpu") -> "AnomalyDetector":
+        """The fitted model saved in `directory`, scoring with `score` (tensors and plain data only: see
+        stages/torch_files.py)."""
         path = Path(directory) / STATE_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path}: fitted model not found (run the fit stage)")
-        blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("method") != cls.method or "fit" not in blob:
+        blob = read_state(path)
+        if blob.get("method") != cls.method:
             raise PipelineError(f"{path}: holds no '{cls.method}' model of this version (run the fit stage again)")
         detector = cls(fit=blob["fit"], score=score, device=device)
         detector.inputs = blob.get("inputs", {})
         detector.set_state(blob["state"])
         return detector
+
+
+def read_state(path: Path) -> dict:
+    """A saved model file: checked for presence and shape, never executed."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: fitted model not found (run the fit stage)")
+    blob = load_tensors(path, "fitted model", "run the fit stage again")
+    if not isinstance(blob.get("method"), str) or not isinstance(blob.get("fit"), dict) or "state" not in blob:
+        raise PipelineError(f"{path}: holds no fitted model of this version (run the fit stage again)")
+    return blob

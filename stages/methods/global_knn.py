@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from stages.common import PipelineError, warn
+from stages.errors import PipelineError, warn
 from stages.features import FeatureSet
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.neighbours import knn_distances

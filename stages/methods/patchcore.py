@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 from stages.features import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector, Prediction
 from stages.methods.maps import smooth, upsample

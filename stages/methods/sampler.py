@@ -12,7 +12,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 # Points searched between two passes over all of them. The selection does not depend on it
 # (tests/test_methods.py), only the speed: fewer passes, each a larger matrix product.

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.common import PipelineError, seed_everything
+from stages.errors import PipelineError
+from stages.runtime import seed_everything
 from stages.features import finest_grid
 from stages.methods.base import AnomalyDetector, Prediction, TrainingDiverged
 from stages.methods.maps import IMAGE_SCORES, finish_maps

@@ -1,12 +1,13 @@
 """Image grids: the dataset overview and the per-model heatmap grid (matplotlib, PNG)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 
 import numpy as np
 
-from stages.common import PipelineError
-from stages.plotting.style import HEATMAP_CMAP, TRUTH, blank, plt
+from stages.errors import PipelineError
+from stages.overlay import HEATMAP_CMAP, ColourScale, overlay
+from stages.plotting.style import TRUTH, blank, plt
 
 
 def select(defect_types: list[str], per_defect: int, good: int, seed: int) -> list[int]:
@@ -83,26 +84,6 @@ def overview_figure(rows: list[dict], title: str):
     return fig, (n_rows, n_cols)
 
 
-@dataclass
-class ColourScale:
-    """Map values -> colours, shared by every image of one model."""
-
-    low: float  # median of the validation maps -> palest colour
-    high: float  # the image threshold -> strongest colour
-
-    @classmethod
-    def from_validation(cls, val_maps: np.ndarray, threshold: float) -> "ColourScale":
-        low = float(np.median(val_maps)) if val_maps is not None and val_maps.size else 0.0
-        high = float(threshold)
-        if not high > low:  # a threshold below the typical pixel (e.g. score: mean): keep a usable range
-            high = float(np.max(val_maps)) if val_maps is not None and val_maps.size else low + 1.0
-            high = high if high > low else low + 1.0
-        return cls(low, high)
-
-    def normalise(self, values: np.ndarray) -> np.ndarray:
-        return np.clip((values - self.low) / (self.high - self.low), 0.0, 1.0)
-
-
 def heatmap_figure(
     model: str,
     images: np.ndarray,
@@ -131,7 +112,6 @@ def heatmap_figure(
     for r in range(n_rows):
         image, amap = images[r], maps[r]
         mask = masks[r] if masks is not None else None
-        level = scale.normalise(amap)
         for c, column in enumerate(columns):
             ax = axes[r, c]
             blank(ax)
@@ -144,17 +124,14 @@ def heatmap_figure(
                 ax.imshow(np.clip(reconstructions[r], 0.0, 1.0))
             elif column == "anomaly map":
                 im = ax.imshow(amap, cmap=cmap, vmin=scale.low, vmax=scale.high)
-            elif column == "overlay":
-                ax.imshow(image)
-                rgba = cmap(level)
-                rgba[..., 3] = 0.75 * level  # transparent where the map is at its normal level
-                ax.imshow(rgba)
+            elif column == "overlay":  # the overlay predict and the demo show
+                ax.imshow(overlay(image, amap, scale))
             else:
                 ax.imshow(amap >= threshold, cmap="gray", vmin=0, vmax=1)
                 outline(ax, mask)
             if r == 0:
                 ax.set_title(column, fontsize=10, fontweight="bold")
-        flagged = "flagged" if scores[r] > threshold else "not flagged"
+        flagged = "flagged" if scores[r] >= threshold else "not flagged"  # the metrics' rule
         axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.4g}\n{flagged}", fontsize=8)
     height = fig.get_figheight()
     fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})", y=1 - 0.15 / height)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from stages.common import atomic_path  # noqa: E402
+from stages.outputs import atomic_path  # noqa: E402
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -20,7 +20,6 @@ GOOD = "#999999"  # good test images
 VALIDATION = "#0072B2"  # held-out good validation images
 TRUTH = "#009E73"  # ground-truth outlines (bluish green)
 PREDICTED = "#D55E00"  # thresholded regions (vermillion)
-HEATMAP_CMAP = "YlOrRd"  # sequential, pale = low: a pale map reads as "normal"
 DPI = 100
 
 plt.rcParams.update(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.common import PipelineError
+from stages.errors import PipelineError
 
 
 def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, iterations: int = 1000, pca_dims: int = 50) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Helpers every stage script shares: params, one-line errors, atomic outputs, seeds, devices."""
+"""Stage outputs written atomically: a temporary path moved into place only when complete.
+
+A crash or an error leaves no half-written output that DVC could cache as valid. Temporaries live in
+the project's TMP_ROOT (.tmp/, ignored by git and DVC), never inside a folder another stage depends
+on; a run killed with -9 leaves them there until the next stage starts (clean_stale_temps).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,78 +12,13 @@ import glob
 import itertools
 import json
 import os
-import random
 import re
 import shutil
-import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import numpy as np
-
+from stages.errors import PipelineError
 from stages.paths import TMP_ROOT
-
-
-class PipelineError(Exception):
-    """A problem the user can fix (bad param, missing file). Printed as one line, exit code 1."""
-
-
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """params.yaml as DVC reads it, every section checked against its schema (stages/params.py)."""
-    from stages.params import load_params as load_checked
-
-    return load_checked(path)
-
-
-def stage_args(stage: str, usage: str) -> tuple[dict, list[str]]:
-    """`python -m stages.<stage> <category> [<name>]` -> (params, [category, name]); the category must be
-    one of data.categories (dvc.yaml's matrix passes only those; a hand-typed one is checked)."""
-    from stages.params import check_listed
-
-    if len(sys.argv) - 1 != len(usage.split()):
-        raise PipelineError(f"usage: python -m stages.{stage} {usage}")
-    params = load_params()
-    check_listed(params, sys.argv[1])
-    return params, sys.argv[1:]
-
-
-def param(params: dict, dotted: str, default: Any = ...) -> Any:
-    """Look up 'a.b.c' in params; a missing key without default names the param in the error."""
-    node: Any = params
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            if default is ...:
-                raise PipelineError(f"params.yaml: missing parameter '{dotted}'")
-            return default
-        node = node[key]
-    return node
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise PipelineError(message)
-
-
-def warn(message: str) -> None:
-    """A problem that does not stop the stage but may make a result misleading: one stderr line."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """Run a stage: PipelineError -> 'error: ...' on stderr and exit 1; other crashes keep their traceback."""
-    try:
-        clean_stale_temps()
-        main()
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception:  # an unexpected crash: keep the traceback, still exit non-zero
-        traceback.print_exc()
-        sys.exit(2)
 
 
 def remove_path(path: Path) -> None:
@@ -87,6 +27,7 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
 
 
 _TEMP_NAME = re.compile(r"^(\d+)-")  # .tmp/<pid>-<n>-<name>
@@ -173,9 +114,26 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     except BaseException:
         remove_path(slot)
         raise
-    remove_path(final)
+    try:
+        _move_into_place(tmp, final)
+    finally:
+        remove_path(slot)
+
+
+def _kind(path: Path) -> str:
+    return "folder" if path.is_dir() and not path.is_symlink() else "file"
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """A file replaces a file atomically; a folder replaces a folder. Never one by the other: a
+    folder where a file is to go (or the reverse) is someone else's, so it is refused, not deleted."""
+    if final.exists() or final.is_symlink():
+        if _kind(final) != _kind(tmp):
+            raise PipelineError(f"{final}: exists and is a {_kind(final)}, not the {_kind(tmp)} this would write; "
+                                "left as it is (move it away or choose another path)")
+        if _kind(final) == "folder":
+            remove_path(final)
     os.replace(tmp, final)
-    remove_path(slot)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -190,22 +148,3 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
             writer = csv.DictWriter(fh, fieldnames=columns or list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    import torch
-
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> str:
-    """'auto' picks a GPU when one is present; anything else is passed to torch as is."""
-    import torch
-
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"params.yaml: device '{name}' requested but no CUDA GPU is available")
-    return str(name)
