@@ -17,17 +17,13 @@ from stages.models import model_from_argv
 from stages.data.prepared import read_inputs
 
 CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric, under its folder
-KEEP = ".gitkeep"  # keeps the curve folder in git; listed in .dvcignore
 
 
 def log_history(history: list[dict], directory: Path) -> None:
     """Per-epoch losses as DVC plots, so `dvc plots show` draws the learning curves.
 
     dvclive also writes metrics.json (the last epoch's losses; `{}` for methods that do not train).
-    The curve folder always exists, without curves for kNN and PatchCore: DVC needs the declared
-    output. It holds a `.gitkeep` (ignored by DVC through .dvcignore, so the folder's hash is that
-    of its curves) because git drops empty folders: without it a fresh clone + `dvc pull` would
-    miss the folder, report it deleted and refit the model.
+    The curve folder always exists, empty for kNN and PatchCore: DVC needs the declared output.
     """
     from dvclive import Live
 
@@ -38,7 +34,6 @@ def log_history(history: list[dict], directory: Path) -> None:
                     live.log_metric(key, row[key])
             live.next_step()
     (directory / CURVES).mkdir(parents=True, exist_ok=True)
-    (directory / CURVES / KEEP).touch()
 
 
 def main() -> None:
