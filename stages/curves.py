@@ -1,8 +1,8 @@
 """Curve points for `dvc plots`, written by evaluate@<category>-<model> next to roc.csv and scores.csv.
 
 - pr.csv: image-level precision-recall;
-- pixel_roc.csv and pro.csv: pixel-level ROC and MVTec's PRO curve, thinned to at most
-  `figures.curve_points` vertices (a category has 10^7-10^8 pixels; DVC and the browser need far fewer);
+- pixel_roc.csv and pro.csv: pixel-level ROC and MVTec's PRO curve from the pixel statistics the
+  metrics use (stages/statistics.py), thinned to at most `figures.curve_points` vertices;
 - confusion.csv: one row per test image, actual vs predicted at the validation threshold, for
   DVC's `confusion` template.
 
@@ -14,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import precision_recall_curve
 
 from stages import metrics
 from stages.outputs import write_csv
+from stages.statistics import PixelStats
 
 
 def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> np.ndarray:
@@ -54,44 +55,41 @@ def pr_rows(labels, scores) -> list[dict]:
     ]
 
 
-def pixel_roc_rows(masks: np.ndarray, maps: np.ndarray, max_points: int) -> list[dict]:
-    flat_masks = np.asarray(masks, bool).ravel()
-    if not flat_masks.any() or flat_masks.all():
+def pixel_roc_rows(pixels: PixelStats, max_points: int) -> list[dict]:
+    """Pixel ROC from the same statistics as pixel AUROC (thresholds at the bin edges)."""
+    if not pixels.defined():
         return [{"fpr": 0.0, "tpr": 0.0}]
-    fpr, tpr, _ = roc_curve(flat_masks, np.asarray(maps, np.float32).ravel(), drop_intermediate=True)
+    fpr, tpr = pixels.roc_curve()
     keep = thin_curve(fpr, tpr, max_points)
     return [{"fpr": float(fpr[i]), "tpr": float(tpr[i])} for i in keep]
 
 
-def pro_rows(masks: np.ndarray, maps: np.ndarray, max_points: int) -> list[dict]:
-    curve = metrics.pro_curve(masks, maps)
-    if curve is None:
+def pro_rows(pixels: PixelStats, max_points: int) -> list[dict]:
+    """The PRO curve AUPRO integrates (the same statistics, the same thresholds)."""
+    if not pixels.has_regions():
         return [{"fpr": 0.0, "pro": 0.0}]
-    fpr, pro = curve
+    _, fpr, pro = next(pixels.pro_curves())
+    fpr, pro = fpr[0], pro[0]
     keep = thin_curve(fpr, pro, max_points)
     return [{"fpr": float(fpr[i]), "pro": float(pro[i])} for i in keep]
 
 
 def confusion_rows(names, labels, scores, threshold: float) -> list[dict]:
-    """'anomalous' means score > threshold, as in metrics.threshold_report."""
+    """Actual vs predicted at the threshold, by the metrics' rule (metrics.flagged: score >= threshold)."""
     word = {0: "good", 1: "anomalous"}
-    return [
-        {"image": n, "actual": word[int(l)], "predicted": word[int(float(s) > threshold)]}
-        for n, l, s in zip(names, labels, scores)
-    ]
+    predicted = metrics.flagged(scores, threshold)
+    return [{"image": n, "actual": word[int(l)], "predicted": word[int(p)]} for n, l, p in zip(names, labels, predicted)]
 
 
-def write_curves(plot_dir: Path, test, prediction, threshold: float, max_points: int, with_maps: bool) -> None:
-    """Write pr.csv, confusion.csv and, when the model gives maps and the category has masks,
-    pixel_roc.csv and pro.csv (placeholders of one point otherwise, since DVC needs every declared output)."""
+def write_curves(plot_dir: Path, test, scores, pixels: PixelStats | None, threshold: float, max_points: int) -> None:
+    """Write pr.csv, confusion.csv and, when there are pixel statistics (a model with maps on a
+    category with masks), pixel_roc.csv and pro.csv (placeholders of one point otherwise, since DVC
+    needs every declared output)."""
     plot_dir = Path(plot_dir)
-    write_csv(plot_dir / "pr.csv", pr_rows(test.labels, prediction.image_scores))
-    write_csv(
-        plot_dir / "confusion.csv", confusion_rows(test.names, test.labels, prediction.image_scores, threshold)
-    )
-    if with_maps:
-        pixel_roc = pixel_roc_rows(test.masks, prediction.anomaly_maps, max_points)
-        pro = pro_rows(test.masks, prediction.anomaly_maps, max_points)
+    write_csv(plot_dir / "pr.csv", pr_rows(test.labels, scores))
+    write_csv(plot_dir / "confusion.csv", confusion_rows(test.names, test.labels, scores, threshold))
+    if pixels is not None:
+        pixel_roc, pro = pixel_roc_rows(pixels, max_points), pro_rows(pixels, max_points)
     else:
         pixel_roc, pro = [{"fpr": 0.0, "tpr": 0.0}], [{"fpr": 0.0, "pro": 0.0}]
     write_csv(plot_dir / "pixel_roc.csv", pixel_roc)

@@ -1,78 +1,92 @@
-"""DVC stage `evaluate@<category>-<model>`: score one category's test set with a fitted model.
+"""DVC stage `evaluate@<category>-<model>`: score one category's test set with every fit of a model.
 
-Writes metrics/models/<category>.category/<model>.metrics.json (image AUROC, pixel AUROC, AUPRO, F1-max, the mean + 2 sigma
-threshold of the held-out good validation images with its confusion counts, per-defect AUROC),
-and plots/<category>.category/<model>.model/{scores,roc}.csv for `dvc plots`, plus the curves of stages/curves.py
-(image PR, pixel ROC, PRO, confusion at the threshold).
+For each seed the model was fitted with (params.yaml fit_seeds; one fit for a deterministic
+method), the test and validation images are scored, the metrics computed (image AUROC, pixel
+AUROC, AUPRO, F1-max, the mean + n_std·sigma threshold of the validation images with its confusion
+counts, per-defect AUROC) and the four headline metrics recomputed on `evaluate.bootstrap.resamples`
+stratified resamples of the test images (stages/bootstrap.py), the same resamples for every model
+of the category. Writes
+- metrics/models/<category>.category/<model>.metrics.json: the mean over seeds of every metric,
+  its standard deviation over seeds, the bootstrap interval of the seed mean, and each seed's own;
+- data/evaluations/<category>.category/<model>.resamples.npz: the seed mean on every resample
+  (stage `compare` pairs models with it);
+- models/<category>.category/<model>.scoring.json: what figures, predict and the demo apply with
+  the first seed's fit (threshold, colour scale, validation scores);
+- plots/<category>.category/<model>.model/{scores,roc,pr,pixel_roc,pro,confusion}.csv of the first seed.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from stages import curves, metrics
+from stages.bootstrap import stratified_weights
 from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import write_csv, write_json
-from stages.params import param
 from stages.data.prepared import load_split
+from stages.errors import PipelineError
 from stages.models import model_from_argv
+from stages.outputs import atomic_path, write_csv, write_json
 from stages.overlay import ColourScale
-from stages.paths import metrics_file, pixels_dir, scoring_file
+from stages.params import param
+from stages.paths import metrics_file, pixels_dir, resamples_file, scoring_file
 from stages.scoring import write_scoring
+from stages.statistics import PixelStats
 
 
 def main() -> None:
     params, config, device = model_from_argv("evaluate")
-    name = config.name
-    fpr_limit = param(params, "evaluate.fpr_limit")
-    n_std = param(params, "evaluate.threshold_n_std")
+    settings, bootstrap = param(params, "evaluate"), param(params, "evaluate.bootstrap")
     curve_points = param(params, "figures.curve_points")
 
-    detector = config.load(device)
     prepared = {split: load_split(pixels_dir(config.category) / f"{split}.npz") for split in ("test", "val")}
     test = prepared["test"]  # labels, defect types, masks
     inputs = {split: config.load_inputs(split) for split in prepared}
     for split, loaded in inputs.items():
         if list(loaded.names) != prepared[split].names:
-            raise PipelineError(
-                f"{config.features}: {split} features do not match the prepared images; rerun extract"
-            )
-    try:
-        prediction = detector.predict(inputs["test"])
-        validation = detector.predict(inputs["val"])
-    except PipelineError as exc:
-        raise PipelineError(f"models.{name} ({config.category}): {exc}") from exc
+            raise PipelineError(f"{config.features}: {split} features do not match the prepared images; rerun extract")
+    weights = stratified_weights(test.labels, bootstrap["resamples"], bootstrap["seed"], config.category)
 
-    with_maps = prediction.anomaly_maps is not None and test.masks is not None
-    result = metrics.evaluate(
-        test.labels,
-        prediction.image_scores,
-        test.defect_types,
-        validation.image_scores,
-        masks=test.masks if with_maps else None,
-        maps=prediction.anomaly_maps if with_maps else None,
-        fpr_limit=fpr_limit,
-        n_std=n_std,
-    )
-    n_train = detector.inputs.get("n_train")  # how many good images it was fitted on (few-shot sweeps)
-    result = {"category": config.category, "model": name, "method": config.method, "backbone": config.backbone, "n_train": n_train, **result}
+    per_seed, on_resamples, first = {}, [], None
+    for seed in config.seeds:
+        detector = config.load(device, seed)
+        try:
+            prediction, validation = detector.predict(inputs["test"]), detector.predict(inputs["val"])
+        except PipelineError as exc:
+            raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
+        pixels = None
+        if prediction.anomaly_maps is not None and test.masks is not None:
+            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"])
+        per_seed[seed] = metrics.evaluate(test.labels, prediction.image_scores, test.defect_types,
+                                          validation.image_scores, pixels, settings["fpr_limit"], settings["threshold_n_std"])
+        on_resamples.append(metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"]))
+        if first is None:
+            first = (seed, detector, prediction, validation, pixels)
+        del prediction, validation, pixels  # one seed's maps at a time
+
+    resampled = metrics.mean_over_seeds(on_resamples)
+    summary = metrics.summarise_seeds(per_seed, resampled, bootstrap["confidence"], bootstrap["resamples"])
+    seed, detector, prediction, validation, pixels = first
+    result = {"category": config.category, "model": config.name, "method": config.method, "backbone": config.backbone,
+              "n_train": detector.inputs.get("n_train"), **summary}
 
     plot_dir = config.plots
-    write_csv(
-        plot_dir / "scores.csv",
-        [
-            {"image": n, "defect_type": d, "label": int(l), "score": float(s)}
-            for n, d, l, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
-        ],
-    )
+    write_csv(plot_dir / "scores.csv", [
+        {"image": n, "defect_type": d, "label": int(l), "score": float(s)}
+        for n, d, l, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
+    ])
+    threshold = per_seed[seed]["threshold"]
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
-    curves.write_curves(plot_dir, test, prediction, result["threshold"], curve_points, with_maps)
-    write_json(metrics_file(config.category, name), result)
-    # what `python -m stages.predict` needs besides the fitted model: how to score, and the threshold
-    scale = ColourScale.from_validation(validation.anomaly_maps, result["threshold"])
-    write_scoring(scoring_file(config.category, name), config.score.as_dict(), result["threshold"], n_std, scale,
-                  validation.image_scores)
+    curves.write_curves(plot_dir, test, prediction.image_scores, pixels, threshold, curve_points)
+    with atomic_path(resamples_file(config.category, config.name)) as tmp:
+        with open(tmp, "wb") as fh:  # plain arrays (np.load(..., allow_pickle=False) reads them)
+            np.savez(fh, **{name: values for name, values in resampled.items() if values is not None})
+    write_json(metrics_file(config.category, config.name), result)
+    scale = ColourScale.from_validation(validation.anomaly_maps, threshold)
+    write_scoring(scoring_file(config.category, config.name), config.score.as_dict(), threshold,
+                  settings["threshold_n_std"], scale, validation.image_scores, seed)
     shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
-    print(f"{config.stage}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(f"{config.stage} (seeds {config.seeds}): "
+          + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":

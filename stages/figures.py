@@ -5,11 +5,11 @@ scores, threshold) and, for models with anomaly maps, heatmaps.png (image | grou
 [reconstruction] | map | overlay | map >= threshold for a seeded selection of test images).
 
 Why a separate stage that re-scores a few images, rather than drawing in evaluate: the figures'
-params (`figures.*`) and code then never rerun the scoring of the whole test set, evaluate stays
-as it is, and re-scoring the ~12 selected test images plus the validation images (for the colour
-scale) costs a fraction of evaluate. Test image scores and the threshold come from evaluate's
-outputs (scores.csv beside the figures, metrics/models/<category>.category/<model>.metrics.json), so the figures show exactly the
-numbers the metrics were computed from.
+params (`figures.*`) and code then never rerun the scoring of the whole test set, and re-scoring
+the ~12 selected test images costs a fraction of evaluate. Everything else comes from evaluate's
+outputs for the fit of the first seed (scores.csv beside the figures; the threshold, the colour
+scale and the validation scores in models/<category>.category/<model>.scoring.json), so the
+figures show exactly the numbers the metrics were computed from.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> None:
     name = config.name
     per_defect = param(params, "figures.heatmaps.per_defect")
     n_good = param(params, "figures.heatmaps.good")
-    seed = param(params, "figures.heatmaps.seed")
+    selection_seed = param(params, "figures.heatmaps.seed")
     bins = param(params, "figures.distribution.bins")
 
     record = read_scoring(scoring_file(config.category, name), config.stage)  # evaluate's threshold and scale
@@ -60,14 +60,14 @@ def main() -> None:
         raise PipelineError(f"{scores_path}: no score for {missing[0]}; rerun evaluate@{config.stage}")
     test_scores = np.array([scores_by_name[n] for n in test.names])
 
-    detector = config.load(device)
+    detector = config.load(device, record["seed"])  # the fit evaluate's scores.csv and threshold are of
 
     with atomic_path(config.plots / FIGURES) as out:
         out.mkdir(parents=True)
         fig = distribution_figure(f"{name} ({config.category})", test_scores, test.defect_types, val_scores, threshold, bins)
         save_png(fig, out / "scores.png")
         shown = "scores.png"
-        chosen = select(test.defect_types, per_defect, n_good, seed)
+        chosen = select(test.defect_types, per_defect, n_good, selection_seed)
         inputs = subset(config.load_inputs("test"), chosen)
         prediction = detector.predict(inputs)
         if prediction.anomaly_maps is not None:

@@ -38,21 +38,27 @@ def log_history(history: list[dict], directory: Path) -> None:
 
 def main() -> None:
     _, config, device = model_from_argv("fit")
-    seed_everything(getattr(config.fit, "seed", 0))
-    detector = config.build(device)
-    detector.inputs = read_inputs(config.features)
+    inputs = read_inputs(config.features)
     train, val = config.load_inputs("train"), config.load_inputs("val")
-    start = time.perf_counter()
-    try:
-        detector.fit(train, val)
-    except PipelineError as exc:
-        raise PipelineError(f"models.{config.name} ({config.category}): {exc}") from exc
-    seconds = time.perf_counter() - start
+    fitted, seconds = [], []
+    for seed in config.seeds:  # every seed of fit_seeds if the fit draws random numbers, else one
+        seed_everything(seed)
+        detector = config.build(device, seed)
+        detector.inputs = inputs
+        start = time.perf_counter()
+        try:
+            detector.fit(train, val)
+        except PipelineError as exc:
+            raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
+        seconds.append(time.perf_counter() - start)
+        fitted.append(detector)
 
     with atomic_path(config.directory) as model_dir, atomic_path(config.plots / "train") as curves:
-        log_history(detector.history, curves)
-        detector.save(model_dir)
-    print(f"fitted {config.stage} ({config.method} on {config.backbone}) in {seconds:.1f}s -> {config.directory}")
+        log_history(fitted[0].history, curves)  # the learning curves of the first seed
+        for detector in fitted:
+            detector.save(model_dir / config.seed_directory(detector.seed).name)
+    times = ", ".join(f"{s:.1f}s" for s in seconds)
+    print(f"fitted {config.stage} ({config.method} on {config.backbone}), seed(s) {config.seeds} in {times} -> {config.directory}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from stages.errors import PipelineError, warn
+from stages.statistics import ImageStats, PixelStats
 
-# 8-connectivity, as in MVTec's official evaluation: diagonal neighbours join one region.
-_STRUCTURE = np.ones((3, 3), dtype=int)
+DEFAULT_BINS = 8192  # params.yaml evaluate.bins
 
 
 def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -24,18 +23,6 @@ def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(scores).all():
         raise PipelineError("metrics: scores contain NaN or infinite values")
     return labels.astype(np.int64), scores
-
-
-def _masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    masks = np.asarray(masks).astype(bool)
-    maps = np.asarray(maps, dtype=np.float64)
-    if masks.ndim != 3 or masks.shape != maps.shape:
-        raise PipelineError(
-            f"metrics: masks and maps must both be (N, H, W) and the same shape (got {masks.shape} and {maps.shape})"
-        )
-    if not np.isfinite(maps).all():
-        raise PipelineError("metrics: anomaly maps contain NaN or infinite values")
-    return masks, maps
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -65,83 +52,30 @@ def roc_points(labels, scores) -> list[dict]:
     ]
 
 
-def pixel_auroc(masks, maps) -> float | None:
+def pixel_auroc(masks, maps, bins: int = DEFAULT_BINS) -> float | None:
     """AUROC over every pixel of every image; None when there are no defect (or no good) pixels."""
-    masks, maps = _masks_maps(masks, maps)
-    flat_masks = masks.ravel()
-    if not flat_masks.any() or flat_masks.all():
-        return None
-    return float(roc_auc_score(flat_masks, maps.ravel()))
+    stats = PixelStats.from_maps(masks, maps, bins)
+    return float(stats.auroc()[0]) if stats.defined() else None
 
 
-def _pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """FPR and PRO at every distinct threshold, as in MVTec's generic_util.compute_pro.
-
-    Returns None when there are no defect regions or no defect-free pixels.
-    """
-    # Give each image's regions their own label range so one bincount sizes them all.
-    regions = np.zeros(masks.shape, dtype=np.int64)
-    num_regions = 0
-    for i, mask in enumerate(masks):
-        labeled, n = ndimage.label(mask, structure=_STRUCTURE)
-        regions[i] = np.where(labeled > 0, labeled + num_regions, 0)
-        num_regions += n
-    ok = regions == 0
-    num_ok = int(ok.sum())
-    if num_regions == 0 or num_ok == 0:
-        return None
-
-    region_sizes = np.bincount(regions.ravel(), minlength=num_regions + 1).astype(np.float64)
-    # Each region pixel adds 1/size of its region, so a fully detected region adds exactly 1;
-    # dividing by the region count then makes the cumulative sum the mean overlap per region.
-    pro_changes = np.where(ok, 0.0, 1.0 / region_sizes[regions]).ravel()
-    fp_changes = ok.ravel().astype(np.float64)
-
-    # Lowering the threshold past each score (descending) adds that pixel to the prediction.
-    order = np.argsort(maps.ravel(), kind="stable")[::-1]
-    sorted_scores = maps.ravel()[order]
-    fprs = np.cumsum(fp_changes[order]) / num_ok
-    pros = np.cumsum(pro_changes[order]) / num_regions
-
-    # Pixels with equal scores switch together: only the end of each run is a real threshold.
-    keep = np.append(np.diff(sorted_scores) != 0, True)
-    fprs = np.minimum(fprs[keep], 1.0)
-    pros = np.minimum(pros[keep], 1.0)
-    return np.concatenate(([0.0], fprs)), np.concatenate(([0.0], pros))
-
-
-def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray] | None:
-    """FPR and PRO at every distinct threshold (for plots); None without defect regions or good pixels."""
-    return _pro_curve(*_masks_maps(masks, maps))
-
-
-def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under y(x) up to x_max, interpolating the curve at x_max (MVTec's trapezoid)."""
-    correction = 0.0
-    if not np.any(x == x_max):
-        # First point beyond x_max; x is sorted and starts at 0 < x_max <= 1 = x[-1].
-        ins = int(np.searchsorted(x, x_max, side="right"))
-        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
-        correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
-    keep = x <= x_max
-    x, y = x[keep], y[keep]
-    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
-
-
-def aupro(masks, maps, fpr_limit=0.3) -> float | None:
+def aupro(masks, maps, fpr_limit=0.3, bins: int = DEFAULT_BINS) -> float | None:
     """Normalised area under the PRO curve up to fpr_limit (MVTec AD's official definition).
 
     Regions are 8-connected components of each ground-truth mask; the FPR counts all defect-free
     pixels of all images, good images included. None when there are no defect regions.
     """
+    check_fpr_limit(fpr_limit)
+    stats = PixelStats.from_maps(masks, maps, bins)
+    return _aupro(stats, fpr_limit)
+
+
+def check_fpr_limit(fpr_limit) -> None:
     if not 0 < fpr_limit <= 1:
         raise PipelineError(f"metrics: fpr_limit must be in (0, 1], got {fpr_limit}")
-    masks, maps = _masks_maps(masks, maps)
-    curve = _pro_curve(masks, maps)
-    if curve is None:
-        return None
-    fprs, pros = curve
-    return _trapezoid(fprs, pros, fpr_limit) / fpr_limit
+
+
+def _aupro(stats: PixelStats, fpr_limit: float) -> float | None:
+    return float(stats.aupro(fpr_limit)[0]) if stats.has_regions() else None
 
 
 def f1_max(labels, scores) -> dict:
@@ -174,6 +108,9 @@ def mean_std_threshold(val_scores, n_std=2.0) -> float:
     if not np.isfinite(val_scores).all():
         raise PipelineError("metrics: validation scores contain NaN or infinite values")
     # Sample std (ddof=1) since the validation set is a sample; one score has no spread.
+    if val_scores.size == 1:
+        warn("one validation image: the threshold is its score (no spread to add); hold out more good images "
+             "(preprocess.val_fraction)")
     std = float(np.std(val_scores, ddof=1)) if val_scores.size > 1 else 0.0
     return float(np.mean(val_scores)) + float(n_std) * std
 
@@ -187,7 +124,7 @@ def threshold_report(labels, scores, threshold) -> dict:
     F1 = 2tp / (2tp + fp + fn), sklearn's formula (0 when nothing anomalous is found).
     """
     labels, scores = _labels_scores(labels, scores)
-    pred = scores >= threshold
+    pred = flagged(scores, threshold)
     actual = labels == 1
     tp = int(np.sum(pred & actual))
     fp = int(np.sum(pred & ~actual))
@@ -224,20 +161,17 @@ def per_defect_auroc(labels, scores, defect_types) -> dict[str, float]:
     return result
 
 
-def evaluate(
-    labels,
-    scores,
-    defect_types,
-    val_scores,
-    masks=None,
-    maps=None,
-    fpr_limit=0.3,
-    n_std=2.0,
-) -> dict:
-    """All metrics in one JSON-serialisable dict (plain floats/ints, None where undefined)."""
-    if (masks is None) != (maps is None):
-        raise PipelineError("metrics: pixel metrics need both masks and maps")
+def flagged(scores, threshold) -> np.ndarray:
+    """The one rule of every threshold here, in predict and in the figures: anomalous when score >= threshold
+    (sklearn's precision_recall_curve rule, so F1-max's threshold means the same)."""
+    return np.asarray(scores, dtype=np.float64) >= threshold
+
+
+def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3, n_std=2.0) -> dict:
+    """All metrics of one fit in one JSON-serialisable dict (plain floats/ints, None where undefined).
+    `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks."""
     checked, _ = _labels_scores(labels, scores)
+    check_fpr_limit(fpr_limit)
     if checked.size and not _both_classes(checked):
         has = "defective" if checked[0] == 1 else "good"
         undefined = (
@@ -263,7 +197,64 @@ def evaluate(
         "fn": report["fn"],
         "per_defect_auroc": per_defect_auroc(labels, scores, defect_types),
     }
-    if masks is not None:
-        result["pixel_auroc"] = pixel_auroc(masks, maps)
-        result["aupro"] = aupro(masks, maps, fpr_limit)
+    if pixels is not None:
+        result["pixel_auroc"] = float(pixels.auroc()[0]) if pixels.defined() else None
+        result["aupro"] = _aupro(pixels, fpr_limit)
     return result
+
+
+# The metrics with bootstrap intervals, and how each is computed on a resample (weights per image).
+INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
+
+def resampled(labels, scores, pixels: PixelStats | None, weights: np.ndarray, fpr_limit: float) -> dict[str, np.ndarray | None]:
+    """Each interval metric on every resample (a row of weights); None where the metric is undefined."""
+    labels, scores = _labels_scores(labels, scores)
+    images = ImageStats.from_scores(labels, scores)
+    both = _both_classes(labels)
+    return {
+        "image_auroc": images.auroc(weights) if both else None,
+        "image_f1_max": images.f1_max(weights) if labels.any() else None,
+        "pixel_auroc": pixels.auroc(weights) if pixels is not None and pixels.defined() else None,
+        "aupro": pixels.aupro(fpr_limit, weights) if pixels is not None and pixels.has_regions() else None,
+    }
+
+
+# The metrics reported as a mean over seeds (with their spread); the others stay per seed.
+SEED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold_precision", "threshold_recall",
+                "threshold_f1")
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def mean_over_seeds(resampled: list[dict]) -> dict[str, np.ndarray | None]:
+    """The seed mean of each metric on every resample (None where a seed has it undefined)."""
+    return {name: None if any(r[name] is None for r in resampled) else np.mean([r[name] for r in resampled], axis=0)
+            for name in resampled[0]}
+
+
+def summarise_seeds(per_seed: dict[int, dict], resampled: dict, confidence: float, resamples: int) -> dict:
+    """One model's metrics file: seed means, their spread over seeds, bootstrap intervals, each seed's own."""
+    from stages.bootstrap import interval
+
+    seeds = list(per_seed)
+    results = [per_seed[s] for s in seeds]
+    summary: dict = {"seeds": seeds}
+    spread = {}
+    for name in SEED_METRICS:
+        if name not in results[0]:
+            continue
+        values = [r[name] for r in results]
+        summary[name] = _mean(values)
+        spread[name] = float(np.std(values, ddof=1)) if len(values) > 1 and None not in values else None
+    types = results[0]["per_defect_auroc"]
+    summary["per_defect_auroc"] = {t: _mean([r["per_defect_auroc"][t] for r in results]) for t in types}
+    summary["seed_std"] = spread
+    summary["interval"] = {"confidence": confidence, "resamples": resamples, **{
+        name: None if resampled.get(name) is None else list(interval(resampled[name], confidence))
+        for name in INTERVAL_METRICS if name in summary
+    }}
+    summary["per_seed"] = {str(s): r for s, r in zip(seeds, results)}
+    return summary

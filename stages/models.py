@@ -17,7 +17,7 @@ from stages.data.prepared import load_split
 from stages.features import load_features
 from stages.methods import get_method
 from stages.methods.base import AnomalyDetector
-from stages.paths import PIXELS, features_dir, model_dir, plots_dir
+from stages.paths import PIXELS, features_dir, model_dir, plots_dir, seed_dir
 from stages.schema import Schema, parse
 
 
@@ -29,6 +29,7 @@ class ModelConfig:
     backbone: str
     fit: Schema
     score: Schema
+    fit_seeds: list[int]  # params.yaml fit_seeds
 
     @property
     def directory(self) -> Path:
@@ -49,12 +50,23 @@ class ModelConfig:
     def detector_class(self) -> type[AnomalyDetector]:
         return get_method(self.method)
 
-    def build(self, device: str) -> AnomalyDetector:
-        return self.detector_class()(fit=self.fit, score=self.score, device=device)
+    def build(self, device: str, seed: int) -> AnomalyDetector:
+        return self.detector_class()(fit=self.fit, score=self.score, device=device, seed=seed)
 
-    def load(self, device: str) -> AnomalyDetector:
-        """The fitted model as the fit stage saved it, scoring with today's `score` params."""
-        return self.detector_class().load(self.directory, score=self.score, device=device)
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds this model is fitted with: every seed of fit_seeds if its fit draws random
+        numbers, else the first alone (a second fit would be the same)."""
+        if self.build("cpu", self.fit_seeds[0]).draws_random_numbers():
+            return list(self.fit_seeds)
+        return self.fit_seeds[:1]
+
+    def seed_directory(self, seed: int) -> Path:
+        return seed_dir(self.category, self.name, seed)
+
+    def load(self, device: str, seed: int) -> AnomalyDetector:
+        """The fit of `seed` as the fit stage saved it, scoring with today's `score` params."""
+        return self.detector_class().load(self.seed_directory(seed), score=self.score, device=device)
 
     def load_inputs(self, split: str):
         """The representation this model reads: prepared pixels or a backbone's cached features."""
@@ -81,7 +93,7 @@ def model_config(params: dict, category: str, name: str) -> ModelConfig:
         raise PipelineError(f"{where}.backbone: method {cls.method} needs a feature backbone, not '{PIXELS}'")
     fit = parse(cls.Fit, entry["fit"], f"{where}.fit")
     score = parse(cls.Score, entry["score"], f"{where}.score")
-    return ModelConfig(category, name, cls.method, entry["backbone"], fit, score)
+    return ModelConfig(category, name, cls.method, entry["backbone"], fit, score, list(params["fit_seeds"]))
 
 
 def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:

@@ -94,6 +94,17 @@ class Backbone(Schema):
 class Evaluate(Schema):
     fpr_limit: float = option(0.3, "AUPRO integrated up to this false-positive rate", gt=0, le=1)
     threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
+    bins: int = option(8192, "pixel scores are counted on this many quantile bins (pixel AUROC, PRO curve and their "
+                             "intervals; within 1e-4 of the exact values)", ge=16, le=2**20)
+    bootstrap: dict = option({}, "confidence intervals over resampled test sets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap(Schema):
+    resamples: int = option(1000, "stratified bootstrap resamples of the test images (good and defective apart)",
+                            ge=10, le=100000)
+    confidence: float = option(0.95, "level of the percentile intervals", gt=0, lt=1)
+    seed: int = option(0, "seed of the resamples (the same for every model of a category: paired comparisons)", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +164,9 @@ def param(params: dict, dotted: str, default: Any = ...) -> Any:
 class Top(Schema):
     device: str = option("auto", "where extract, fit and evaluate run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
                          allowed="auto, cpu, cuda or cuda:N")
+    fit_seeds: list[int] = option([0, 1, 2], "seeds of every fit that draws random numbers (each such model is "
+                                             "fitted once per seed; the others once); results: mean and std over them",
+                                  ge=0, check=lambda v: len(set(v)) == len(v), allowed="a non-empty list of distinct integers >= 0")
     numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every x86-64 CPU with AVX2 (fixed kernels and "
                                              "threads, README 'Reproducibility'); fast: native kernels, every core",
                            choices=numerics.MODES)
@@ -256,6 +270,7 @@ def validate(raw: object, path: Path) -> dict:
     return {
         "device": top.device,
         "numerics": top.numerics,
+        "fit_seeds": top.fit_seeds,
         "data": {
             **data.as_dict(),
             "synthetic": parse(Synthetic, data.synthetic, "data.synthetic").as_dict(),
@@ -264,9 +279,14 @@ def validate(raw: object, path: Path) -> dict:
         "preprocess": parse(Preprocess, top.preprocess, "preprocess").as_dict(),
         "backbones": {name: parse(Backbone, entry, f"backbones.{name}").as_dict() for name, entry in backbones.items()},
         "models": {name: _check_model_entry(name, entry, backbones) for name, entry in models.items()},
-        "evaluate": parse(Evaluate, top.evaluate, "evaluate").as_dict(),
+        "evaluate": _evaluate(top.evaluate),
         "figures": _figures(top.figures),
     }
+
+
+def _evaluate(raw: dict) -> dict:
+    evaluate = parse(Evaluate, raw, "evaluate")
+    return {**evaluate.as_dict(), "bootstrap": parse(Bootstrap, evaluate.bootstrap, "evaluate.bootstrap").as_dict()}
 
 
 def _figures(raw: dict) -> dict:

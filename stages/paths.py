@@ -15,6 +15,7 @@ FEATURES_ROOT = Path("data/features")  # data/features/<category>.category/<back
 PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves (written by preprocess)
 MODELS_ROOT = Path("models")  # models/<category>.category/<model>.model/model.pt, <model>.scoring.json
 METRICS_ROOT = Path("metrics/models")  # metrics/models/<category>.category/<model>.metrics.json
+EVALUATIONS_ROOT = Path("data/evaluations")  # data/evaluations/<category>.category/<model>.resamples.npz
 SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}: every category x model
 WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.weights), a dep of every extract stage
 PLOTS_ROOT = Path("plots")  # plots/<category>.category/<model>.model/{roc,scores,...}.csv, train/, figures/
@@ -50,6 +51,16 @@ def pixels_dir(category: str) -> Path:
 def model_dir(category: str, model: str) -> Path:
     """models/<category>.category/<model>.model: the fitted state (fit@<category>-<model>)."""
     return MODELS_ROOT / _category(category) / f"{model}{MODEL_SUFFIX}"
+
+
+def seed_dir(category: str, model: str, seed: int) -> Path:
+    """models/<category>.category/<model>.model/seed-<seed>: one fit of the model (params.yaml fit_seeds)."""
+    return model_dir(category, model) / f"seed-{int(seed)}"
+
+
+def resamples_file(category: str, model: str) -> Path:
+    """Written by evaluate@<category>-<model>: the metrics of every bootstrap resample (read by compare)."""
+    return EVALUATIONS_ROOT / _category(category) / f"{model}.resamples.npz"
 
 
 def scoring_file(category: str, model: str) -> Path:

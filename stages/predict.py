@@ -33,7 +33,7 @@ from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
 from stages.overlay import ColourScale, overlay
 from stages.params import check_categories, check_name
 from stages.scoring import read_scoring
-from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file
+from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file, seed_dir
 
 DEFAULT_OUT = Path("predictions")
 CHUNK = 32  # images read and scored together: bounded memory for any number of files
@@ -42,9 +42,9 @@ CHUNK = 32  # images read and scored together: bounded memory for any number of 
 def fitted_models() -> list[tuple[str, str]]:
     """(category, model) of every model that `dvc repro` has fitted and evaluated."""
     found = []
-    for state in sorted(MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}/*{MODEL_SUFFIX}/{STATE_FILE}")):
-        category, name = state.parts[-3][: -len(CATEGORY_SUFFIX)], state.parts[-2][: -len(MODEL_SUFFIX)]
-        if scoring_file(category, name).is_file():
+    for folder in sorted(MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}/*{MODEL_SUFFIX}")):
+        category, name = folder.parts[-2][: -len(CATEGORY_SUFFIX)], folder.name[: -len(MODEL_SUFFIX)]
+        if scoring_file(category, name).is_file() and any(folder.glob(f"seed-*/{STATE_FILE}")):
             found.append((category, name))
     return found
 
@@ -81,14 +81,14 @@ class FittedModel:
     @classmethod
     def load(cls, category: str, name: str, device: str = "cpu") -> "FittedModel":
         folder, scoring, stage = model_dir(category, name), scoring_file(category, name), f"{category}-{name}"
-        state = folder / STATE_FILE
-        if not state.is_file():
-            raise PipelineError(f"{state}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)")
+        if not folder.is_dir():
+            raise PipelineError(f"{folder}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)")
         if not scoring.is_file():
             raise PipelineError(f"{scoring}: model '{name}' was never evaluated for {category} "
                                 f"(run `dvc repro evaluate@{stage}`)")
-        record = read_scoring(scoring, stage)
-        detector = load_fitted(folder, score=record["score"], device=device)
+        record = read_scoring(scoring, stage)  # the fit of the first seed: the one evaluate's threshold is for
+        state = seed_dir(category, name, record["seed"]) / STATE_FILE
+        detector = load_fitted(state.parent, score=record["score"], device=device)
         if not detector.inputs:
             raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{stage}`")
         return cls(category, name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from stages.cli import run_main
 from stages.errors import PipelineError
 from stages.outputs import atomic_path, write_csv, write_json
 from stages.params import load_params, param
+from stages.metrics import INTERVAL_METRICS
 from stages.paths import SUMMARY_ROOT as OUTPUT, metrics_file
 
 HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
@@ -34,30 +37,54 @@ COLUMNS = (
 MEAN = "mean"
 
 
-def summary_rows(categories: list[str], names: list[str]) -> list[dict]:
-    """One row per category x model, in params.yaml order."""
-    rows = []
+def _interval_columns(result: dict) -> dict:
+    """value's interval bounds and seed spread as flat columns: <metric>_low, _high, _seed_std."""
+    row = {}
+    for metric in INTERVAL_METRICS:
+        bounds = result.get("interval", {}).get(metric)
+        row[f"{metric}_low"], row[f"{metric}_high"] = bounds if bounds else (None, None)
+        row[f"{metric}_seed_std"] = result.get("seed_std", {}).get(metric)
+    return row
+
+
+def summary_rows(categories: list[str], names: list[str]) -> tuple[list[dict], dict]:
+    """One row per category x model, in params.yaml order; and each row's per-seed values of the
+    headline metrics, keyed (category, model)."""
+    rows, per_seed = [], {}
     for category in categories:
         for name in names:
             path = metrics_file(category, name)
             if not path.is_file():
                 raise PipelineError(f"{path}: metrics missing (run evaluate@{category}-{name})")
             result = json.loads(path.read_text())
-            row = {"category": category, "model": name, "method": result["method"], "backbone": result["backbone"]}
+            row = {"category": category, "model": name, "method": result["method"], "backbone": result["backbone"],
+                   "seeds": len(result["seeds"])}
             row.update({column: result.get(column) for column in COLUMNS})
+            row.update(_interval_columns(result))
             row.update({f"auroc_{k}": v for k, v in sorted(result.get("per_defect_auroc", {}).items())})
             rows.append(row)
-    return rows
+            per_seed[category, name] = [seed_result for seed_result in result["per_seed"].values()]
+    return rows, per_seed
 
 
-def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
+def mean_rows(rows: list[dict], names: list[str], per_seed: dict, comparison: dict) -> list[dict]:
+    """The mean over categories of each model; its interval from the paired bootstrap of stage
+    compare (resampling within each category), its seed spread from the per-seed means."""
+    intervals = {(metric, r["model"]): (r["low"], r["high"]) for metric, result in comparison["metrics"].items()
+                 for r in result["intervals"] if r["category"] == MEAN}
     means = []
     for name in names:
         mine = [row for row in rows if row["model"] == name]
-        mean = {"category": MEAN, "model": name, "method": mine[0]["method"], "backbone": mine[0]["backbone"]}
+        mean = {"category": MEAN, "model": name, "method": mine[0]["method"], "backbone": mine[0]["backbone"],
+                "seeds": mine[0]["seeds"]}
         for column in COLUMNS:
             values = [row[column] for row in mine]
             mean[column] = None if any(v is None for v in values) else sum(values) / len(values)
+        for metric in INTERVAL_METRICS:
+            mean[f"{metric}_low"], mean[f"{metric}_high"] = intervals.get((metric, name), (None, None))
+            seeds = [[r.get(metric) for r in per_seed[row["category"], name]] for row in mine]  # categories x seeds
+            defined = all(v is not None for values in seeds for v in values) and len(seeds[0]) > 1
+            mean[f"{metric}_seed_std"] = float(np.std(np.mean(seeds, axis=0), ddof=1)) if defined else None
         means.append(mean)
     return means
 
@@ -66,6 +93,19 @@ def _cell(value) -> str:
     if value is None:
         return "–"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _estimate(row: dict, metric: str) -> str:
+    """'0.979 [0.950, 0.995] ±0.003': the value, its bootstrap interval, its std over seeds."""
+    value = row.get(metric)
+    if value is None:
+        return "–"
+    text = f"{value:.3f}"
+    if row.get(f"{metric}_low") is not None:
+        text += f" [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]"
+    if row.get(f"{metric}_seed_std") is not None:
+        text += f" ±{row[f'{metric}_seed_std']:.3f}"
+    return text
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -84,14 +124,20 @@ def metric_tables(rows: list[dict], means: list[dict], categories: list[str], na
     ]
 
 
-def markdown(rows, tables, categories, names) -> str:
-    parts = []
+def markdown(rows, means, categories, names, confidence: float, resamples: int) -> str:
+    by_key = {(row["category"], row["model"]): row for row in [*rows, *means]}
+    seeds = max(row["seeds"] for row in rows)
+    parts = [f"Each cell: the mean over fit seeds, its {confidence:.0%} bootstrap interval over the test images "
+             f"([low, high]; {resamples} stratified resamples, metrics/comparison.md pairs the models on them) and its "
+             f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). The mean row: the mean "
+             "over categories, resampled within each category.\n"]
     for metric, title in HEADLINE.items():
-        table = [{**t, "category": f"**{MEAN}**" if t["category"] == MEAN else t["category"]}
-                 for t in tables if t["metric"] == metric]
+        table = [{"category": f"**{MEAN}**" if category == MEAN else category,
+                  **{name: _estimate(by_key[category, name], metric) for name in names}}
+                 for category in [*categories, MEAN]]
         parts.append(f"## {title}\n\n" + markdown_table(table, ["category", *names]))
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    parts.append("## Every metric, per category and model\n\n" + markdown_table(rows, columns))
+    columns = [key for key in dict.fromkeys(key for row in rows for key in row) if not key.endswith(("_low", "_high", "_seed_std"))]
+    parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
     counted = f"{len(names)} model{'s' * (len(names) != 1)} on {len(categories)} categor{'ies' if len(categories) != 1 else 'y'}"
     return f"# {counted}\n\n" + "\n".join(parts)
 
@@ -102,16 +148,21 @@ def main() -> None:
     categories = list(param(params, "data.categories"))
     if not names:
         raise PipelineError("models: no models configured")
-    rows = summary_rows(categories, names)
-    means = mean_rows(rows, names)
+    rows, per_seed = summary_rows(categories, names)
+    comparison_file = OUTPUT / "comparison.json"
+    if not comparison_file.is_file():
+        raise PipelineError(f"{comparison_file}: missing (run the compare stage)")
+    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()))
     tables = metric_tables(rows, means, categories, names)
+    interval_keys = [key for key in means[0] if key.endswith(("_low", "_high", "_seed_std"))]
 
     write_json(OUTPUT / "summary.json", {
-        MEAN: {m["model"]: {c: m[c] for c in COLUMNS} for m in means},
+        MEAN: {m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]} for m in means},
         "categories": {c: {r["model"]: {k: v for k, v in r.items() if k not in ("category", "model")}
                            for r in rows if r["category"] == c} for c in categories},
     })
-    text = markdown(rows, tables, categories, names)
+    text = markdown(rows, means, categories, names, param(params, "evaluate.bootstrap.confidence"),
+                    param(params, "evaluate.bootstrap.resamples"))
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)
     all_rows = [*rows, *means]

@@ -1,6 +1,7 @@
 """models/<category>.category/<model>.scoring.json: how evaluate scored and decided, for figures, predict and the demo.
 
-Written by evaluate@<category>-<model> beside the fitted model: the scoring params it used, the mean +
+Written by evaluate@<category>-<model> beside the fitted model, for the fit of the first seed: which
+seed that is, the scoring params it used, the mean +
 n·sigma threshold of the validation (good) images ('anomalous when score >= threshold'), the colour
 scale of the maps (stages/overlay.py) and the validation image scores themselves.
 """
@@ -14,8 +15,9 @@ from stages.errors import PipelineError
 from stages.outputs import write_json
 
 
-def write_scoring(path: Path, score: dict, threshold: float, n_std: float, scale, validation_scores) -> None:
+def write_scoring(path: Path, score: dict, threshold: float, n_std: float, scale, validation_scores, seed: int) -> None:
     write_json(path, {
+        "seed": int(seed),  # the fit it describes: models/<category>.category/<model>.model/seed-<seed>
         "score": score,
         "threshold": threshold,
         "threshold_rule": f"anomalous when score >= mean + {n_std} std of the validation (good) image scores",
@@ -33,10 +35,11 @@ def read_scoring(path: Path, stage: str) -> dict:
         raise PipelineError(f"{path}: not readable JSON ({exc.__class__.__name__}: {str(exc)[:80]}; {remedy})") from None
     scale = record.get("colour_scale") if isinstance(record, dict) else None
     scores = record.get("validation_scores") if isinstance(record, dict) else None
-    if not (isinstance(record, dict) and isinstance(record.get("score"), dict) and _finite(record.get("threshold"))
+    if not (isinstance(record, dict) and isinstance(record.get("seed"), int) and isinstance(record.get("score"), dict)
+            and _finite(record.get("threshold"))
             and isinstance(scale, dict) and set(scale) == {"low", "high"} and all(map(_finite, scale.values()))
             and isinstance(scores, list) and all(map(_finite, scores))):
-        raise PipelineError(f"{path}: not a scoring record of this version (score, threshold, colour_scale, "
+        raise PipelineError(f"{path}: not a scoring record of this version (seed, score, threshold, colour_scale, "
                             f"validation_scores; {remedy})")
     return record
 

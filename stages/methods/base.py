@@ -60,15 +60,22 @@ class AnomalyDetector:
     Fit: ClassVar[type[Schema]] = NoParams
     Score: ClassVar[type[Schema]] = NoParams
 
-    def __init__(self, fit: Schema | dict | None = None, score: Schema | dict | None = None, device: str = "cpu"):
+    def __init__(self, fit: Schema | dict | None = None, score: Schema | dict | None = None, device: str = "cpu",
+                 seed: int = 0):
         self.fit_params = as_params(self.Fit, fit, "fit")
         self.score_params = as_params(self.Score, score, "score")
         self.device = device  # where fit/predict run; not part of the saved state
+        self.seed = int(seed)  # of every random draw of the fit (params.yaml fit_seeds): saved
         self.history: list[dict] = []  # per-epoch losses of trained methods, logged by the fit stage
         self.inputs: dict = {}  # how the inputs were made (preprocess, backbone): saved, for predict
 
     def fit(self, train, val=None) -> "AnomalyDetector":
         raise NotImplementedError
+
+    def draws_random_numbers(self) -> bool:
+        """Whether fit() depends on the seed: the fit stage fits such a model once per seed of
+        `fit_seeds`, any other once."""
+        return False
 
     def predict(self, inputs) -> Prediction:
         raise NotImplementedError
@@ -83,7 +90,8 @@ class AnomalyDetector:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        blob = {"method": self.method, "fit": self.fit_params.as_dict(), "inputs": self.inputs, "state": self.get_state()}
+        blob = {"method": self.method, "fit": self.fit_params.as_dict(), "seed": self.seed, "inputs": self.inputs,
+                "state": self.get_state()}
         torch.save(blob, directory / STATE_FILE)
 
     @classmethod
@@ -94,7 +102,7 @@ class AnomalyDetector:
         blob = read_state(path)
         if blob.get("method") != cls.method:
             raise PipelineError(f"{path}: holds no '{cls.method}' model of this version (run the fit stage again)")
-        detector = cls(fit=blob["fit"], score=score, device=device)
+        detector = cls(fit=blob["fit"], score=score, device=device, seed=blob.get("seed", 0))
         detector.inputs = blob.get("inputs", {})
         detector.set_state(blob["state"])
         return detector

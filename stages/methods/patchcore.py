@@ -44,7 +44,6 @@ class Fit(Schema):
     patch_size: int = option(3, "neighbourhood of a locally aware patch feature", ge=1, check=_odd, allowed="an odd integer >= 1")
     pretrain_embed_dimension: int = option(1024, "per-layer feature size after average pooling (MeanMapper)", ge=1)
     target_embed_dimension: int = option(1024, "patch feature size after the Aggregator", ge=1)
-    seed: int = option(0, "seed of the coreset's projection and starting points")
     batch_size: int = option(8, "images embedded at once while fitting", ge=1)
 
 
@@ -93,6 +92,8 @@ class PatchCore(AnomalyDetector):
             yield self.embed([m[start : start + size] for m in maps])
 
     # -- estimator API ------------------------------------------------------------------------
+    def draws_random_numbers(self) -> bool:
+        return self.fit_params.coreset_ratio < 1  # the coreset's projection and starting points
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PatchCore":
         """Streamed: pass 1 keeps only the coreset's random projection of every patch (128-d by
         default), the greedy selection runs on that, pass 2 re-embeds and gathers the selected
@@ -103,7 +104,7 @@ class PatchCore(AnomalyDetector):
         projection, reduced, offset = None, None, 0
         for embeddings, grid in self._batches(train, fit.batch_size, "embed train"):
             if projection is None:
-                projection = RandomProjection(embeddings.shape[1], fit.projection_dim, fit.seed)
+                projection = RandomProjection(embeddings.shape[1], fit.projection_dim, self.seed)
                 # filled in place: a list of batches plus their concatenation would hold it twice
                 reduced = torch.empty(len(train) * grid[0] * grid[1], projection.out_dim or embeddings.shape[1],
                                       device=embeddings.device)

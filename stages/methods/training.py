@@ -39,7 +39,6 @@ class TrainingFit(Schema):
     epochs: int = option(30, "maximum training epochs", ge=1)
     batch_size: int = option(8, "training mini-batch size", ge=1)
     patience: int | None = option(5, "early stopping: epochs without validation improvement (0 or null: never stop early)", ge=0)
-    seed: int = option(0, "seed of the weight initialisation and the shuffling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +138,12 @@ def train(
 def fit_network(detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x_train: Tensor, x_val: Tensor | None) -> None:
     """Seed, build and train a trained detector's network; set detector.net/history only on success."""
     fit = detector.fit_params
-    seed_everything(fit.seed)  # weight initialisation
+    seed_everything(detector.seed)  # weight initialisation (and the VAE's samples)
     net = build_net()
     history = train(
         net, loss_fn, x_train, x_val,
         lr=fit.lr, epochs=fit.epochs, batch_size=fit.batch_size, patience=fit.patience,
-        seed=fit.seed, device=detector.device, desc=detector.method,
+        seed=detector.seed, device=detector.device, desc=detector.method,
     )
     detector.net, detector.history = net, history
 
@@ -185,6 +184,9 @@ class ReconstructionDetector(AnomalyDetector):
 
     Score = MapScore
     net: nn.Module | None = None
+
+    def draws_random_numbers(self) -> bool:
+        return True  # weight initialisation and shuffling
 
     def build_net(self) -> nn.Module:
         raise NotImplementedError

@@ -1,0 +1,47 @@
+"""Paired comparisons of models on the same bootstrap resamples (read from evaluate's resamples files).
+
+Every model of a category was scored on the same resamples of its test images (stages/bootstrap.py),
+so the difference of two models on resample r is a draw of their difference on a new test set of
+the same make-up; its percentile interval says whether the difference could be 0. The mean over
+categories is resampled the same way: resample r's mean over categories of each category's own
+resample r (categories are resampled independently).
+"""
+from __future__ import annotations
+
+from itertools import product
+
+import numpy as np
+
+from stages.bootstrap import summarise
+
+MEAN = "mean"  # the row of means over categories, as in the report
+
+
+def with_mean(points: dict, resamples: dict, categories: list[str], models: list[str]):
+    """(points, resamples) per (category, model), plus the MEAN row where every category has the metric."""
+    for model in models:
+        keys = [(c, model) for c in categories]
+        if all(points.get(k) is not None and resamples.get(k) is not None for k in keys):
+            points[MEAN, model] = float(np.mean([points[k] for k in keys]))
+            resamples[MEAN, model] = np.mean([resamples[k] for k in keys], axis=0)
+    return points, resamples
+
+
+def model_intervals(points, resamples, rows: list[str], models: list[str], confidence: float) -> list[dict]:
+    """Each (category or mean, model): the metric with its interval (the forest plot)."""
+    return [{"category": row, "model": model, **summarise(points[row, model], resamples[row, model], confidence)}
+            for row, model in product(rows, models) if (row, model) in resamples]
+
+
+def differences(points, resamples, rows: list[str], models: list[str], confidence: float) -> list[dict]:
+    """Each (category or mean, model, other model): the difference model - other with its interval;
+    `significant` when the interval excludes 0 (a model against itself: exactly 0, interval [0, 0])."""
+    out = []
+    for row, a, b in product(rows, models, models):
+        if (row, a) not in resamples or (row, b) not in resamples:
+            continue
+        diff = summarise(points[row, a] - points[row, b], resamples[row, a] - resamples[row, b], confidence)
+        significant = diff["low"] > 0 or diff["high"] < 0
+        verdict = "better" if significant and diff["low"] > 0 else "worse" if significant else "no difference"
+        out.append({"category": row, "model": a, "versus": b, **diff, "significant": significant, "verdict": verdict})
+    return out
