@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.errors import PipelineError
 
-_BLOCKED = re.compile(r"unsupported GLOBAL (\S+)")
+_BLOCKED = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")  # the object the pickle would build
 
 
 def load_tensors(path: str | Path, what: str, remedy: str) -> dict:

@@ -27,12 +27,12 @@ torch.set_num_threads(1)
 TINY = dict(image_size=16, channels=[4, 8], latent=2, batch_size=4, smoothing_sigma=1.0)
 
 
-def build(cls, **params):
+def build(cls, seed: int = 0, **params):
     """A detector from flat keyword params: scoring ones (smoothing_sigma, image_score) go to `score`."""
     score_names = {f.name for f in dataclasses.fields(cls.Score)} - {"batch_size"}
     score = {k: v for k, v in params.items() if k in score_names}
     fit = {k: v for k, v in params.items() if k not in score_names}
-    return cls(fit=fit, score=score)
+    return cls(fit=fit, score=score, seed=seed)
 
 
 def textures(n: int, size: int, seed: int) -> np.ndarray:
@@ -188,6 +188,25 @@ def test_same_seed_same_weights_and_scores(make):
     assert states_equal(model_a.get_state(), model_b.get_state())
     assert model_a.history == model_b.history
     np.testing.assert_array_equal(model_a.predict(test_data).image_scores, model_b.predict(test_data).image_scores)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: (build(Autoencoder, seed, **TINY, epochs=2), split(textures(8, 16, 0))),
+        lambda seed: (build(FeatureVariationalAE, seed, latent=4, batch_size=4, epochs=2), feature_set(8, 0)),
+    ],
+    ids=["autoencoder", "feature_vae"],
+)
+def test_another_seed_another_fit(make):
+    """The seed is the fit's: two seeds give two different networks, and the state saves which one it was."""
+    first, data = make(0)
+    second, _ = make(1)
+    first.fit(data)
+    second.fit(data)
+    assert first.draws_random_numbers() and not states_equal(first.get_state(), second.get_state())
+    again, _ = make(1)
+    assert states_equal(again.fit(data).get_state(), second.get_state())
 
 
 def test_nan_loss_raises_training_diverged_with_the_epoch():

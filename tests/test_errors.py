@@ -153,7 +153,7 @@ def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):
     model = {"method": "autoencoder", "backbone": "pixels", "fit": {"image_size": 32, "epochs": 3, "lr": 1e30}}
     tiny_params(prepared, ae=model)
     line = error_line(run_stage("fit", "carpet", "ae", cwd=prepared))
-    assert re.search(r"models\.ae \(carpet\): loss became (NaN|infinite) at epoch \d+", line), line
+    assert re.search(r"models\.ae \(carpet, seed 0\): loss became (NaN|infinite) at epoch \d+", line), line
     assert_no_output(prepared / "models" / "carpet.category" / "ae.model")
     assert_no_output(prepared / "plots" / "carpet.category" / "ae.model" / "train")
 

@@ -11,7 +11,9 @@ import pytest
 
 from stages.errors import PipelineError
 from stages.curves import pixel_roc_rows, pro_rows, thin_curve
-from stages.plotting.grids import ColourScale, select
+from stages.statistics import PixelStats
+from stages.overlay import ColourScale
+from stages.plotting.grids import select
 
 
 def test_select_is_seeded_and_covers_every_defect_type():
@@ -42,8 +44,9 @@ def test_pixel_curves_are_thinned_and_monotone():
     masks = np.zeros((4, 64, 64), bool)
     masks[:2, 10:30, 10:30] = True
     maps = rng.random((4, 64, 64)).astype(np.float32) + masks * 0.5
-    roc = pixel_roc_rows(masks, maps, 200)
-    pro = pro_rows(masks, maps, 200)
+    pixels = PixelStats.from_maps(masks, maps, bins=8192)
+    roc = pixel_roc_rows(pixels, 200)
+    pro = pro_rows(pixels, 200)
     for rows, y in ((roc, "tpr"), (pro, "pro")):
         assert 50 < len(rows) <= 202
         fpr = [r["fpr"] for r in rows]

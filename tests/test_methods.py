@@ -182,8 +182,8 @@ def test_streamed_fit_keeps_the_one_shot_coreset(batch_size, projection_dim):
     g = torch.Generator().manual_seed(8)
     maps = {"layer2": torch.randn(7, 6, 8, 8, generator=g).half(), "layer3": torch.randn(7, 10, 4, 4, generator=g).half()}
     fit = dict(coreset_ratio=0.2, pretrain_embed_dimension=16, target_embed_dimension=12, projection_dim=projection_dim,
-               batch_size=batch_size, seed=3)
-    model = PatchCore(fit=fit).fit(feature_set(maps=maps))
+               batch_size=batch_size)
+    model = PatchCore(fit=fit, seed=3).fit(feature_set(maps=maps))
     patches, _ = model.embed(list(maps.values()))
     expected = patches[greedy_coreset(patches, 0.2, projection_dim=projection_dim, seed=3, progress=False)]
     assert len(model.bank) == int(7 * 64 * 0.2)

@@ -223,19 +223,27 @@ def test_aupro_matches_slow_reference(seed, decimals, fpr_limit):
 
 
 def test_evaluate_keys_and_json():
+    """Every key, its type, and values from the parameters given: a non-default n_std sets the
+    threshold, a non-default fpr_limit the AUPRO (checked against the slow reference, not the code)."""
+    from stages.statistics import PixelStats
+
     masks, maps = _random_case(4)
     labels = [0, 1, 1]
     scores = [float(m.max()) for m in maps]
     types = ["good", "crack", "hole"]
-    result = metrics.evaluate(labels, scores, types, val_scores=[0.1, 0.2, 0.3], masks=masks, maps=maps)
+    pixels = PixelStats.from_maps(masks, maps, bins=metrics.DEFAULT_BINS)
+    result = metrics.evaluate(labels, scores, types, val_scores=[0.1, 0.2, 0.3], pixels=pixels, fpr_limit=0.1, n_std=3)
     expected_keys = {
         "image_auroc", "image_f1_max", "image_f1_max_threshold", "threshold",
         "threshold_precision", "threshold_recall", "threshold_f1", "tp", "fp", "tn", "fn",
         "per_defect_auroc", "pixel_auroc", "aupro",
     }
     assert set(result) == expected_keys
-    assert result["threshold"] == pytest.approx(0.2 + 2 * 0.1)
-    assert result["aupro"] == pytest.approx(metrics.aupro(masks, maps))
+    assert result["threshold"] == pytest.approx(0.2 + 3 * 0.1)
+    assert result["aupro"] == pytest.approx(_reference_aupro(masks, maps, 0.1), abs=1e-9)
+    assert result["aupro"] != pytest.approx(_reference_aupro(masks, maps, 0.3), abs=1e-3)  # the limit is used
+    from sklearn.metrics import roc_auc_score
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     for key, value in result.items():
         if key == "per_defect_auroc":
             assert set(value) == {"crack", "hole"}
@@ -249,8 +257,13 @@ def test_evaluate_keys_and_json():
     no_pixels = metrics.evaluate(labels, scores, types, val_scores=[0.1, 0.2, 0.3])
     assert "aupro" not in no_pixels and "pixel_auroc" not in no_pixels
     json.dumps(no_pixels, allow_nan=False)
-    with pytest.raises(PipelineError):
-        metrics.evaluate(labels, scores, types, [0.1], masks=masks)
+    with pytest.raises(PipelineError, match="fpr_limit"):
+        metrics.evaluate(labels, scores, types, [0.1], fpr_limit=0)
+
+
+def test_one_validation_image_warns(capsys):
+    assert metrics.mean_std_threshold([0.7]) == 0.7
+    assert "one validation image: the threshold is its score" in capsys.readouterr().err
 
 
 def test_report_shows_null_as_dash():

@@ -93,7 +93,7 @@ def error_of(tmp_path: Path, text: str) -> str:
         ("      patch_size: 3", '      patch_size: "3"',
          "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got '3'"),
         ("      patch_size: 3", "      patch_size: 4", "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got 4"),
-        ("      seed: 0\n      batch_size: 8", "      seed: 0\n      batch_size: 0",
+        ("      target_embed_dimension: 128\n      batch_size: 8", "      target_embed_dimension: 128\n      batch_size: 0",
          "models.patchcore_effnet.fit.batch_size: must be an integer >= 1, got 0"),
         ("      pretrain_embed_dimension: 128", '      pretrain_embed_dimension: "128"',
          "models.patchcore_effnet.fit.pretrain_embed_dimension: must be an integer >= 1, got '128'"),

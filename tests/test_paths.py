@@ -23,6 +23,9 @@ from stages.params import check_categories
 from tests.conftest import REPO, error_line, run_stage, write_params
 from tests.test_pipeline import DVC, dvc, tiny_params
 
+# one worker runs this file: its tests share the module's DVC project (pytest.ini: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("paths")
+
 BAD_NAMES = ["", ".", "..", "a/b", "../../x", "x/.."]
 
 
@@ -146,3 +149,28 @@ def test_fixed_folder_source_is_picked_up_without_force(repo, tmp_path):
     shutil.copy(tmp_path / "source" / "carpet" / "test" / "color" / "000.png", victim)  # the user fixes the file
     assert "Running stage 'download@carpet'" in dvc(repo, "repro", "--single-item", "download@carpet")
     assert (repo / "data/raw/carpet.dataset/test/hole/000.png").read_bytes() == victim.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["x;touch MARK;#", "x';touch MARK;'", "$(touch MARK)", "`touch MARK`", "my cat"])
+def test_a_name_never_reaches_a_shell(repo, name):
+    """dvc.yaml's commands carry no name (stages read DVC_STAGE): a category that is shell code stays a
+    string, and its stage refuses it with one line that names it."""
+    params = small_params()
+    good = copy.deepcopy(params)
+    params["data"]["categories"].append(name)
+    write_params(repo, params)
+    try:
+        env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
+        result = subprocess.run([*DVC, "repro", "--single-item", f"download@{name}"], cwd=repo, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode != 0
+        assert f"error: data.categories: invalid category name {name!r}" in result.stderr + result.stdout
+        assert not list(repo.rglob("MARK")) and not (Path.cwd() / "MARK").exists()
+    finally:
+        write_params(repo, good)
+
+
+def test_dvc_yaml_commands_carry_no_interpolation():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert "${" not in stage["cmd"], f"{name}: {stage['cmd']}"

@@ -61,14 +61,17 @@ def tiny_params() -> dict:
     params["data"]["synthetic"].update(image_size=64, n_train=16, n_test_good=4, n_test_per_defect=2)
     params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
     params["device"] = "cpu"
+    params["fit_seeds"] = [0, 1]  # two seeds still exercise the per-seed fits, means and spreads
+    params["evaluate"].update(bins=1024, bootstrap={**params["evaluate"]["bootstrap"], "resamples": 100})
     params["figures"]["overview"].update(per_defect=1)  # small figures: the stages rerun in every test below
     params["figures"]["heatmaps"].update(per_defect=1, good=1)
     params["figures"]["tsne"].update(iterations=250)
-    # Four models, one per code path worth running end to end: image-level features (knn), patch
-    # features with maps (patchcore), a trained pixel model with reconstructions (skipae_ssim) and a
-    # trained feature model (feature_ae). The others differ in params or share these paths, and
-    # every method has its own unit tests; each model here costs three stages in every run below.
-    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet", "skipae_ssim", "feature_ae")}
+    # Three models, one per code path worth running end to end: image-level features (knn), patch
+    # features with maps (patchcore), a trained pixel model with reconstructions (skipae_ssim). The
+    # others differ in params or share these paths (the trained feature models run through the same
+    # fit and evaluate stages), and every method has its own unit tests; each model here costs three
+    # stages in every run below.
+    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet", "skipae_ssim")}
     for name, model in params["models"].items():
         if model["method"] == "global_knn":
             model["score"]["k"] = 5
@@ -133,9 +136,9 @@ def test_all_model_charts_list_every_model_of_params_yaml():
         assert all(Path(path).parts[1] == "${data.categories[0]}.category" for path in plots[plot_id]["y"])
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
+def make_project(root: Path) -> Path:
+    """The tiny project as a git + DVC repository with one commit, nothing reproduced."""
+    root.mkdir(parents=True)
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "weights", root / "weights")
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
@@ -156,15 +159,40 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def first_run(repo) -> dict:
-    output = dvc(repo, "repro")
-    models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
-    assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {"report"}
-    return read_metrics(repo)
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """The tiny project after its first `dvc repro`, built once for all pytest-xdist workers (the first
+    to get here builds it, the others wait) and never changed: each test works on its own copy."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    root = shared / "pipeline-built"
+    with FileLock(str(shared / "pipeline-built.lock")):
+        if not (shared / "pipeline-built.done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
+            output = dvc(make_project(root), "repro")
+            models = yaml.safe_load((root / "params.yaml").read_text())["models"]
+            assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {"report"}
+            (shared / "pipeline-built.done").touch()
+    return root
 
 
-def test_repro_writes_metrics_for_every_model(repo, first_run):
+@pytest.fixture
+def workspace(built, tmp_path) -> Path:
+    """A copy of the built project for one test: a test that changes params or outputs changes only its
+    own copy, so every test passes in any order (DVC's state database is per folder, left behind)."""
+    copy = tmp_path / "workspace"
+    shutil.copytree(built, copy, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder.endswith("/.dvc") else [])
+    return copy
+
+
+@pytest.fixture
+def first_run(workspace) -> dict:
+    return read_metrics(workspace)
+
+
+def test_repro_writes_metrics_for_every_model(workspace, first_run):
+    repo = workspace
     models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
     summary = first_run["metrics/summary.json"]["mean"]
     assert set(summary) == set(models)
@@ -204,7 +232,8 @@ def png_panels(path: Path) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def test_plots_show_offline_page(repo, first_run, tmp_path):
+def test_plots_show_offline_page(workspace, first_run, tmp_path):
+    repo = workspace
     """Every declared plot is shown and non-empty, all models share the curve charts, the page needs
     no network, and the image grids have one row per selected image and one column per view."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -265,7 +294,8 @@ def test_plots_show_offline_page(repo, first_run, tmp_path):
     assert all((out / src).stat().st_size > 5000 for src in images)
 
 
-def test_forced_repro_is_deterministic(repo, first_run):
+def test_forced_repro_is_deterministic(workspace, first_run):
+    repo = workspace
     """Every stage with something seeded, run again from scratch, writes byte-identical outputs: data
     generation, preprocessing, feature extraction, a trained and an untrained fit, an evaluation,
     a heatmap grid with its reconstructions, the t-SNE."""
@@ -280,7 +310,8 @@ def test_forced_repro_is_deterministic(repo, first_run):
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
-def test_fitting_param_and_scoring_param_rerun_only_their_readers(repo, first_run):
+def test_fitting_param_and_scoring_param_rerun_only_their_readers(workspace, first_run):
+    repo = workspace
     """Two changes at once, each to another model: a fitting param refits its model, a scoring param
     only re-scores its model (evaluate and figures, no fit). The stage sets are disjoint per model, so
     `dvc status` (what reads each change) and `dvc repro` (that and what follows) check each change
@@ -289,8 +320,8 @@ def test_fitting_param_and_scoring_param_rerun_only_their_readers(repo, first_ru
     before = read_metrics(repo)
     set_param(repo, "models.knn_effnet.fit.top_variance_dims", 100)
     set_param(repo, "models.skipae_ssim.score.smoothing_sigma", 2)
-    # the report reads the list of models, so any models.* change makes it stale (it reruns anyway)
-    stale = {"fit@carpet-knn_effnet", "report", "evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
+    # the report and compare read the list of models, so any models.* change makes them stale (they rerun anyway)
+    stale = {"fit@carpet-knn_effnet", "report", "compare", "evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
     assert set(json.loads(dvc(repo, "status", "--json"))) == stale
     # the summary chart follows the report whenever the summary changed
     assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@carpet-knn_effnet", "figures@carpet-knn_effnet"}
@@ -298,11 +329,12 @@ def test_fitting_param_and_scoring_param_rerun_only_their_readers(repo, first_ru
     metrics = "metrics/models/carpet.category/{}.metrics.json".format
     for model in ("knn_effnet", "skipae_ssim"):
         assert after[metrics(model)] != before[metrics(model)], model
-    for model in ("patchcore_effnet", "feature_ae"):
+    for model in ("patchcore_effnet",):
         assert after[metrics(model)] == before[metrics(model)], model
 
 
-def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
+def test_fresh_clone_and_pull_recomputes_nothing(workspace, first_run, tmp_path):
+    repo = workspace
     """The shared-remote promise: push, clone, pull -> `dvc status` clean and `dvc repro` runs nothing."""
     git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     dvc(repo, "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote"))
@@ -316,7 +348,8 @@ def test_fresh_clone_and_pull_recomputes_nothing(repo, first_run, tmp_path):
     assert ran(dvc(clone, "repro")) == set()
 
 
-def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, tmp_path):
+def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_run, tmp_path):
+    repo = workspace
     """A second category from a local folder (grayscale, another source than the synthetic carpet)
     gets its own stages and metrics and joins the cross-category tables; the carpet's stages stay
     up to date. A third category then makes `dvc status` list only its own stages and the report."""
@@ -334,7 +367,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
     assert {s for s in ran(output) if "carpet" in s} <= {"download@carpet"}
     grid_models = {f"{stage}@grid-{m}" for stage in ("fit", "evaluate") for m in params["models"]}
     assert ran(output) - {"download@carpet"} == {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0",
-                                                 "report"} | grid_models
+                                                 "compare", "report"} | grid_models
 
     grid = json.loads((repo / "metrics/models/grid.category/patchcore_effnet.metrics.json").read_text())
     carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
@@ -357,7 +390,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
     set_param(repo, "models.knn_effnet.score.k", 3)
     try:  # (the grid's figures@ stages have not run: they are stale anyway)
         assert set(json.loads(dvc(repo, "status", "--json"))) - not_run_yet(params) == {
-            "evaluate@carpet-knn_effnet", "evaluate@grid-knn_effnet", "figures@carpet-knn_effnet", "report"}
+            "evaluate@carpet-knn_effnet", "evaluate@grid-knn_effnet", "figures@carpet-knn_effnet", "compare", "report"}
     finally:
         set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
 
@@ -366,7 +399,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(repo, first_run, t
     tile = {"download@tile", "preprocess@tile", "extract@tile-efficientnet_lite0", "overview@tile",
             "tsne@tile-efficientnet_lite0"}
     tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
-    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"report"} | not_run_yet(params)
+    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"compare", "report"} | not_run_yet(params)
     params["data"]["categories"].remove("tile")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -381,7 +414,8 @@ def grid_knn(repo: Path) -> float:
     return json.loads((repo / "metrics/models/grid.category/knn_effnet.metrics.json").read_text())["image_auroc"]
 
 
-def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(repo, first_run):
+def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(workspace, first_run):
+    repo = workspace
     set_param(repo, "preprocess.seed", 1)  # another validation split
     categories = yaml.safe_load((repo / "params.yaml").read_text())["data"]["categories"]
     carpet = {s for s in json.loads(dvc(repo, "status", "--json")) if "carpet" in s}
@@ -401,3 +435,63 @@ def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_
     status = set(json.loads(dvc(repo, "status", "--json")))
     assert {s for s in status if "carpet" in s} == readers
     assert {f"preprocess@{c}" for c in categories} - {"preprocess@carpet"} <= status
+
+
+def git(repo: Path, *args: str) -> None:
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", *git_user, *args], cwd=repo, check=True, capture_output=True)
+
+
+def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_path):
+    """README "Sharing work across machines": two workers each reproduce one category and push the run
+    cache to a shared remote, with no dvc.lock to merge; the assembler pulls the run cache and
+    `dvc repro --pull` restores every per-category stage, running only the cross-category ones."""
+    remote = tmp_path / "remote"
+    origin = tmp_path / "origin"
+    git(tmp_path, "clone", "-q", str(workspace), str(origin))  # the committed project, no results
+    set_param(origin, "data.categories", ["carpet", "tile"])
+    params = yaml.safe_load((origin / "params.yaml").read_text())
+    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet")}  # keep it short
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (origin / "dvc.yaml").write_text(yaml.safe_dump(with_plot_sources_of(params["models"]), sort_keys=False))
+    dvc(origin, "remote", "add", "-d", "shared", str(remote))
+    git(origin, "add", "-A")
+    git(origin, "commit", "-qm", "two categories, a shared remote")
+
+    # worker A: the built project has reproduced the carpet; the same stages, same inputs
+    dvc(workspace, "remote", "add", "-d", "shared", str(remote))
+    dvc(workspace, "push", "--run-cache")
+    # worker B: the tile
+    worker = tmp_path / "b"
+    git(tmp_path, "clone", "-q", str(origin), str(worker))
+    assert {s.split("@")[1].split("-")[0] for s in ran(dvc(worker, "repro", "--glob", "*@tile", "*@tile-*"))} == {"tile"}
+    dvc(worker, "push", "--run-cache")
+    # the assembler
+    assembler = tmp_path / "c"
+    git(tmp_path, "clone", "-q", str(origin), str(assembler))
+    dvc(assembler, "pull", "--run-cache", "--allow-missing")
+    output = dvc(assembler, "repro", "--pull")
+    # the cross-category stages; the page template is a cached output, so worker A's run cache may hold it too
+    assert {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
+    restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
+    per_category = {f"{stage}@{c}" for stage in ("download", "preprocess", "overview") for c in ("carpet", "tile")}
+    per_category |= {f"{stage}@{c}-{m}" for stage in ("fit", "evaluate", "figures") for c in ("carpet", "tile")
+                     for m in params["models"]}
+    per_category |= {f"{stage}@{c}-efficientnet_lite0" for stage in ("extract", "tsne") for c in ("carpet", "tile")}
+    assert per_category <= restored
+    summary = json.loads((assembler / "metrics/summary.json").read_text())
+    assert set(summary["categories"]) == {"carpet", "tile"}
+    assert "Data and pipelines are up to date" in dvc(assembler, "status")
+
+
+def test_the_readme_comparing_runs_commands_run(workspace):
+    """Every command of the README's "Comparing runs" block, as written, on the tiny project."""
+    from tests.test_readme import readme_commands
+
+    commands = readme_commands("Comparing runs")
+    assert any(c.startswith("dvc exp run -S ") for c in commands)
+    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
+    for command in commands:
+        result = subprocess.run(command, shell=True, cwd=workspace, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+    assert (workspace / "dvc_plots" / "index.html").is_file()

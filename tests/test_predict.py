@@ -89,7 +89,7 @@ def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
 def test_a_model_never_fitted_is_a_one_line_error(fitted):
     with pytest.raises(PipelineError, match=r"^models: model 'nope' was never fitted and evaluated"):
         predict(fitted, "nope", "x.png")
-    with pytest.raises(PipelineError, match=r"models/grid.category/pc.model/model.pt: model 'pc' was never fitted for grid"):
+    with pytest.raises(PipelineError, match=r"models/grid.category/pc.model: model 'pc' was never fitted for grid \(run `dvc repro fit@grid-pc`\)"):
         predict(fitted, "pc", "x.png", "--category", "grid")
 
 

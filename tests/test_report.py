@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -11,10 +12,25 @@ from tests.conftest import call_stage, default_params, write_params
 
 
 def write_metrics(project, category, model, **values):
+    """A metrics file as evaluate writes it (two seeds: the values +- 0.01), with its bootstrap resamples."""
+    import numpy as np
+
     path = project / "metrics" / "models" / f"{category}.category" / f"{model}.metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"category": category, "model": model, "method": "m", "backbone": "b", "per_defect_auroc": {"cut": 0.5}}
-    path.write_text(json.dumps({**result, **values}))
+    per_seed = {str(seed): {k: None if v is None else v + shift for k, v in values.items()} | {"per_defect_auroc": {"cut": 0.5}}
+                for seed, shift in ((0, -0.01), (1, 0.01))}
+    rng = np.random.default_rng(abs(hash((category, model))) % 2**32)
+    drawn = {k: v + rng.normal(0, 0.02, 1000) for k, v in values.items() if v is not None}
+    result = {"category": category, "model": model, "method": "m", "backbone": "b", "seeds": [0, 1],
+              "per_defect_auroc": {"cut": 0.5}, **values,
+              "seed_std": {k: None if v is None else float(np.std([v - 0.01, v + 0.01], ddof=1)) for k, v in values.items()},
+              "interval": {"confidence": 0.95, "resamples": 1000,
+                           **{k: [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))] for k, d in drawn.items()}},
+              "per_seed": per_seed}
+    path.write_text(json.dumps(result))
+    samples = project / "data" / "evaluations" / f"{category}.category" / f"{model}.resamples.npz"
+    samples.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(samples, **drawn)
 
 
 @pytest.fixture
@@ -31,6 +47,7 @@ def project(tmp_path):
 
 
 def test_tables_per_metric_with_the_mean_over_categories(project):
+    call_stage("compare", cwd=project)
     call_stage("report", cwd=project)
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["mean"]["knn_effnet"]["image_auroc"] == pytest.approx(0.7)
@@ -55,10 +72,28 @@ def test_tables_per_metric_with_the_mean_over_categories(project):
     assert markdown.startswith("# 2 models on 2 categories\n")
     image_table = markdown.split("## Image AUROC")[1].split("##")[0]
     assert "| category | knn_effnet | patchcore_effnet |" in image_table
-    assert "| grid | 0.600 | 0.900 |" in image_table and "| **mean** | 0.700 | 0.950 |" in image_table
+    grid = next(line for line in image_table.splitlines() if line.startswith("| grid |"))
+    assert re.fullmatch(r"\| grid \| 0\.600 \[0\.5\d\d, 0\.6\d\d\] ±0\.014 \| 0\.900 \[0\.8\d\d, 0\.9\d\d\] ±0\.014 \|", grid), grid
+    mean = next(line for line in image_table.splitlines() if line.startswith("| **mean** |"))
+    assert mean.startswith("| **mean** | 0.700 [") and "±0.014 |" in mean  # the seed std of the per-seed means
+    # the mean's interval comes from the paired resampling of stage compare, narrower than a category's
+    comparison = json.loads((project / "metrics/comparison.json").read_text())
+    knn_mean = next(r for r in comparison["metrics"]["image_auroc"]["intervals"] if (r["category"], r["model"]) == ("mean", "knn_effnet"))
+    assert summary_low(project, "knn_effnet") == pytest.approx(knn_mean["low"])
+    assert knn_mean["high"] - knn_mean["low"] < 0.08  # two categories' +-0.02 noise averaged: about 0.055 wide
+    better = next(d for d in comparison["metrics"]["image_auroc"]["differences"]
+                  if (d["category"], d["model"], d["versus"]) == ("mean", "patchcore_effnet", "knn_effnet"))
+    assert better["value"] == pytest.approx(0.25) and better["verdict"] == "better"
+    assert "**+0.250 [" in (project / "metrics/comparison.md").read_text()
+
+
+def summary_low(project, model: str) -> float:
+    call_stage("report", cwd=project)
+    return json.loads((project / "metrics/summary.json").read_text())["mean"][model]["image_auroc_low"]
 
 
 def test_a_missing_category_is_named(project):
+    call_stage("compare", cwd=project)
     (project / "metrics/models/grid.category/knn_effnet.metrics.json").unlink()
     with pytest.raises(PipelineError, match=r"grid.category/knn_effnet.metrics.json: metrics missing "
                                             r"\(run evaluate@grid-knn_effnet\)"):
