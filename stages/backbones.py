@@ -1,8 +1,9 @@
 """Pretrained backbones and the features the methods read from them.
 
 Each backbone gives, per image, a global embedding (pooled last stage, or the ViT CLS token) and
-mid-level feature maps (e.g. ResNet layer2 + layer3, as PatchCore uses). Features are taken with
-forward hooks, so any torchvision or timm model works the same way.
+mid-level feature maps (e.g. ResNet layer2 + layer3, as PatchCore uses). The network is cut after
+the deepest module needed (torch.fx feature extraction), so any torchvision or timm model works the
+same way.
 """
 from __future__ import annotations
 
@@ -156,50 +157,67 @@ def load_backbone(arch: str, weights: str | None = None) -> nn.Module:
 
 @dataclass
 class Extracted:
-    global_embeddings: torch.Tensor
+    global_embeddings: torch.Tensor | None  # None when the extractor skips the global embedding
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class FeatureExtractor:
-    """Runs a backbone once per batch and collects the hooked outputs."""
+class Backbone(nn.Module):
+    """The backbone cut after the deepest module asked for: normalised images (N, 3, H, W) -> a dict of
+    that module's outputs (timm's FX feature extraction, which works for torchvision models too), so
+    nothing after the last needed layer runs (a PatchCore without the global embedding stops after
+    blocks.4 of Lite0). The outputs equal the full network's."""
 
-    def __init__(self, arch: str, model: nn.Module, layers: list[str] | None = None, device: str = "cpu"):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, nodes: list[str]):
+        super().__init__()
+        from timm.models import create_feature_extractor
+
+        self.spec, self.nodes = spec, nodes
+        self.network = create_feature_extractor(model, return_nodes={name: name for name in nodes})
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network(batch)
+
+
+class FeatureExtractor:
+    """Runs the (cut) backbone once per batch: uint8 images -> global embeddings and mid-level maps."""
+
+    def __init__(self, arch: str, model: nn.Module, layers: list[str] | None = None, device: str = "cpu",
+                 with_global: bool = True, with_maps: bool = True):
         self.spec = get_spec(arch)
         self.arch = arch
-        self.layers = list(layers or self.spec.layers)
-        self.model = model.to(device).eval()
+        # what is computed: the extract stage caches both; predict, the demo and the export only what the
+        # model reads (the global embedding needs the whole network, the maps only up to the last layer)
+        self.layers = list(layers or self.spec.layers) if with_maps else []
+        self.with_global = with_global
         self.device = device
-        modules = dict(self.model.named_modules())
-        for name in [*self.layers, self.spec.global_module]:
+        modules = dict(model.named_modules())
+        nodes = [*self.layers, *([self.spec.global_module] if with_global else [])]
+        for name in nodes:
             if name not in modules:
                 raise PipelineError(f"backbones.{arch}.layers: '{name}' is not a module of {arch}")
-        self._outputs: dict[str, torch.Tensor] = {}
-        for name in [*self.layers, self.spec.global_module]:
-            modules[name].register_forward_hook(self._hook(name))
+        self.backbone = Backbone(self.spec, model.eval(), nodes).to(device).eval()
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
 
-    def _hook(self, name: str):
-        def store(_module, _inputs, output):
-            self._outputs[name] = output
-
-        return store
-
-    def _as_map(self, output: torch.Tensor) -> torch.Tensor:
+    def as_map(self, output: torch.Tensor) -> torch.Tensor:
         if self.spec.tokens:  # (N, 1 + h*w, C) -> (N, C, h, w), dropping the CLS token
             patches = output[:, 1:]
             side = int(round(patches.shape[1] ** 0.5))
             return patches.transpose(1, 2).reshape(output.shape[0], -1, side, side)
         return output
 
-    def _as_global(self, output: torch.Tensor) -> torch.Tensor:
+    def as_global(self, output: torch.Tensor) -> torch.Tensor:
         if self.spec.tokens:
             return output[:, 0]  # CLS token after the final LayerNorm
         return torch.flatten(output, 1)
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised as the weights were trained."""
+        return (images.permute(0, 3, 1, 2).float().div(255.0) - self._mean) / self._std
+
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 16, desc: str | None = None) -> Extracted:
-        """images: (N, H, W, 3) uint8 RGB -> global embeddings (float32) and maps (float16, CPU)."""
+        """images: (N, H, W, 3) uint8 RGB -> global embeddings (float32, or None) and maps (float16, CPU)."""
         size = self.spec.input_size
         if size is not None and images.shape[1:3] != (size, size):
             raise PipelineError(
@@ -208,14 +226,13 @@ class FeatureExtractor:
             )
         globals_, maps = [], {name: [] for name in self.layers}
         for start in tqdm(range(0, len(images), batch_size), desc=desc or f"extract {self.arch}", unit="batch"):
-            batch = torch.from_numpy(images[start : start + batch_size]).to(self.device)
-            batch = batch.permute(0, 3, 1, 2).float().div(255.0)
-            self._outputs.clear()
-            self.model((batch - self._mean) / self._std)
-            globals_.append(self._as_global(self._outputs[self.spec.global_module]).float().cpu())
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
+            outputs = self.backbone(self.normalise(batch))
+            if self.with_global:
+                globals_.append(self.as_global(outputs[self.spec.global_module]).float().cpu())
             for name in self.layers:
-                maps[name].append(self._as_map(self._outputs[name]).half().cpu())
+                maps[name].append(self.as_map(outputs[name]).float().cpu())
         return Extracted(
-            global_embeddings=torch.cat(globals_),
+            global_embeddings=torch.cat(globals_) if self.with_global else None,
             feature_maps={name: torch.cat(parts) for name, parts in maps.items()},
         )

@@ -68,6 +68,11 @@ def scoring_file(category: str, model: str) -> Path:
     return MODELS_ROOT / _category(category) / f"{model}.scoring.json"
 
 
+def onnx_file(category: str, model: str) -> Path:
+    """models/<category>.category/<model>.onnx: export@<category>-<model>, the first seed's fit as one graph."""
+    return MODELS_ROOT / _category(category) / f"{model}.onnx"
+
+
 def metrics_file(category: str, model: str) -> Path:
     return METRICS_ROOT / _category(category) / f"{model}.metrics.json"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +25,15 @@ from stages.cli import run_main
 from stages.errors import PipelineError
 from stages.outputs import atomic_path, write_csv
 from stages.runtime import resolve_device
-from stages.data.prepared import Split
-from stages.data.raw import IMAGE_SUFFIXES, read_image, resize_and_crop
-from stages.methods import load_fitted
-from stages.methods.base import STATE_FILE, AnomalyDetector, Prediction
-from stages.overlay import ColourScale, overlay
+from stages.data.raw import IMAGE_SUFFIXES
+from stages.deployed import RUNTIMES, fitted_models, load_model
+from stages.methods.base import Prediction
+from stages.overlay import overlay
 from stages.params import check_categories, check_name
-from stages.scoring import read_scoring
-from stages.paths import CATEGORY_SUFFIX, MODEL_SUFFIX, MODELS_ROOT, model_dir, scoring_file, seed_dir
+from stages.paths import MODELS_ROOT
 
 DEFAULT_OUT = Path("predictions")
 CHUNK = 32  # images read and scored together: bounded memory for any number of files
-
-
-def fitted_models() -> list[tuple[str, str]]:
-    """(category, model) of every model that `dvc repro` has fitted and evaluated."""
-    found = []
-    for folder in sorted(MODELS_ROOT.glob(f"*{CATEGORY_SUFFIX}/*{MODEL_SUFFIX}")):
-        category, name = folder.parts[-2][: -len(CATEGORY_SUFFIX)], folder.name[: -len(MODEL_SUFFIX)]
-        if scoring_file(category, name).is_file() and any(folder.glob(f"seed-*/{STATE_FILE}")):
-            found.append((category, name))
-    return found
 
 
 def fitted_categories(name: str) -> list[str]:
@@ -64,63 +51,6 @@ def choose_category(name: str, category: str | None) -> str:
     if not categories:
         raise PipelineError(f"{MODELS_ROOT}: model '{name}' was never fitted and evaluated (run `dvc repro`)")
     raise PipelineError(f"model '{name}' is fitted for {', '.join(categories)}: pick one with --category")
-
-
-@dataclass
-class FittedModel:
-    """A fitted detector with what it needs to score a raw image: its input recipe and threshold."""
-
-    category: str
-    name: str
-    detector: AnomalyDetector
-    preprocess: dict  # resize, crop_size
-    backbone: dict | None  # name, arch, layers, weights; None for pixel models
-    threshold: float
-    colour_scale: ColourScale
-
-    @classmethod
-    def load(cls, category: str, name: str, device: str = "cpu") -> "FittedModel":
-        folder, scoring, stage = model_dir(category, name), scoring_file(category, name), f"{category}-{name}"
-        if not folder.is_dir():
-            raise PipelineError(f"{folder}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)")
-        if not scoring.is_file():
-            raise PipelineError(f"{scoring}: model '{name}' was never evaluated for {category} "
-                                f"(run `dvc repro evaluate@{stage}`)")
-        record = read_scoring(scoring, stage)  # the fit of the first seed: the one evaluate's threshold is for
-        state = seed_dir(category, name, record["seed"]) / STATE_FILE
-        detector = load_fitted(state.parent, score=record["score"], device=device)
-        if not detector.inputs:
-            raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{stage}`")
-        return cls(category, name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
-                   float(record["threshold"]), ColourScale(**record["colour_scale"]))
-
-    def __post_init__(self) -> None:
-        self.extractor = None
-        if self.backbone is not None:  # load the backbone once, before any image is timed
-            from stages.backbones import FeatureExtractor, load_backbone
-
-            arch = self.backbone["arch"]
-            model = load_backbone(arch, self.backbone["weights"])
-            self.extractor = FeatureExtractor(arch, model, self.backbone["layers"], self.detector.device)
-
-    def prepare(self, path: Path) -> np.ndarray:
-        """One image file -> (H, W, 3) uint8, resized and cropped as the training images were."""
-        image = read_image(path, "RGB")
-        # a writable copy: torch warns on (and must not share) the read-only buffer PIL hands out
-        return np.array(resize_and_crop(image, self.preprocess["resize"], self.preprocess["crop_size"], Image.BILINEAR))
-
-    def score(self, images: np.ndarray, names: list[str]) -> Prediction:
-        """(N, H, W, 3) uint8 prepared images -> image scores and anomaly maps."""
-        if self.backbone is None:
-            n = len(images)
-            return self.detector.predict(Split(images, names, np.zeros(n, np.int64), ["unknown"] * n, None))
-        return self.detector.predict(self._features(images, names))
-
-    def _features(self, images: np.ndarray, names: list[str]):
-        from stages.features import FeatureSet
-
-        extracted = self.extractor(images, batch_size=16, desc=f"{self.backbone['name']} features")
-        return FeatureSet(extracted.global_embeddings, extracted.feature_maps, tuple(images.shape[1:3]), names)
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -173,7 +103,7 @@ def write_png(path: Path, picture: np.ndarray) -> None:
         Image.fromarray(picture).save(tmp, format="PNG")
 
 
-def score_chunk(model: FittedModel, images: list[np.ndarray], paths: list[Path]) -> list[tuple[Path, Prediction | str]]:
+def score_chunk(model, images: list[np.ndarray], paths: list[Path]) -> list[tuple[Path, Prediction | str]]:
     """Each path with its one-image prediction, or the reason it failed. Out of memory on the whole chunk,
     the images are tried one by one, so one oversized image fails alone (a last resort: the pixel
     bounds of stages/data/raw.py stop such images before they are decoded)."""
@@ -196,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"output folder, outside the pipeline's folders (default: {DEFAULT_OUT}/<category>/<model>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that already holds files, replacing those of the same names")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch runtime)")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                        help="torch: the pipeline's own code (default); onnx: the exported graph (models/<category>.category/<model>.onnx)")
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
     device = resolve_device(args.device, "--device")
@@ -204,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or DEFAULT_OUT / category / args.model
     check_out(out, args.overwrite)
 
-    model = FittedModel.load(category, args.model, device=device)
+    model = load_model(category, args.model, args.runtime, device)
     files = image_files(args.paths)
     if not files:
         raise PipelineError(f"no image files in {' '.join(args.paths)}")

@@ -339,3 +339,27 @@ def test_feature_vae_learns_and_its_elbo_map_adds_the_kl_term(tmp_path):
     elbo = FeatureVariationalAE.load(tmp_path, score={"anomaly_map": "elbo", "smoothing_sigma": 0.0}).predict(test)
     assert np.all(elbo.anomaly_maps >= reconstruction.anomaly_maps - 1e-6)
     assert np.all(elbo.image_scores > reconstruction.image_scores)  # the KL term is positive somewhere
+
+
+@pytest.mark.parametrize("beta", [0.37, 2.5])
+def test_feature_vae_elbo_map_is_reconstruction_plus_beta_kl(beta):
+    """score.anomaly_map: elbo -> per location, sum_c (decoded mean - x)^2 + beta * KL(N(mu, sigma^2) || N(0, I)),
+    KL = 1/2 sum_latent (mu^2 + sigma^2 - 1 - log sigma^2), with the model's own (non-default) beta."""
+    fit = dict(latent=3, batch_size=4, epochs=1, patience=0, beta=beta)
+    elbo = build(FeatureVariationalAE, **fit, anomaly_map="elbo").fit(feature_set(6, 0))
+    plain = build(FeatureVariationalAE, **fit, anomaly_map="reconstruction").fit(feature_set(6, 0))
+    assert elbo.fit_params.beta == beta
+    x = torch.randn(2, 16, 8, 10, generator=torch.Generator().manual_seed(5))  # 6 + 10 standardised channels
+    with torch.no_grad():
+        for model in (elbo, plain):
+            model.net.eval()
+        mean, log_var = elbo.net.posterior(x)
+        recon = elbo.net(x)
+        assert torch.equal(recon, elbo.net.decoder(mean))  # scoring decodes the posterior mean
+        reconstruction = ((recon - x) ** 2).sum(dim=1)
+        kl = 0.5 * (mean**2 + torch.exp(log_var) - 1 - log_var).sum(dim=1)
+        assert kl.shape == (2, 8, 10) and bool((kl > 0).any())
+        torch.testing.assert_close(elbo.error_maps(recon, x), reconstruction + beta * kl, rtol=1e-5, atol=1e-6)
+        # the same weights (same seed) scored with the reconstruction map: no KL term
+        torch.testing.assert_close(plain.net(x), recon)
+        torch.testing.assert_close(plain.error_maps(plain.net(x), x), reconstruction, rtol=1e-5, atol=1e-6)

@@ -184,3 +184,36 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     recipe = json.loads((project / "data/features/carpet.category" / f"{next(iter(params['backbones']))}.features"
                          / "inputs.json").read_text())
     assert recipe["preprocess"] == {"resize": resize, "crop_size": crop}
+
+
+def test_weights_file_must_lie_under_weights(tmp_path, monkeypatch):
+    """extract's weights_file(): a checkpoint outside weights/ (which every extract stage depends on)
+    is refused with one line naming the param and the file; one inside is returned as given."""
+    from stages.extract import weights_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mine.pth").write_bytes(b"x")
+    (tmp_path / "elsewhere.pth").write_bytes(b"x")
+    assert weights_file("resnet50", None) is None
+    assert weights_file("resnet50", "weights/mine.pth") == "weights/mine.pth"
+    for outside in (str(tmp_path / "elsewhere.pth"), "elsewhere.pth", "weights/../elsewhere.pth"):
+        with pytest.raises(PipelineError) as excinfo:
+            weights_file("resnet50", outside)
+        assert str(excinfo.value) == (f"backbones.resnet50.weights: {outside} is not under weights/ "
+                                      "(copy it there so DVC tracks it)")
+    with pytest.raises(PipelineError, match=r"^backbones\.resnet50\.weights: file not found: weights/gone\.pth$"):
+        weights_file("resnet50", "weights/gone.pth")
+
+
+def test_extract_stage_refuses_weights_outside_weights(tmp_path):
+    from tests.conftest import default_params, error_line, run_stage, write_params
+
+    checkpoint = tmp_path / "lite0.pth"
+    checkpoint.write_bytes(b"not read")
+    params = default_params()
+    params["backbones"]["efficientnet_lite0"]["weights"] = str(checkpoint)
+    write_params(tmp_path, params)
+    line = error_line(run_stage("extract", "carpet", "efficientnet_lite0", cwd=tmp_path))
+    assert line == f"error: backbones.efficientnet_lite0.weights: {checkpoint} is not under weights/ (copy it there so DVC tracks it)"
+    assert not (tmp_path / "data").exists()

@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from stages.data.synthetic import generate_category
+from stages.errors import PipelineError
+from stages.paths import DOWNLOADS, TMP_ROOT
 from tests.conftest import call_stage, error_line, run_stage, write_params
 
-def assert_no_output(path: Path) -> None:
-    """Neither the output nor a temporary sibling of it is left behind."""
+def assert_no_output(project: Path, path: Path) -> None:
+    """Neither the output nor a temporary of the failed stage is left behind: not in the project's
+    .tmp/ (stages/outputs.py TMP_ROOT, where every stage writes its temporaries), nor an old-style
+    `.NAME.tmp<pid>` sibling."""
+    assert path.is_relative_to(project)
     assert not path.exists()
+    tmp = project / TMP_ROOT
+    left = sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+    assert left == [], f"{tmp}: the failed stage left {left}"
     if path.parent.exists():
         assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp")]
 
@@ -59,7 +67,9 @@ def test_checksum_mismatch_leaves_no_dataset(project):
     line = error_line(run_stage("download", "carpet", cwd=project))
     assert "checksum mismatch" in line and archive.as_uri() in line
     assert hashlib.sha256(archive.read_bytes()).hexdigest() in line
-    assert_no_output(project / "data" / "raw" / "carpet.dataset")
+    assert_no_output(project, project / "data" / "raw" / "carpet.dataset")
+    downloads = project / DOWNLOADS  # verified archives only: neither the refused one nor its partial download
+    assert not downloads.is_dir() or list(downloads.iterdir()) == []
     # the right checksum downloads and extracts
     params["data"]["mvtec"]["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
     write_params(project, params)
@@ -71,7 +81,7 @@ def test_missing_category_folder(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert "data/raw/carpet.dataset: category folder not found" in line
-    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
+    assert_no_output(project, project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_missing_folder_source(project):
@@ -90,7 +100,7 @@ def test_empty_train_good(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert "train/good: no training images" in line
-    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
+    assert_no_output(project, project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_truncated_image(project):
@@ -100,7 +110,7 @@ def test_truncated_image(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert str(Path("test") / "hole" / "000.png") in line and "unreadable or truncated" in line
-    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
+    assert_no_output(project, project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 def test_mask_size_mismatch(project):
@@ -111,7 +121,7 @@ def test_mask_size_mismatch(project):
     tiny_params(project)
     line = error_line(run_stage("preprocess", "carpet", cwd=project))
     assert "000_mask.png: mask size 32x32 differs from its image" in line
-    assert_no_output(project / "data" / "features" / "carpet.category" / "pixels.features")
+    assert_no_output(project, project / "data" / "features" / "carpet.category" / "pixels.features")
 
 
 @pytest.fixture
@@ -128,7 +138,7 @@ def test_unknown_backbone(prepared):
     write_params(prepared, params)
     line = error_line(run_stage("extract", "carpet", "resnet9000", cwd=prepared))
     assert "unknown backbone 'resnet9000'" in line
-    assert_no_output(prepared / "data" / "features" / "carpet.category" / "resnet9000.features")
+    assert_no_output(prepared, prepared / "data" / "features" / "carpet.category" / "resnet9000.features")
 
 
 @pytest.mark.parametrize(
@@ -146,7 +156,7 @@ def test_bad_model_entry_stops_the_fit_stage(project, model, expected):
     other params errors are checked in-process in test_params.py)."""
     tiny_params(project, m=model)
     assert error_line(run_stage("fit", "carpet", "m", cwd=project)) == expected
-    assert_no_output(project / "models" / "carpet.category" / "m.model")
+    assert_no_output(project, project / "models" / "carpet.category" / "m.model")
 
 
 def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):
@@ -154,8 +164,8 @@ def test_nan_loss_stops_training_and_leaves_no_checkpoint(prepared):
     tiny_params(prepared, ae=model)
     line = error_line(run_stage("fit", "carpet", "ae", cwd=prepared))
     assert re.search(r"models\.ae \(carpet, seed 0\): loss became (NaN|infinite) at epoch \d+", line), line
-    assert_no_output(prepared / "models" / "carpet.category" / "ae.model")
-    assert_no_output(prepared / "plots" / "carpet.category" / "ae.model" / "train")
+    assert_no_output(prepared, prepared / "models" / "carpet.category" / "ae.model")
+    assert_no_output(prepared, prepared / "plots" / "carpet.category" / "ae.model" / "train")
 
 
 def test_stage_refuses_a_category_that_is_not_listed(project):
@@ -179,3 +189,48 @@ def test_synthetic_data_under_an_mvtec_name_is_flagged(project):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "'bottle' is generated by the synthetic source" in warnings[0]
     assert "data.sources.bottle" in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def stale_features(tmp_path_factory):
+    """A tiny project whose features were extracted (and a kNN fitted on them), then the images
+    prepared again with another split seed: the cached features now name other training and validation images."""
+    from stages.data.prepared import load_split
+    from stages.features import load_features
+
+    project = tmp_path_factory.mktemp("stale")
+    raw_category(project)
+    params = tiny_params(project, knn={"method": "global_knn", "backbone": "efficientnet_lite0", "score": {"k": 3}})
+    params["device"] = "cpu"
+    write_params(project, params)
+    for stage, args in [("preprocess", ()), ("extract", ("efficientnet_lite0",)), ("fit", ("knn",))]:
+        call_stage(stage, "carpet", *args, cwd=project)
+    params["preprocess"]["seed"] = 1
+    write_params(project, params)
+    call_stage("preprocess", "carpet", cwd=project)
+    category = project / "data" / "features" / "carpet.category"
+    for split in ("train", "val"):  # the same number of images, other ones: only the names tell
+        cached = load_features(category / "efficientnet_lite0.features" / f"{split}.pt").names
+        prepared = load_split(category / "pixels.features" / f"{split}.npz").names
+        assert len(cached) == len(prepared) and cached != prepared
+    return project
+
+
+def test_evaluate_refuses_stale_features(stale_features):
+    """In-process (run_main turns the PipelineError into the one `error:` line, tests/test_runtime.py)."""
+    with pytest.raises(PipelineError) as excinfo:
+        call_stage("evaluate", "carpet", "knn", cwd=stale_features)
+    assert str(excinfo.value) == ("data/features/carpet.category/efficientnet_lite0.features: val features do not match "
+                                  "the prepared images; rerun extract")
+    assert_no_output(stale_features, stale_features / "metrics" / "models" / "carpet.category" / "knn.metrics.json")
+    assert_no_output(stale_features, stale_features / "models" / "carpet.category" / "knn.scoring.json")
+    for curve in ("scores", "roc", "pr", "pixel_roc", "pro", "confusion"):
+        assert_no_output(stale_features, stale_features / "plots" / "carpet.category" / "knn.model" / f"{curve}.csv")
+
+
+def test_tsne_refuses_stale_features(stale_features):
+    with pytest.raises(PipelineError) as excinfo:
+        call_stage("tsne", "carpet", "efficientnet_lite0", cwd=stale_features)
+    assert str(excinfo.value) == ("data/features/carpet.category/efficientnet_lite0.features: train features do not match "
+                                  "the prepared images; rerun extract")
+    assert_no_output(stale_features, stale_features / "plots" / "carpet.category" / "efficientnet_lite0.tsne.csv")

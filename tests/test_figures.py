@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages.errors import PipelineError
-from stages.curves import pixel_roc_rows, pro_rows, thin_curve
+from stages.curves import pixel_roc_rows, pr_rows, pro_rows, thin_curve
 from stages.statistics import PixelStats
 from stages.overlay import ColourScale
 from stages.plotting.grids import select
@@ -52,6 +52,24 @@ def test_pixel_curves_are_thinned_and_monotone():
         fpr = [r["fpr"] for r in rows]
         assert fpr[0] == 0.0 and fpr[-1] == pytest.approx(1.0) and fpr == sorted(fpr)
         assert rows[-1][y] == pytest.approx(1.0)
+
+
+def test_pr_rows_of_a_hand_made_case():
+    """Two good (0.1, 0.4) and two anomalous (0.35, 0.8) images: flagging score >= t gives, from the
+    highest threshold down, recall 0 (nothing flagged, threshold above the top score), then
+    t=0.8: 1 of 1 right, t=0.4: 1 of 2, t=0.35: 2 of 3, t=0.1: 2 of 4."""
+    rows = pr_rows([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert [(r["recall"], r["precision"]) for r in rows] == [(0.0, 1.0), (0.5, 1.0), (0.5, 0.5), (1.0, pytest.approx(2 / 3)),
+                                                             (1.0, 0.5)]
+    assert [r["threshold"] for r in rows] == [pytest.approx(1.8), 0.8, 0.4, 0.35, 0.1]
+    assert rows[0]["threshold"] > 0.8  # the recall-0 point: above the top score
+    assert [r["recall"] for r in rows] == sorted(r["recall"] for r in rows)
+    assert all(type(v) is float for r in rows for v in r.values())  # plain floats for the CSV
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1], []])
+def test_pr_rows_of_one_class_is_a_placeholder_point(labels):
+    assert pr_rows(labels, [0.5] * len(labels)) == [{"recall": 0.0, "precision": 0.0, "threshold": 0.0}]
 
 
 def test_colour_scale_runs_from_validation_median_to_threshold():

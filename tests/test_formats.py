@@ -132,10 +132,38 @@ def test_la_drops_alpha(tmp_path, rgb):
     assert np.array_equal(out, np.dstack([gray] * 3))
 
 
-def test_palette_gives_its_colours(tmp_path, rgb):
-    image = Image.fromarray(rgb, "RGB").quantize(colors=8)
-    expected = np.asarray(image.convert("RGB"))
-    assert np.array_equal(decoded(tmp_path, image), expected)
+PALETTE = [(200, 10, 30), (0, 128, 255), (17, 34, 51), (255, 255, 0)]  # entries 0-3 of the test palette
+
+
+def palette_image(indices: np.ndarray) -> Image.Image:
+    image = Image.fromarray(indices.astype(np.uint8), "P")
+    image.putpalette([value for colour in PALETTE for value in colour])
+    return image
+
+
+def test_palette_gives_its_colours(tmp_path):
+    indices = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 3, 3]])
+    out = decoded(tmp_path, palette_image(indices))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert out[0].tolist() == [[200, 10, 30], [0, 128, 255], [17, 34, 51], [255, 255, 0]]
+    assert np.array_equal(out, np.array(PALETTE, np.uint8)[indices])
+    # as grayscale: ITU-R 601-2 luma of each palette colour, L = (299 R + 587 G + 114 B) / 1000
+    gray = decoded(tmp_path, palette_image(indices), mode="L")
+    luma = [round((299 * r + 587 * g + 114 * b) / 1000) for r, g, b in PALETTE]
+    assert np.abs(gray.astype(int) - np.array(luma)[indices]).max() <= 1
+
+
+def test_palette_transparency_is_dropped_not_composited(tmp_path):
+    """A transparent palette index (PNG tRNS) keeps its own palette RGB: the alpha is dropped, not
+    composited onto black or white."""
+    indices = np.array([[0, 1, 2], [2, 3, 0]])
+    path = tmp_path / "transparent.png"
+    palette_image(indices).save(path, transparency=2)  # index 2, (17, 34, 51), fully transparent
+    with Image.open(path) as written:
+        assert written.mode == "P" and written.info.get("transparency") == 2
+    out = np.asarray(read_image(path, "RGB"))
+    assert out[0, 2].tolist() == out[1, 0].tolist() == [17, 34, 51]
+    assert np.array_equal(out, np.array(PALETTE, np.uint8)[indices])
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])

@@ -34,7 +34,7 @@ class Payload:
 
 def crafted_copy(project: Path, marker: Path) -> Path:
     """The fitted `pc` model with its state replaced by the payload, as a teammate's push could hold it."""
-    folder = project / "models" / "carpet.category" / "pc.model" / "seed-0"
+    folder = project / "models" / "carpet.category" / "pc.model" / "seed-3"
     blob = torch.load(folder / "model.pt", weights_only=True)
     saved = folder.parent.parent / "pc.saved"
     shutil.copytree(folder.parent, saved)
@@ -54,7 +54,7 @@ def test_a_crafted_model_file_is_refused_before_it_runs(fitted, tmp_path):
     saved = crafted_copy(fitted, marker)
     try:
         image = fitted / "data/raw/carpet.dataset/test/hole/000.png"
-        with pytest.raises(PipelineError, match=r"pc\.model/seed-0/model\.pt: refused to load this fitted model: "
+        with pytest.raises(PipelineError, match=r"pc\.model/seed-3/model\.pt: refused to load this fitted model: "
                                                 r"it holds \S+, not only tensors and plain data"):
             predict(fitted, "pc", str(image))
         result = run_stage("evaluate", "carpet", "pc", cwd=fitted)  # evaluate, figures and the demo load the same way
@@ -80,7 +80,7 @@ def test_a_crafted_feature_file_is_refused(tmp_path):
                                              (b"garbage", "not a readable fitted model")])
 def test_a_corrupt_model_file_is_one_line(fitted, tmp_path, content, reason):
     saved = crafted_copy(fitted, tmp_path / "unused")
-    (fitted / "models/carpet.category/pc.model/seed-0/model.pt").write_bytes(content)
+    (fitted / "models/carpet.category/pc.model/seed-3/model.pt").write_bytes(content)
     try:
         with pytest.raises(PipelineError, match=reason):
             predict(fitted, "pc", "x.png")

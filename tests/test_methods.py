@@ -173,7 +173,51 @@ def test_patchcore_localises_an_anomalous_patch(tmp_path):
     reweighted = get_method("patchcore").load(tmp_path / "pc", score={"smoothing_sigma": 1, "reweight": True})
     assert torch.equal(reweighted.bank, model.bank)
     weighted_scores = reweighted.predict(bad).image_scores
-    assert np.all(weighted_scores <= bad_pred.image_scores + 1e-6) and np.all(weighted_scores > 0)
+    patches, _ = model.embed(list(bad.feature_maps.values()))
+    expected = [_eq7_reference(model.bank, image, b=9) for image in patches.reshape(2, 64, -1)]
+    np.testing.assert_allclose(weighted_scores, expected, rtol=1e-4)
+    assert np.all(weighted_scores < bad_pred.image_scores)  # eq. 7's factor is below 1
+
+
+def _eq7_reference(bank, patches, b: int) -> float:
+    """PatchCore eq. 7 in NumPy for one image's patches: s* = max over patches of the distance to the
+    nearest bank patch m*; s = (1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||)) * s*,
+    with N_b(m*) the b bank patches nearest to m* (m* itself among them)."""
+    bank, patches = np.asarray(bank, np.float64), np.asarray(patches, np.float64)
+    distances = np.linalg.norm(patches[:, None] - bank[None], axis=2)
+    best = distances.min(1).argmax()
+    m_test, m_star = patches[best], bank[distances[best].argmin()]
+    s_star = np.linalg.norm(m_test - m_star)
+    support = bank[np.argsort(np.linalg.norm(bank - m_star, axis=1), kind="stable")[:b]]
+    weight = 1 - np.exp(np.linalg.norm(m_test - m_star)) / np.exp(np.linalg.norm(m_test - support, axis=1)).sum()
+    return weight * s_star
+
+
+def test_patchcore_eq7_reweighting_on_a_hand_made_bank():
+    """patch_size 1, one layer and embedding sizes equal to its channels: a patch embedding is the feature
+    itself, so the bank (coreset ratio 1: every training patch) and the test patches are the 2-d points
+    written here."""
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    # two test images of 1 x 2 patches: image 0 = (0.1, 0.1), (3, 0); image 1 = (0, 2.5), (5, 4)
+    patches = torch.tensor([[[0.1, 0.1], [3.0, 0.0]], [[0.0, 2.5], [5.0, 4.0]]])
+    train = feature_set(maps={"layer": bank.t().reshape(1, 2, 2, 2)}, image_size=(8, 8))  # one image, 2 x 2 patches
+    inputs = feature_set(maps={"layer": patches.permute(0, 2, 1).reshape(2, 2, 1, 2)}, image_size=(4, 8))
+    fit = dict(coreset_ratio=1.0, projection_dim=None, patch_size=1, pretrain_embed_dimension=2, target_embed_dimension=2)
+
+    def scores(**score):
+        model = PatchCore(fit=fit, score={"smoothing_sigma": 0, **score}).fit(train)
+        assert torch.equal(model.bank, bank)
+        return model.predict(inputs).image_scores
+
+    np.testing.assert_allclose(scores(), [2.0, 1.0], rtol=1e-6)  # distances to the nearest bank patch
+    weighted = scores(reweight=True, num_neighbors=3)
+    # image 0: s* = 2 at (3, 0), m* = (1, 0); its 3 bank neighbours (1, 0), (0, 0), (0, 2) lie 2, 3, sqrt(13) away
+    by_hand = (1 - np.exp(2) / (np.exp(2) + np.exp(3) + np.exp(np.sqrt(13)))) * 2
+    assert weighted[0] == pytest.approx(by_hand, rel=1e-5)
+    np.testing.assert_allclose(weighted, [_eq7_reference(bank, image, b=3) for image in patches], rtol=1e-5)
+    # a neighbourhood of 4 (the whole bank) adds (5, 5), sqrt(29) away from (3, 0)
+    np.testing.assert_allclose(scores(reweight=True, num_neighbors=4), [_eq7_reference(bank, image, b=4) for image in patches],
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch_size, projection_dim", [(1, 8), (4, 8), (3, None)])

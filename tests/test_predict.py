@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from stages.errors import PipelineError
-from tests.conftest import MODELS_FITTED as MODELS
+from tests.conftest import EVERY_METHOD
 
 def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
     """predict's main() in `project`, into a fresh --out unless one is given; (exit code, scores.csv rows)."""
@@ -36,22 +38,79 @@ def evaluate_scores(project: Path, model: str) -> dict[str, float]:
     return {row["image"]: float(row["score"]) for row in rows}
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-def test_new_images_score_as_evaluate_scored_them(fitted, model, tmp_path):
-    """The raw test images, given as files, get the scores the evaluate stage gave them, the
-    verdict of its threshold, and an overlay at the prepared size."""
+def scoring_record(project: Path, model: str) -> dict:
+    return json.loads((project / "models" / "carpet.category" / f"{model}.scoring.json").read_text())
+
+
+# torch: the pipeline's own code, features recomputed from the raw files (equal to evaluate's up to the
+# order of the backbone's float sums); onnx: the exported graph, in onnxruntime's kernels
+TOLERANCE = {"torch": 1e-5, "onnx": 1e-4}
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+@pytest.mark.parametrize("model", list(EVERY_METHOD))
+def test_new_images_score_as_evaluate_scored_them(fitted, model, runtime, tmp_path):
+    """Every method, both runtimes: the raw test images, given as files, get the scores the evaluate stage
+    gave them (its first seed's fit), the threshold evaluate set (scoring.json = the metrics' first seed),
+    and an overlay at the prepared size."""
     raw = fitted / "data" / "raw" / "carpet.dataset"
     expected = evaluate_scores(fitted, model)
     out = tmp_path / "out"
-    code, rows = predict(fitted, model, *(str(raw / name) for name in expected), "--out", str(out))
+    code, rows = predict(fitted, model, *(str(raw / name) for name in expected), "--out", str(out), "--runtime", runtime)
     assert code == 0 and len(rows) == len(expected)
+    record = scoring_record(fitted, model)
+    metrics = json.loads((fitted / "metrics/models/carpet.category" / f"{model}.metrics.json").read_text())
+    assert record["seed"] == metrics["seeds"][0] == 3
+    assert record["threshold"] == metrics["per_seed"]["3"]["threshold"]
     for row, (name, score) in zip(rows, expected.items()):
         assert row["image"] == str(raw / name)
-        assert float(row["score"]) == pytest.approx(score, rel=1e-5)
-        assert int(row["anomalous"]) == int(float(row["score"]) >= float(row["threshold"]))
+        assert float(row["score"]) == pytest.approx(score, rel=TOLERANCE[runtime])
+        assert float(row["threshold"]) == record["threshold"]
+        # the verdict of evaluate's own score (clear of the threshold by more than the tolerance)
+        if abs(score - record["threshold"]) > 1e-3 * abs(score):
+            assert int(row["anomalous"]) == int(score >= record["threshold"])
     overlays = sorted(out.glob("*_overlay.png"))
-    assert len(overlays) == len(expected)  # same-named files from different folders are numbered
-    assert Image.open(overlays[0]).size == (48, 48)
+    has_maps = EVERY_METHOD[model]["method"] != "global_knn"
+    assert len(overlays) == (len(expected) if has_maps else 0)  # same-named files from different folders are numbered
+    if has_maps:
+        assert Image.open(overlays[0]).size == (48, 48)
+
+
+def test_the_scoring_record_holds_the_score_params_evaluate_used(fitted):
+    from stages.models import model_config
+    from stages.params import load_params
+
+    params = load_params(fitted / "params.yaml")
+    for model in EVERY_METHOD:
+        record = scoring_record(fitted, model)
+        assert record["score"] == model_config(params, "carpet", model).score.as_dict(), model
+        assert record["threshold_rule"].startswith("anomalous when score >= mean + 2 std")
+        assert len(record["validation_scores"]) == 2  # 8 training images, val_fraction 0.25
+
+
+def test_the_overlay_uses_evaluates_colour_scale(fitted, tmp_path):
+    """predict's overlay = the overlay of its own map on the scale evaluate wrote (the figures' scale:
+    the validation maps' median palest, the threshold strongest)."""
+    from stages.deployed import FittedModel
+    from stages.overlay import ColourScale, overlay
+
+    image_file = fitted / "data" / "raw" / "carpet.dataset" / "test" / "hole" / "000.png"
+    out = tmp_path / "out"
+    predict(fitted, "pc", str(image_file), "--out", str(out))
+    previous = Path.cwd()
+    import os
+    os.chdir(fitted)
+    try:
+        model = FittedModel.load("carpet", "pc")
+        image = model.prepare(image_file)
+        amap = model.score(image[None], ["x"]).anomaly_maps[0]
+    finally:
+        os.chdir(previous)
+    scale = ColourScale(**scoring_record(fitted, "pc")["colour_scale"])
+    assert model.colour_scale == scale and scale.low < scale.high
+    written = np.asarray(Image.open(out / "000_overlay.png"))
+    assert np.array_equal(written, overlay(image, amap, scale))
+    assert not np.array_equal(written, overlay(image, amap, ColourScale(scale.low * 0.5, scale.high)))
 
 
 def test_the_saved_recipe_wins_over_todays_params(fitted):

@@ -9,6 +9,11 @@ fit(train, val) on defect-free data; predict(inputs) -> Prediction(image_scores,
 with the current `score_params`; save(directory) keeps the fit params and the state;
 load(directory, score=...) restores them with scoring params of the caller's choosing. Feature
 methods take a FeatureSet (cached by the extract stage), pixel methods a prepared Split.
+
+Scoring is one torch module per fitted model, `scorer(image_size)`: from the method's inputs
+(the prepared uint8 images, the backbone's feature maps, or its global embeddings) to image scores
+and anomaly maps at the image size. predict() runs it batch by batch; the export stage puts the
+same module, behind the backbone, into an ONNX graph, so both runtimes compute one definition.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from stages.errors import PipelineError
 from stages.schema import Schema, parse
@@ -57,6 +63,7 @@ def as_params(schema: type[Schema], given: Schema | dict | None, where: str) -> 
 class AnomalyDetector:
     method: ClassVar[str]  # registry key, and the name of the method's file in stages/methods/
     uses: ClassVar[str]  # "features" or "pixels"
+    uses_global_embedding: ClassVar[bool] = False  # features: the global embedding, not the maps
     Fit: ClassVar[type[Schema]] = NoParams
     Score: ClassVar[type[Schema]] = NoParams
 
@@ -77,8 +84,37 @@ class AnomalyDetector:
         `fit_seeds`, any other once."""
         return False
 
-    def predict(self, inputs) -> Prediction:
+    def scorer(self, image_size: tuple[int, int]) -> torch.nn.Module:
+        """The fitted model as a module: scorer(*scorer_inputs(...)) -> (image scores (N,), maps (N, H, W) or None)."""
         raise NotImplementedError
+
+    def batch_size(self) -> int:
+        return getattr(self.score_params, "batch_size", 8)
+
+    def scorer_inputs(self, inputs, start: int, stop: int) -> list[torch.Tensor]:
+        """Images start..stop of a prepared Split or FeatureSet, as the scorer takes them."""
+        if self.uses == "pixels":
+            return [torch.from_numpy(np.ascontiguousarray(inputs.images[start:stop]))]
+        if self.uses_global_embedding:
+            return [inputs.global_embeddings[start:stop].float()]
+        if not inputs.feature_maps:
+            raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
+        return [m[start:stop].float() for m in inputs.feature_maps.values()]  # in the order of the layers
+
+    @torch.no_grad()
+    def predict(self, inputs) -> Prediction:
+        scorer = self.scorer(tuple(inputs.image_size)).to(self.device).eval()
+        scores, maps = [], []
+        step = self.batch_size()
+        for start in tqdm(range(0, len(inputs), step), desc="score", unit="batch"):
+            batch = [t.to(self.device) for t in self.scorer_inputs(inputs, start, start + step)]
+            score, amap = scorer(*batch)
+            scores.append(score.double().cpu().numpy())
+            if amap is not None:
+                maps.append(amap.float().cpu().numpy())
+        if not scores:
+            return Prediction(np.zeros(0, np.float64), None)
+        return Prediction(np.concatenate(scores), np.concatenate(maps) if maps else None)
 
     # Subclasses return / accept a dict of tensors and plain values.
     def get_state(self) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from stages.errors import PipelineError, warn
 from stages.features import FeatureSet
-from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.neighbours import knn_distances
+from stages.methods.base import AnomalyDetector
 from stages.schema import Schema, option
 
 
@@ -27,9 +27,28 @@ class Score(Schema):
     k: int = option(50, "image score = mean distance to the k nearest training embeddings", ge=1)
 
 
+class KNNScorer(nn.Module):
+    """Global embeddings -> (image scores, no maps): mean Euclidean distance to the k nearest
+    training embeddings (a matrix product and a TopK)."""
+
+    def __init__(self, bank: torch.Tensor, dims: torch.Tensor, k: int):
+        super().__init__()
+        self.k = k
+        self.register_buffer("bank", bank.float())
+        self.register_buffer("bank_norms", (self.bank * self.bank).sum(dim=1))
+        self.register_buffer("dims", dims.long())
+
+    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, None]:
+        queries = embeddings.float().index_select(1, self.dims)
+        squared = torch.addmm(self.bank_norms, queries, self.bank.t(), alpha=-2.0) + (queries * queries).sum(1, keepdim=True)
+        nearest = torch.topk(squared, self.k, dim=1, largest=False).values
+        return nearest.clamp_min(0.0).sqrt().mean(dim=1), None
+
+
 class GlobalKNN(AnomalyDetector):
     method = "global_knn"
     uses = "features"
+    uses_global_embedding = True
     Fit = Fit
     Score = Score
 
@@ -53,14 +72,12 @@ class GlobalKNN(AnomalyDetector):
         self.bank = embeddings[:, self.dims].contiguous()
         return self
 
-    def predict(self, inputs: FeatureSet) -> Prediction:
+    def scorer(self, image_size: tuple[int, int]) -> "KNNScorer":
         k = self.score_params.k
         if k > len(self.bank):  # e.g. a few-shot run: every training image is a neighbour
             warn(f"k={k} is larger than the memory bank ({len(self.bank)} training images); using k={len(self.bank)}")
             k = len(self.bank)
-        queries = inputs.global_embeddings.float()[:, self.dims].to(self.device)
-        distances, _ = knn_distances(queries, self.bank.to(self.device), k=k)
-        return Prediction(image_scores=distances.mean(dim=1).double().cpu().numpy(), anomaly_maps=None)
+        return KNNScorer(self.bank, self.dims, k)
 
     def get_state(self) -> dict:
         return {"bank": self.bank, "dims": self.dims}

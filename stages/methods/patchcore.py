@@ -14,23 +14,104 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from stages.errors import PipelineError
 from stages.features import FeatureSet, finest_grid
-from stages.methods.base import AnomalyDetector, Prediction
-from stages.methods.maps import smooth, upsample
-from stages.methods.neighbours import knn_distances
+from stages.methods.base import AnomalyDetector
+from stages.methods.maps import MapHead
+from stages.methods.neighbours import MAX_BLOCK_ELEMENTS
 from stages.methods.sampler import RandomProjection, greedy_select
 from stages.schema import Schema, option
 
 
-def _project(features: torch.Tensor, dim: int) -> torch.Tensor:
-    """(P, C) -> (P, dim) by adaptive average pooling over channels (the official 'MeanMapper')."""
-    return F.adaptive_avg_pool1d(features.unsqueeze(1), dim).squeeze(1)
+def channel_pooling(in_dim: int, out_dim: int) -> torch.Tensor:
+    """(in_dim, out_dim): adaptive average pooling over channels (the official MeanMapper,
+    F.adaptive_avg_pool1d) as a matrix, so embedding is a matrix product in both runtimes."""
+    pool = torch.zeros(in_dim, out_dim)
+    for j in range(out_dim):
+        lo, hi = (j * in_dim) // out_dim, -((-(j + 1) * in_dim) // out_dim)  # floor, ceil: adaptive pooling's windows
+        pool[lo:hi, j] = 1.0 / (hi - lo)
+    return pool
+
+
+class PatchEmbedder(nn.Module):
+    """Feature maps of a batch, in layer order -> (N * h * w, D) locally aware patch embeddings on the
+    finest grid (h, w): each position described by its p x p neighbourhood (the official PatchMaker
+    unfold), averaged to pretrain_embed_dimension per layer (MeanMapper), coarser layers upsampled
+    bilinearly, the layers concatenated and averaged to target_embed_dimension (Aggregator)."""
+
+    def __init__(self, channels: list[int], patch_size: int, pretrain_dim: int, target_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.layer_pooling = nn.ParameterList(
+            [nn.Parameter(channel_pooling(c * patch_size**2, pretrain_dim), requires_grad=False) for c in channels])
+        self.register_buffer("aggregate", channel_pooling(len(channels) * pretrain_dim, target_dim))
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        p = self.patch_size
+        grid = finest_grid(maps)
+        per_layer = []
+        for layer, pooling in zip(maps, self.layer_pooling):
+            n, c, h, w = layer.shape
+            patches = F.unfold(layer.float(), p, padding=p // 2)  # (N, C*p*p, h*w)
+            flat = patches.transpose(1, 2).reshape(-1, c * p * p) @ pooling
+            # pooling before upsampling equals the official order: both steps are linear
+            layer = flat.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+            if (h, w) != grid:
+                layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
+            per_layer.append(layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]))
+        return torch.cat(per_layer, dim=1) @ self.aggregate, tuple(grid)
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance and index of the nearest bank row for every query: a matrix product and a
+    minimum, block by block (blocks of at most MAX_BLOCK_ELEMENTS distances)."""
+    rows = max(1, MAX_BLOCK_ELEMENTS // max(1, len(bank)))
+    distances, indices = [], []
+    for block in queries.split(rows) if len(queries) > rows else [queries]:
+        squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)  # ||b||^2 - 2 q.b
+        best, index = squared.min(dim=1)
+        distances.append((best + (block * block).sum(dim=1)).clamp_min(0.0).sqrt())
+        indices.append(index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+class PatchCoreScorer(nn.Module):
+    """Feature maps -> (image scores, anomaly maps): each patch's distance to its nearest bank patch;
+    image score = the largest (optionally the paper's eq. 7 reweighting); the map = patch distances
+    upsampled and smoothed."""
+
+    def __init__(self, embedder: PatchEmbedder, bank: torch.Tensor, score: "Score", image_size: tuple[int, int]):
+        super().__init__()
+        self.embedder, self.reweight, self.k = embedder, score.reweight, score.num_neighbors
+        self.register_buffer("bank", bank.float())
+        self.register_buffer("bank_norms", (self.bank * self.bank).sum(dim=1))
+        self.head = MapHead(image_size, score.smoothing_sigma, image_score=None)
+
+    def forward(self, *maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings, (h, w) = self.embedder(list(maps))
+        n = maps[0].shape[0]
+        distances, index = nearest(embeddings, self.bank, self.bank_norms)
+        distances, index = distances.reshape(n, h * w), index.reshape(n, h * w)
+        scores, best = distances.max(dim=1)
+        if self.reweight:
+            scores = scores * self._eq7_weight(embeddings.reshape(n, h * w, -1), index, best)
+        amap, _ = self.head(distances.reshape(n, h, w))
+        return scores, amap
+
+    def _eq7_weight(self, embeddings, index, best):
+        """Paper eq. 7: 1 - softmax over the distances from the most anomalous patch to the k bank
+        patches nearest its match (the match first): damps a score whose match sits in a dense region."""
+        rows = torch.arange(len(best), device=best.device)
+        patch, match = embeddings[rows, best], self.bank[index[rows, best]]
+        to_bank = torch.addmm(self.bank_norms, match, self.bank.t(), alpha=-2.0) + (match * match).sum(1, keepdim=True)
+        support = torch.topk(to_bank, self.k, dim=1, largest=False).indices  # (N, k), the match itself first
+        distances = (self.bank[support] - patch[:, None]).pow(2).sum(-1).sqrt()
+        return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
 
 def _odd(value: int) -> bool:
@@ -62,34 +143,26 @@ class PatchCore(AnomalyDetector):
     Score = Score
 
     bank: torch.Tensor | None = None
+    channels: list[int] | None = None  # channels of each cached layer, for the embedder
 
     # -- features -----------------------------------------------------------------------------
-    def embed(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Feature maps of a batch, finest first -> (N * h * w, D) patch embeddings and the grid (h, w)."""
+    def embedder(self, channels: list[int]) -> PatchEmbedder:
         fit = self.fit_params
-        p = fit.patch_size
-        grid = finest_grid(maps)
-        per_layer = []
-        for layer in maps:
-            layer = layer.float().to(self.device)
-            n, c, h, w = layer.shape
-            # locally aware: each position described by its p x p neighbourhood, (N, C*p*p, h*w)
-            patches = F.unfold(layer, p, padding=p // 2)
-            flat = _project(patches.transpose(1, 2).reshape(-1, c * p * p), fit.pretrain_embed_dimension)
-            # projecting before upsampling equals the official order: both steps are linear
-            layer = flat.reshape(n, h, w, -1).permute(0, 3, 1, 2)
-            if (h, w) != grid:
-                layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
-            per_layer.append(layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]))
-        stacked = torch.cat(per_layer, dim=1)
-        return _project(stacked, fit.target_embed_dimension), tuple(grid)
+        return PatchEmbedder(channels, fit.patch_size, fit.pretrain_embed_dimension, fit.target_embed_dimension)
+
+    @torch.no_grad()
+    def embed(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Feature maps of a batch, in layer order -> (N * h * w, D) patch embeddings and the grid (h, w)."""
+        return self.embedder([m.shape[1] for m in maps])([m.float() for m in maps])
 
     def _batches(self, features: FeatureSet, size: int, desc: str):
         maps = list(features.feature_maps.values())
         if len(maps) == 0:
             raise PipelineError("patchcore needs at least one cached feature map layer")
+        embedder = self.embedder([m.shape[1] for m in maps]).to(self.device)
         for start in tqdm(range(0, len(features), size), desc=desc, unit="batch"):
-            yield self.embed([m[start : start + size] for m in maps])
+            with torch.no_grad():
+                yield embedder([m[start : start + size].float().to(self.device) for m in maps])
 
     # -- estimator API ------------------------------------------------------------------------
     def draws_random_numbers(self) -> bool:
@@ -101,6 +174,7 @@ class PatchCore(AnomalyDetector):
         if len(train) == 0:
             raise PipelineError("no training images to build the memory bank")
         fit = self.fit_params
+        self.channels = [int(m.shape[1]) for m in train.feature_maps.values()]
         projection, reduced, offset = None, None, 0
         for embeddings, grid in self._batches(train, fit.batch_size, "embed train"):
             if projection is None:
@@ -126,34 +200,18 @@ class PatchCore(AnomalyDetector):
         self.bank = bank
         return self
 
-    def predict(self, inputs: FeatureSet) -> Prediction:
+    def scorer(self, image_size: tuple[int, int]) -> PatchCoreScorer:
+        if self.bank is None or self.channels is None:
+            raise PipelineError("patchcore: predict() called before fit() or load()")
         score = self.score_params
         if score.reweight and score.num_neighbors > len(self.bank):
             raise PipelineError(f"num_neighbors={score.num_neighbors} is larger than the memory bank ({len(self.bank)})")
-        bank = self.bank.to(self.device)
-        scores, maps = [], []
-        for embeddings, grid in self._batches(inputs, score.batch_size, "score"):
-            distances, nearest = knn_distances(embeddings, bank, k=1)
-            patch_scores = distances[:, 0].reshape(-1, grid[0] * grid[1])
-            nearest = nearest[:, 0].reshape(-1, grid[0] * grid[1])
-            embeddings = embeddings.reshape(patch_scores.shape[0], -1, embeddings.shape[-1])
-            for i in range(len(patch_scores)):
-                scores.append(self._image_score(patch_scores[i], nearest[i], embeddings[i], bank))
-            maps.append(smooth(upsample(patch_scores.reshape(-1, *grid), inputs.image_size), score.smoothing_sigma))
-        return Prediction(image_scores=np.array(scores, dtype=np.float64), anomaly_maps=np.concatenate(maps))
-
-    def _image_score(self, patch_scores, nearest, embeddings, bank) -> float:
-        best = int(torch.argmax(patch_scores))
-        score = patch_scores[best]
-        if self.score_params.reweight:
-            # Paper eq. 7: damp the score when the matched bank patch sits in a dense neighbourhood.
-            _, support = knn_distances(bank[nearest[best]][None], bank, k=self.score_params.num_neighbors)
-            distances = torch.cdist(embeddings[best][None], bank[support[0]])[0]
-            score = (1 - torch.softmax(distances, dim=0)[0]) * score
-        return float(score)
+        return PatchCoreScorer(self.embedder(self.channels), self.bank, score, image_size)
 
     def get_state(self) -> dict:
-        return {"bank": self.bank}
+        return {"bank": self.bank, "channels": list(self.channels)}
 
     def set_state(self, state: dict) -> None:
-        self.bank = state["bank"]
+        if "channels" not in state:
+            raise PipelineError("patchcore: fitted before models recorded their layers' channels (run the fit stage again)")
+        self.bank, self.channels = state["bank"], [int(c) for c in state["channels"]]

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from stages.errors import PipelineError
 from stages.runtime import seed_everything
 from stages.features import finest_grid
-from stages.methods.base import AnomalyDetector, Prediction, TrainingDiverged
-from stages.methods.maps import IMAGE_SCORES, finish_maps
+from stages.methods.base import AnomalyDetector, TrainingDiverged
+from stages.methods.maps import IMAGE_SCORES, MapHead, resize_matrix
 from stages.schema import Schema, SchemaError, option
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
@@ -148,30 +148,19 @@ def fit_network(detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x
     detector.net, detector.history = net, history
 
 
-@torch.no_grad()
-def predict_error_maps(
-    net: nn.Module,
-    inputs: Tensor,
-    error_maps: Callable[[Tensor, Tensor], Tensor],
-    *,
-    size: tuple[int, int],
-    batch_size: int,
-    sigma: float,
-    image_score: str,
-    device: str,
-    desc: str,
-):
-    """Reconstruct `inputs` batch by batch; error maps -> Prediction at the image `size`."""
-    net = net.to(device).eval()
-    scores, maps = [], []
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
-        x = inputs[start : start + batch_size].to(device)
-        m, s = finish_maps(error_maps(net(x), x), size, sigma, image_score)
-        maps.append(m)
-        scores.append(s)
-    if not maps:
-        return Prediction(np.zeros(0, np.float64), np.zeros((0, *size), np.float32))
-    return Prediction(image_scores=np.concatenate(scores), anomaly_maps=np.concatenate(maps))
+class ReconstructionScorer(nn.Module):
+    """The method's inputs -> (image scores, maps): the network's reconstruction error as a raw map
+    (`error_maps`), upsampled, smoothed and reduced to a score by the MapHead."""
+
+    def __init__(self, inputs: nn.Module, net: nn.Module, error_maps: Callable[[Tensor, Tensor], Tensor], head: nn.Module):
+        super().__init__()
+        self.inputs, self.net, self.head = inputs, net, head
+        self.error_maps = error_maps  # the detector's: uses the same network (the VAE's posterior)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.inputs(*inputs)
+        maps, scores = self.head(self.error_maps(self.net(x), x))
+        return scores, maps
 
 
 class ReconstructionDetector(AnomalyDetector):
@@ -191,25 +180,20 @@ class ReconstructionDetector(AnomalyDetector):
     def build_net(self) -> nn.Module:
         raise NotImplementedError
 
-    def model_inputs(self, inputs) -> Tensor:
-        raise NotImplementedError
-
-    def image_size(self, inputs) -> tuple[int, int]:
+    def input_module(self, image_size: tuple[int, int]) -> nn.Module:
+        """What the network reads, as a module of the scorer's inputs (the same transform fit() uses)."""
         raise NotImplementedError
 
     def error_maps(self, recon: Tensor, x: Tensor) -> Tensor:
         """(N, C, h, w) pair -> (N, h, w) raw anomaly maps at the model resolution."""
         return (recon - x).pow(2).sum(1)
 
-    def predict(self, inputs) -> Prediction:
+    def scorer(self, image_size: tuple[int, int]) -> ReconstructionScorer:
         if self.net is None:
             raise PipelineError(f"{self.method}: predict() called before fit() or load()")
         score = self.score_params
-        return predict_error_maps(
-            self.net, self.model_inputs(inputs), self.error_maps,
-            size=self.image_size(inputs), batch_size=score.batch_size,
-            sigma=float(score.smoothing_sigma), image_score=score.image_score, device=self.device, desc="score",
-        )
+        head = MapHead(image_size, float(score.smoothing_sigma), score.image_score)
+        return ReconstructionScorer(self.input_module(image_size), self.net.eval(), self.error_maps, head)
 
     def get_state(self) -> dict:
         if self.net is None:
@@ -238,13 +222,27 @@ class PixelFit(TrainingFit):
             raise SchemaError("image_size", f"must be a multiple of {factor} (2 ** len(channels)), got {self.image_size}")
 
 
+class UnitImages(nn.Module):
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float32 in [0, 1], resized with torch's antialiased
+    bilinear weights as two matrix products (stages/methods/maps.py resize_matrix)."""
+
+    def __init__(self, image_size: tuple[int, int], size: int):
+        super().__init__()
+        self.resize = tuple(image_size) != (size, size)
+        if self.resize:
+            self.register_buffer("rows", resize_matrix(image_size[0], size), persistent=False)
+            self.register_buffer("columns", resize_matrix(image_size[1], size).t().contiguous(), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        if self.resize:
+            x = (self.rows @ x @ self.columns).clamp(0.0, 1.0)
+        return x.contiguous()
+
+
 def to_unit_tensor(images: np.ndarray, size: int) -> Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, size, size) float32 in [0, 1] (antialiased bilinear resize)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = x.clamp_(0.0, 1.0)
-    return x.contiguous()
+    """Prepared images as the pixel networks read them (training data; scoring uses the module itself)."""
+    return UnitImages(tuple(images.shape[1:3]), size)(torch.from_numpy(np.ascontiguousarray(images)))
 
 
 class PixelReconstructionDetector(ReconstructionDetector):
@@ -259,15 +257,15 @@ class PixelReconstructionDetector(ReconstructionDetector):
     def model_inputs(self, split) -> Tensor:
         return to_unit_tensor(split.images, self.fit_params.image_size)
 
-    def image_size(self, split) -> tuple[int, int]:
-        return tuple(split.images.shape[1:3])
+    def input_module(self, image_size: tuple[int, int]) -> nn.Module:
+        return UnitImages(image_size, self.fit_params.image_size)
 
     @torch.no_grad()
     def reconstruct(self, split) -> np.ndarray:
         """(N, H, W, 3) float32 in [0, 1]: the network's output at the prepared size (for figures)."""
         if self.net is None:
             raise PipelineError(f"{self.method}: reconstruct() called before fit() or load()")
-        x, size, out = self.model_inputs(split), self.image_size(split), []
+        x, size, out = self.model_inputs(split), split.image_size, []
         net, batch = self.net.to(self.device).eval(), self.score_params.batch_size
         for start in range(0, len(x), batch):
             recon = net(x[start : start + batch].to(self.device)).cpu()
@@ -292,6 +290,38 @@ class FeatureFit(TrainingFit):
                                 allowed="an odd integer >= 1")
 
 
+def combine_layers(maps: list[Tensor], neighbourhood: int) -> Tensor:
+    """Each layer averaged over `neighbourhood` (stride 1, borders not padded), upsampled to the finest
+    grid, concatenated along channels: (N, C, h, w)."""
+    grid = finest_grid(maps)
+    out = []
+    for m in maps:
+        m = m.float()
+        if neighbourhood > 1:
+            m = F.avg_pool2d(m, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        if tuple(m.shape[-2:]) != grid:
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        out.append(m)
+    return torch.cat(out, dim=1)
+
+
+class FeatureInputs(nn.Module):
+    """Feature maps -> the feature (V)AE's input: combined layers standardised with the training mean / std."""
+
+    def __init__(self, neighbourhood: int, mean: Tensor, std: Tensor, method: str):
+        super().__init__()
+        self.neighbourhood, self.method = neighbourhood, method
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, *maps: Tensor) -> Tensor:
+        x = combine_layers(list(maps), self.neighbourhood)
+        if x.shape[1] != self.mean.shape[1]:
+            raise PipelineError(f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
+                                f"{self.mean.shape[1]} (re-run the fit stage)")
+        return (x - self.mean) / self.std
+
+
 def conv1x1_block(c_in: int, c_out: int) -> list[nn.Module]:
     """A per-location layer of the feature (V)AEs: 1x1 convolution, BatchNorm, ReLU."""
     return [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -314,28 +344,13 @@ class FeatureReconstructionDetector(ReconstructionDetector):
         maps = features.maps()
         if not maps:
             raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
-        k = self.fit_params.neighbourhood
-        grid = finest_grid(maps)
-        out = []
-        for m in maps:
-            if k > 1:
-                m = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)
-            if tuple(m.shape[-2:]) != grid:
-                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
-            out.append(m)
-        return torch.cat(out, dim=1)
+        return combine_layers(maps, self.fit_params.neighbourhood)
 
     def model_inputs(self, features) -> Tensor:
-        x = self._raw_features(features)
-        if x.shape[1] != self.mean.shape[1]:
-            raise PipelineError(
-                f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
-                f"{self.mean.shape[1]} (re-run the fit stage)"
-            )
-        return (x - self.mean) / self.std
+        return self.input_module(features.image_size)(*features.maps())
 
-    def image_size(self, features) -> tuple[int, int]:
-        return tuple(features.image_size)
+    def input_module(self, image_size: tuple[int, int]) -> nn.Module:
+        return FeatureInputs(self.fit_params.neighbourhood, self.mean, self.std, self.method)
 
     def fit(self, train_features, val=None) -> "FeatureReconstructionDetector":
         x = self._raw_features(train_features)
