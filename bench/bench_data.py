@@ -61,12 +61,13 @@ def lite0_model():
     return load_backbone(ARCH)
 
 
-def extract(split, model=None, batch_size: int = 16):
-    """A prepared Split -> FeatureSet of Lite0 blocks.2 + blocks.4 maps (float16), as the extract stage writes."""
+def extract(split, model=None, batch_size: int = 16, with_global: bool = True):
+    """A prepared Split -> FeatureSet of Lite0 blocks.2 + blocks.4 maps, as the extract stage writes them
+    (with_global=False: as predict computes them for PatchCore, the network cut after blocks.4)."""
     from stages.backbones import FeatureExtractor
     from stages.features import FeatureSet
 
-    extractor = FeatureExtractor(ARCH, model if model is not None else lite0_model(), LAYERS, "cpu")
+    extractor = FeatureExtractor(ARCH, model if model is not None else lite0_model(), LAYERS, "cpu", with_global=with_global)
     out = extractor(split.images, batch_size=batch_size, desc=f"extract {len(split)}")
     return FeatureSet(out.global_embeddings, out.feature_maps, split.image_size, split.names)
 

@@ -107,7 +107,7 @@ def run_ours_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     backbone = bench_data.lite0_model()
     model = PatchCore.load(workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH})
     start = time.perf_counter()
-    test_features = bench_data.extract(test, backbone, BATCH)
+    test_features = bench_data.extract(test, backbone, BATCH, with_global=False)  # predict's backbone, cut after blocks.4
     test_extract_s = time.perf_counter() - start
     prediction = model.predict(test_features)
     score_s = time.perf_counter() - start

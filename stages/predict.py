@@ -1,6 +1,7 @@
 """Score new images with a fitted model, exactly as `dvc repro` left it.
 
-    python -m stages.predict <model> <image files or folders> [--category CATEGORY] [--out DIR]
+    python -m stages.predict <model> <image files or folders> [--category CATEGORY] [--out DIR] [--runtime onnx]
+    python -m stages.predict <model> --watch <folder>    # score images as they appear, until Ctrl-C
 
 --category picks which category's fit of the model to use; it may be left out when the model is
 fitted for one category only. The model's own saved record says how its inputs were made (resize, crop, backbone, layers,
@@ -116,10 +117,94 @@ def score_chunk(model, images: list[np.ndarray], paths: list[Path]) -> list[tupl
     return [result for image, path in zip(images, paths) for result in score_chunk(model, [image], [path])]
 
 
+class Run:
+    """One predict run's outputs: rows of scores.csv and overlays in `out`, every file written by it."""
+
+    def __init__(self, model, out: Path):
+        self.model, self.out = model, out
+        self.rows: list[dict] = []
+        self.failed, self.seconds, self.used = 0, 0.0, set()
+
+    def score(self, files: list[Path], bar) -> None:
+        for start in range(0, len(files), CHUNK):
+            begin = time.perf_counter()
+            images, paths = [], []
+            for path in files[start : start + CHUNK]:
+                try:
+                    images.append(self.model.prepare(path))
+                    paths.append(path)
+                except PipelineError as exc:  # one bad file must not stop the others
+                    self.fail(str(exc))
+                except MemoryError:
+                    self.fail(f"{path}: out of memory while reading it")
+                bar.update()
+            if images:
+                for image, (path, result) in zip(images, score_chunk(self.model, images, paths)):
+                    if isinstance(result, str):
+                        self.fail(result)
+                    else:
+                        self.record(path, image, result)
+            self.seconds += time.perf_counter() - begin
+        if self.rows:
+            write_csv(self.out / "scores.csv", self.rows)  # rewritten whole, atomically, after every chunk
+
+    def fail(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        self.failed += 1
+
+    def record(self, path: Path, image: np.ndarray, result: Prediction) -> None:
+        score, name = float(result.image_scores[0]), ""
+        if result.anomaly_maps is not None:
+            name = unique_name(path, self.used)
+            write_png(self.out / name, overlay(image, result.anomaly_maps[0], self.model.colour_scale))
+        # the threshold rule of the metrics: score >= threshold is anomalous
+        self.rows.append({"image": str(path), "score": score, "anomalous": int(score >= self.model.threshold),
+                          "threshold": self.model.threshold, "overlay": name})
+
+    def summary(self) -> str:
+        flagged = sum(r["anomalous"] for r in self.rows)
+        per_image = 1000 * self.seconds / max(1, len(self.rows))
+        return (f"{self.model.category}/{self.model.name}: scored {len(self.rows)} image(s), {flagged} anomalous "
+                f"(score >= {self.model.threshold:.4g}), {per_image:.0f} ms per image -> {self.out}/scores.csv")
+
+
+def watch(run: Run, folder: Path, interval: float) -> None:
+    """Score every image of `folder` once it has stopped growing (a file still being written is left
+    for the next look), until interrupted (Ctrl-C, SIGTERM)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop ends the loop as Ctrl-C
+    print(f"watching {folder} (Ctrl-C to stop)", file=sys.stderr)
+    seen: set[Path] = set()
+    sizes: dict[Path, tuple[int, float]] = {}
+    try:
+        with tqdm(desc=f"watch {folder}", unit="img") as bar:
+            while True:
+                ready = []
+                for path in image_files([str(folder)]):
+                    if path in seen:
+                        continue
+                    stat = path.stat()
+                    if sizes.get(path) == (stat.st_size, stat.st_mtime):  # unchanged since the last look
+                        ready.append(path)
+                    sizes[path] = (stat.st_size, stat.st_mtime)
+                if ready:
+                    seen.update(ready)
+                    run.score(ready, bar)
+                    print(run.summary(), file=sys.stderr)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a model name from params.yaml `models:` that `dvc repro` has fitted and evaluated")
-    parser.add_argument("paths", nargs="+", help="image files or folders of images")
+    parser.add_argument("paths", nargs="*", help="image files or folders of images")
+    parser.add_argument("--watch", type=Path, default=None,
+                        help="a folder to watch (a production line's drop folder): every image is scored once it "
+                             "has been written, into the same scores.csv and overlays, until Ctrl-C")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between two looks at --watch's folder")
     parser.add_argument("--category", default=None,
                         help="which category's fit of the model (default: the only one the model is fitted for)")
     parser.add_argument("--out", type=Path, default=None,
@@ -131,56 +216,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch: the pipeline's own code (default); onnx: the exported graph (models/<category>.category/<model>.onnx)")
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
+    if not args.paths and args.watch is None:
+        parser.error("give image files or folders, or --watch FOLDER")
+    if args.watch is not None and not args.watch.is_dir():
+        raise PipelineError(f"--watch {args.watch}: not a folder")
     device = resolve_device(args.device, "--device")
     category = choose_category(args.model, args.category)
     out = args.out or DEFAULT_OUT / category / args.model
     check_out(out, args.overwrite)
+    if args.watch is not None and out.resolve() == args.watch.resolve():
+        raise PipelineError(f"--out {out}: the watched folder itself (its overlays would be scored in turn)")
 
     model = load_model(category, args.model, args.runtime, device)
     files = image_files(args.paths)
-    if not files:
+    if args.paths and not files:
         raise PipelineError(f"no image files in {' '.join(args.paths)}")
-
-    rows, failed, seconds, used = [], 0, 0.0, set()
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(files), desc=f"predict {category}/{args.model}", unit="img") as bar:
-        for start in range(0, len(files), CHUNK):
-            begin = time.perf_counter()
-            images, paths = [], []
-            for path in files[start : start + CHUNK]:
-                try:
-                    images.append(model.prepare(path))
-                    paths.append(path)
-                except PipelineError as exc:  # one bad file must not stop the others
-                    print(f"error: {exc}", file=sys.stderr)
-                    failed += 1
-                except MemoryError:
-                    print(f"error: {path}: out of memory while reading it", file=sys.stderr)
-                    failed += 1
-                bar.update()
-            if not images:
-                continue
-            for image, (path, result) in zip(images, score_chunk(model, images, paths)):
-                if isinstance(result, str):
-                    print(f"error: {result}", file=sys.stderr)
-                    failed += 1
-                    continue
-                score, name = float(result.image_scores[0]), ""
-                if result.anomaly_maps is not None:
-                    name = unique_name(path, used)
-                    write_png(out / name, overlay(image, result.anomaly_maps[0], model.colour_scale))
-                # the threshold rule of the metrics: score >= threshold is anomalous
-                rows.append({"image": str(path), "score": score, "anomalous": int(score >= model.threshold),
-                             "threshold": model.threshold, "overlay": name})
-            seconds += time.perf_counter() - begin
-    if rows:
-        write_csv(out / "scores.csv", rows)
-        flagged = sum(r["anomalous"] for r in rows)
-        print(f"{category}/{args.model}: scored {len(rows)} image(s), {flagged} anomalous (score >= {model.threshold:.4g}), "
-              f"{1000 * seconds / len(rows):.0f} ms per image -> {out}/scores.csv")
-    if failed:
-        print(f"error: {failed} of {len(files)} image(s) could not be scored (named above)", file=sys.stderr)
-    return 1 if failed else 0
+    run = Run(model, out)
+    if files:
+        with tqdm(total=len(files), desc=f"predict {category}/{args.model}", unit="img") as bar:
+            run.score(files, bar)
+    if args.watch is not None:
+        watch(run, args.watch, args.interval)
+    if run.rows:
+        print(run.summary())
+    if run.failed:
+        print(f"error: {run.failed} of {run.failed + len(run.rows)} image(s) could not be scored (named above)",
+              file=sys.stderr)
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":

@@ -164,3 +164,47 @@ def test_a_model_fitted_for_several_categories_needs_the_category(fitted, tmp_pa
         assert code == 0 and len(rows) == 1
     finally:
         shutil.rmtree(second)
+
+
+def test_watch_scores_images_as_they_appear(fitted, tmp_path):
+    """predict --watch: images dropped into the folder are scored into the same scores.csv and overlays, a
+    file still being written waits for the next look, and Ctrl-C ends the run normally."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    drop.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    process = subprocess.Popen([sys.executable, "-m", "stages.predict", "pc", "--watch", str(drop), "--out", str(out),
+                                "--interval", "0.2"], cwd=fitted, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        raw = fitted / "data" / "raw" / "carpet.dataset" / "test"
+        shutil.copy(raw / "good" / "000.png", drop / "first.png")
+        half = (raw / "hole" / "000.png").read_bytes()
+        with open(drop / "second.png", "wb") as slow:  # written in two parts, a second apart
+            slow.write(half[: len(half) // 2])
+            slow.flush()
+            time.sleep(1.0)
+            slow.write(half[len(half) // 2:])
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []
+            if len(rows) == 2:
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert [Path(r["image"]).name for r in rows] == ["first.png", "second.png"]
+    assert "error" not in stderr  # the half-written file was never read
+    expected = evaluate_scores(fitted, "pc")
+    assert float(rows[1]["score"]) == pytest.approx(expected["test/hole/000.png"], rel=1e-5)
+    assert sorted(p.name for p in out.glob("*_overlay.png")) == ["first_overlay.png", "second_overlay.png"]

@@ -101,9 +101,16 @@ class AnomalyDetector:
             raise PipelineError(f"{self.method}: the feature cache holds no feature maps")
         return [m[start:stop].float() for m in inputs.feature_maps.values()]  # in the order of the layers
 
+    def cached_scorer(self, image_size: tuple[int, int]) -> torch.nn.Module:
+        """scorer(image_size), built once per size (predict and the demo score image after image)."""
+        cache = self.__dict__.setdefault("_scorers", {})  # score_params are fixed for a detector's life
+        if tuple(image_size) not in cache:
+            cache[tuple(image_size)] = self.scorer(tuple(image_size)).to(self.device).eval()
+        return cache[tuple(image_size)]
+
     @torch.no_grad()
     def predict(self, inputs) -> Prediction:
-        scorer = self.scorer(tuple(inputs.image_size)).to(self.device).eval()
+        scorer = self.cached_scorer(tuple(inputs.image_size))
         scores, maps = [], []
         step = self.batch_size()
         for start in tqdm(range(0, len(inputs), step), desc="score", unit="batch"):
