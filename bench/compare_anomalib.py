@@ -7,6 +7,7 @@ Needs a separate venv outside the repo with anomalib (benchmark only, not in req
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 20                 # validate first
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~40 min of anomalib fit
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 391 --ours-dims 128 1024 --anomalib-bank random
 
 What runs: a synthetic carpet category (stages.data.synthetic: --n-train good training images, 20
 good + 8 per defect type test images, exact masks), preprocessed at 256 px (resize 256, crop 256)
@@ -31,6 +32,16 @@ same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessin
   subsample_embedding(0.1): KCenterGreedy on a sparse random projection); scoring = forward in
   eval mode (nearest neighbour, eq. 7 with num_neighbors 9, bilinear upsampling + Gaussian blur
   sigma 4). Its patch feature is the concatenation 40 + 112 = 152-d (no MeanMapper/Aggregator).
+- --anomalib-bank random (latency only; default greedy, the above): the same PatchcoreModel, the
+  same training forward filling embedding_store, but subsample_embedding is not called: the memory
+  bank is a uniformly random subset (torch.randperm, seed 0) of the training patch embeddings, of
+  exactly the size KCenterGreedy would select (its own coreset_size: int(N x coreset ratio)), so
+  the bank has the greedy bank's shape without the greedy's cost (~35 min at 200 training images).
+  Scoring is unchanged and timed the same way; its time depends only on the bank's shape. The row
+  is named "anomalib <version> (random bank, latency only)"; its fit time, image/pixel AUROC and
+  AUPRO are "-" (not anomalib's, not computed), its peak RSS is the process's up to the random bank
+  (embedding_store included, KCenterGreedy's projection and distances not), and the ratios table
+  uses it for the ms / test image ratios only.
 
 Both children run with the same glibc setting MALLOC_MMAP_THRESHOLD_ (--malloc-mmap-threshold, default
 1 MiB; 0 leaves glibc's default): with glibc's default dynamic threshold, anomalib's KCenterGreedy
@@ -143,7 +154,22 @@ def anomalib_model(num_neighbors: int):
     return model
 
 
-def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int) -> dict:
+def random_bank(model, coreset_ratio: float) -> None:
+    """--anomalib-bank random: instead of model.subsample_embedding, a uniformly random subset (seed 0) of
+    the stored training patch embeddings, as many as anomalib's KCenterGreedy would select."""
+    import torch
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    if len(model.embedding_store) == 0:
+        raise ValueError("Embedding store is empty. Cannot build the memory bank.")
+    embedding = torch.vstack(model.embedding_store)  # as subsample_embedding
+    model.embedding_store.clear()
+    size = KCenterGreedy(embedding=embedding, sampling_ratio=coreset_ratio).coreset_size  # its rounding, its checks
+    index = torch.randperm(embedding.shape[0], generator=torch.Generator().manual_seed(0))[:size]
+    model.memory_bank = embedding[index]
+
+
+def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int, bank: str = "greedy") -> dict:
     import anomalib
     import torch
 
@@ -158,7 +184,10 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int) -> dic
     model.train()
     for i in range(0, len(train), BATCH):  # Patchcore.training_step
         model(_tensor(train.images[i : i + BATCH]))
-    model.subsample_embedding(coreset_ratio)  # Patchcore.fit
+    if bank == "random":
+        random_bank(model, coreset_ratio)  # latency only: the greedy bank's shape, not its points
+    else:
+        model.subsample_embedding(coreset_ratio)  # Patchcore.fit
     fit_s = time.perf_counter() - start
     fit_peak = bench_data.peak_rss_mib()
     model.eval()
@@ -172,12 +201,15 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int) -> dic
     score_s = time.perf_counter() - start
     scores = torch.cat(scores).double().numpy()
     maps = torch.cat(maps).float().numpy()
+    latency_only = bank == "random"
     return {
-        "impl": f"anomalib {anomalib.__version__}",
+        "impl": f"anomalib {anomalib.__version__}" + (" (random bank, latency only)" if latency_only else ""),
+        "anomalib_bank": bank,
         "bank": list(model.memory_bank.shape),
-        **bench_data.metrics(test, scores, maps),
+        **({"image_auroc": None, "pixel_auroc": None, "aupro": None} if latency_only
+           else bench_data.metrics(test, scores, maps)),
         "image_auroc_eq7": None,
-        "fit_s": round(fit_s, 1),
+        "fit_s": None if latency_only else round(fit_s, 1),
         "fit_patchcore_only_s": None,
         "score_ms_per_image": round(1000 * score_s / len(test), 1),
         "score_patchcore_only_ms_per_image": None,
@@ -224,7 +256,7 @@ def print_tables(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         eq7_ms = r.get("score_eq7_ms_per_image") if r.get("extract_peak_rss_mib") else r["score_ms_per_image"]
-        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
+        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {_fmt(r['fit_s'], 0)} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
               f"{r['score_ms_per_image']} | {_fmt(eq7_ms, 0)} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | "
               f"{r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {_fmt(r['extract_peak_rss_mib'])} | "
               f"{_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | "
@@ -232,19 +264,22 @@ def print_tables(rows: list[dict]) -> None:
     theirs = next((r for r in rows if r["impl"].startswith("anomalib")), None)
     if not theirs:
         return
-    print("\nRatios ours / anomalib (anomalib's fit RSS includes its backbone, in the same process):\n")
+    latency_only = theirs.get("anomalib_bank") == "random"  # rows saved before the option: greedy
+    print("\nRatios ours / anomalib (anomalib's fit RSS includes its backbone, in the same process"
+          + ("; its random bank: ms / image ratios only" if latency_only else "") + "):\n")
     print("| implementation | fit time | ms / test image | ms / test image, both eq. 7 | fit peak RSS | "
           "peak RSS, extract or fit | image AUROC | pixel AUROC |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r is theirs:
             continue
-        ratio = lambda ours, base, d=2: "-" if ours is None else f"{ours / base:.{d}f}"  # noqa: E731
-        print(f"| {r['impl']} | {ratio(r['fit_s'], theirs['fit_s'])} | "
+        ratio = lambda ours, base, d=2: "-" if ours is None or base is None else f"{ours / base:.{d}f}"  # noqa: E731
+        other = (lambda ours, base, d=2: "-") if latency_only else ratio  # noqa: E731 (every ratio but ms / image)
+        print(f"| {r['impl']} | {other(r['fit_s'], theirs['fit_s'])} | "
               f"{ratio(r['score_ms_per_image'], theirs['score_ms_per_image'])} | "
               f"{ratio(r.get('score_eq7_ms_per_image'), theirs['score_ms_per_image'])} | "
-              f"{ratio(r['fit_peak_rss_mib'], theirs['fit_peak_rss_mib'])} | {ratio(_peak_any(r), _peak_any(theirs))} | "
-              f"{ratio(r['image_auroc'], theirs['image_auroc'], 4)} | {ratio(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |")
+              f"{other(r['fit_peak_rss_mib'], theirs['fit_peak_rss_mib'])} | {other(_peak_any(r), _peak_any(theirs))} | "
+              f"{other(r['image_auroc'], theirs['image_auroc'], 4)} | {other(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |")
 
 
 def main() -> None:
@@ -257,6 +292,9 @@ def main() -> None:
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument("--anomalib-bank", choices=["greedy", "random"], default="greedy",
+                        help="anomalib's memory bank: its KCenterGreedy coreset, or (latency only) a seeded random "
+                             "subset of the same size")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
                         help="MALLOC_MMAP_THRESHOLD_ for both children, bytes (0: glibc's dynamic default)")
     parser.add_argument("--max-rss-gib", type=float, default=12.0, help="a child above this RSS is stopped")
@@ -273,7 +311,7 @@ def main() -> None:
         _watchdog(args.max_rss_gib)
         job, _, dim = args.one.partition(":")
         if job == "anomalib":
-            row = run_anomalib(workdir, args.coreset_ratio, args.num_neighbors)
+            row = run_anomalib(workdir, args.coreset_ratio, args.num_neighbors, args.anomalib_bank)
         elif job == "ours-extract":
             row = run_ours_extract(workdir)
         elif job == "ours-fit":
@@ -291,7 +329,7 @@ def main() -> None:
         load = bench_data.loadavg()
         cmd = [sys.executable, __file__, "--one", job, "--workdir", str(workdir),
                "--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", str(args.num_neighbors),
-               "--max-rss-gib", str(args.max_rss_gib)]
+               "--max-rss-gib", str(args.max_rss_gib), "--anomalib-bank", args.anomalib_bank]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if args.malloc_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -319,7 +357,8 @@ def main() -> None:
     n_test = args.n_test_good + 5 * args.n_test_per_defect
     print(f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
           f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "
-          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}\n")
+          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}"
+          + (", anomalib's bank random (latency only)" if args.anomalib_bank == "random" else "") + "\n")
     print_tables(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -14,7 +14,7 @@ and the numerics mode), OUT.md (the table the README shows) and OUT.png (accurac
 - scoring: ms per test image on the prepared test images, backbone included, after one warm-up
   pass, the median of `--repeats` passes: torch (the pipeline's code, as predict runs it) and onnx
   (the exported graph in onnxruntime);
-- size: the fitted model (every seed) and the .onnx file;
+- size: the fitted model (every seed) and the exported graph;
 - parity: the largest relative score difference and absolute map difference, onnx against torch.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from stages.errors import PipelineError
 from stages.export import parity
 from stages.outputs import atomic_path, write_json
 from stages.params import load_params, param
-from stages.paths import MODELS_ROOT, metrics_file, model_dir, onnx_file, pixels_dir
+from stages.paths import MODELS_ROOT, export_dir, metrics_file, model_dir, pixels_dir
 
 DEFAULT_OUT = Path("bench/results/cost")
 
@@ -105,7 +105,7 @@ def measure(category: str, name: str, repeats: int, test) -> dict:
         "torch_ms_per_image": ms_per_image(torch_model, test.images, test.names, repeats),
         "onnx_ms_per_image": ms_per_image(onnx_model, test.images, test.names, repeats),
         "model_mib": round(folder_mib(model_dir(category, name)), 2), "seeds": len(metrics["seeds"]),
-        "onnx_mib": round(folder_mib(onnx_file(category, name)), 2),
+        "onnx_mib": round(folder_mib(export_dir(category, name)), 2),
         "onnx_score_rel_diff": found["score_rel"], "onnx_map_abs_diff": found.get("map_abs"),
         "map_max": found.get("map_max"), "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
     }
@@ -116,7 +116,7 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"load before {info['load_before']}, {info['images']} test images of {info['size']} px "
              f"(`python -m stages.benchmark`).", "",
              "| model | method | fit (s, all seeds) | fit peak RSS (MiB) | torch ms / image | onnx ms / image | "
-             "model on disk (MiB) | .onnx (MiB) | onnx vs torch: score rel. / map abs. | image AUROC |",
+             "model on disk (MiB) | exported (MiB) | onnx vs torch: score rel. / map abs. | image AUROC |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = f"{r['onnx_score_rel_diff']:.1e}" + (f" / {r['onnx_map_abs_diff']:.1e}" if r["onnx_map_abs_diff"] is not None else "")

@@ -16,11 +16,11 @@ import json
 import numpy as np
 
 from stages.cli import run_main
-from stages.comparison import MEAN, differences, model_intervals, with_mean
+from stages.comparison import MEAN, differences, mean_groups, model_intervals, table_rows, with_means
 from stages.errors import PipelineError
 from stages.metrics import INTERVAL_METRICS
 from stages.outputs import atomic_path, write_csv, write_json
-from stages.params import load_params, param
+from stages.params import category_source, load_params, param
 from stages.paths import PLOTS_ROOT, SUMMARY_ROOT, metrics_file, resamples_file
 
 TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_f1_max": "Image F1-max"}
@@ -35,29 +35,33 @@ def read(category: str, model: str) -> tuple[dict, dict]:
         return json.loads(path.read_text()), {name: data[name] for name in data.files}
 
 
-def markdown(results: dict, models: list[str], categories: list[str], confidence: float, resamples: int) -> str:
+def markdown(results: dict, models: list[str], groups: dict[str, list[str]], confidence: float, resamples: int) -> str:
     pct = f"{confidence:.0%}"
+    categories = groups[MEAN]
     lines = [f"# Paired comparisons: {len(models)} models, {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}", "",
              f"Row model minus column model on the mean over categories, with its {pct} bootstrap interval "
              f"({resamples} stratified resamples of each category's test images, the same for every model). "
              "**Bold**: the interval excludes 0 (the difference is significant at that level).", ""]
     for metric, result in results.items():
-        mean = {(d["model"], d["versus"]): d for d in result["differences"] if d["category"] == MEAN}
-        if not mean:
-            continue
-        present = [m for m in models if (m, m) in mean]
-        lines += [f"## {TITLES[metric]}", "", "| model | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-        for a in present:
-            cells = []
-            for b in present:
-                d = mean[a, b]
-                text = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-                cells.append("0" if a == b else f"**{text}**" if d["significant"] else text)
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for label in [*(g for g in groups if g != MEAN), MEAN]:  # each benchmark's mean, then the overall one
+            mean = {(d["model"], d["versus"]): d for d in result["differences"] if d["category"] == label}
+            if not mean:
+                continue
+            present = [m for m in models if (m, m) in mean]
+            over = "" if label == MEAN else f", {label} ({', '.join(groups[label])})"
+            lines += [f"## {TITLES[metric]}{over}", "", "| model | " + " | ".join(present) + " |",
+                      "|---|" + "---|" * len(present)]
+            for a in present:
+                cells = []
+                for b in present:
+                    d = mean[a, b]
+                    text = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                    cells.append("0" if a == b else f"**{text}**" if d["significant"] else text)
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["## Significant differences per category", ""]
     for metric, result in results.items():
-        found = [d for d in result["differences"] if d["category"] != MEAN and d["significant"] and d["value"] > 0]
+        found = [d for d in result["differences"] if d["category"] in categories and d["significant"] and d["value"] > 0]
         for d in found:
             lines.append(f"- {d['category']}, {TITLES[metric]}: {d['model']} > {d['versus']} by {d['value']:.3f} "
                          f"[{d['low']:.3f}, {d['high']:.3f}]")
@@ -72,13 +76,14 @@ def main() -> None:
     confidence = param(params, "evaluate.bootstrap.confidence")
     resamples = param(params, "evaluate.bootstrap.resamples")
     loaded = {(c, m): read(c, m) for c in categories for m in models}
-    rows = [*categories, MEAN]
+    groups = mean_groups(categories, lambda category: category_source(params, category))
+    rows = table_rows(groups)
     results, intervals_rows, pairwise_rows = {}, [], []
     for metric in INTERVAL_METRICS:
         points = {k: result.get(metric) for k, (result, _) in loaded.items()}
         samples = {k: drawn.get(metric) for k, (_, drawn) in loaded.items()}
-        points, samples = with_mean({k: v for k, v in points.items() if v is not None},
-                                    {k: v for k, v in samples.items() if v is not None}, categories, models)
+        points, samples = with_means({k: v for k, v in points.items() if v is not None},
+                                     {k: v for k, v in samples.items() if v is not None}, groups, models)
         if not samples:
             continue
         if any(len(v) != resamples for v in samples.values()):
@@ -95,7 +100,7 @@ def main() -> None:
         raise PipelineError("compare: no metric with bootstrap resamples (run the evaluate stages)")
     write_json(SUMMARY_ROOT / "comparison.json", {"confidence": confidence, "resamples": resamples, "metrics": results})
     with atomic_path(SUMMARY_ROOT / "comparison.md") as tmp:
-        tmp.write_text(markdown(results, models, categories, confidence, resamples))
+        tmp.write_text(markdown(results, models, groups, confidence, resamples))
     write_csv(PLOTS_ROOT / "intervals.csv", intervals_rows)
     write_csv(PLOTS_ROOT / "pairwise.csv", pairwise_rows)
     significant = sum(d["significant"] and d["value"] > 0 for r in results.values() for d in r["differences"])

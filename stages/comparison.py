@@ -14,16 +14,45 @@ import numpy as np
 
 from stages.bootstrap import summarise
 
-MEAN = "mean"  # the row of means over categories, as in the report
+MEAN = "mean"  # the row of means over every category, as in the report
+# a category's benchmark, from its data source: each gets its own mean row when the categories come
+# from more than one (MVTec AD and VisA are reported apart, as in the papers); synthetic and folder
+# categories are "other"
+BENCHMARKS = {"mvtec": "MVTec AD", "visa": "VisA"}
+OTHER = "other"
 
 
-def with_mean(points: dict, resamples: dict, categories: list[str], models: list[str]):
-    """(points, resamples) per (category, model), plus the MEAN row where every category has the metric."""
-    for model in models:
-        keys = [(c, model) for c in categories]
-        if all(points.get(k) is not None and resamples.get(k) is not None for k in keys):
-            points[MEAN, model] = float(np.mean([points[k] for k in keys]))
-            resamples[MEAN, model] = np.mean([resamples[k] for k in keys], axis=0)
+def mean_groups(categories: list[str], source_of) -> dict[str, list[str]]:
+    """The mean rows and the categories each averages: MEAN over all of them and, when they come from
+    more than one benchmark (`source_of(category)` is its data source), "mean <benchmark>" for each."""
+    benchmarks: dict[str, list[str]] = {}
+    for category in categories:
+        source = source_of(category)
+        benchmarks.setdefault(BENCHMARKS.get(source, OTHER), []).append(category)
+    groups = {MEAN: list(categories)}
+    if len(benchmarks) > 1:
+        groups.update({f"{MEAN} {label}": members for label, members in benchmarks.items()})
+    return groups
+
+
+def table_rows(groups: dict[str, list[str]]) -> list[str]:
+    """The rows of a table, in order: each benchmark's categories followed by its mean; MEAN last."""
+    benchmarks = {label: members for label, members in groups.items() if label != MEAN} or {None: groups[MEAN]}
+    rows = []
+    for label, members in benchmarks.items():
+        rows += [*members, *([label] if label else [])]
+    return [*rows, MEAN]
+
+
+def with_means(points: dict, resamples: dict, groups: dict[str, list[str]], models: list[str]):
+    """(points, resamples) per (category, model), plus each mean row of `groups` (mean_groups) where
+    every category it averages has the metric; a mean's resample r is the mean of its categories' r."""
+    for label, members in groups.items():
+        for model in models:
+            keys = [(c, model) for c in members]
+            if all(points.get(k) is not None and resamples.get(k) is not None for k in keys):
+                points[label, model] = float(np.mean([points[k] for k in keys]))
+                resamples[label, model] = np.mean([resamples[k] for k in keys], axis=0)
     return points, resamples
 
 

@@ -6,7 +6,7 @@ input recipe (stages/data/raw.py resize and crop) and give (image scores, anomal
   backbone cut after the last layer it reads, and evaluate's scoring record (threshold, colour scale).
 - DeployedModule: the same as one torch module, uint8 image in, score and map out: normalisation,
   backbone, the method's scorer (stages/methods/*.py).
-  torch.onnx exports it to models/<category>.category/<model>.onnx (stages/export.py).
+  torch.onnx exports it to models/<category>.category/<model>.export/model.onnx (stages/export.py).
 - OnnxModel: that file alone, through onnxruntime: everything it needs is in the file's metadata.
 """
 from __future__ import annotations
@@ -153,7 +153,8 @@ def metadata(fitted: FittedModel) -> dict[str, str]:
 
 
 def export_onnx(fitted: FittedModel, path: Path) -> None:
-    """The graph of DeployedModule, batch 1, with the metadata; written by the caller's atomic path."""
+    """The graph of DeployedModule, batch 1, with the metadata, at `path` (in a folder of its own: over
+    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there)."""
     import onnx
 
     module = DeployedModule(fitted).eval()
@@ -167,7 +168,7 @@ def export_onnx(fitted: FittedModel, path: Path) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=18, input_names=["image"],
                           output_names=["score", "anomaly_map"] if has_map else ["score"])
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False)  # the graph alone: external weights stay in their files
     for key, value in metadata(fitted).items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(path))

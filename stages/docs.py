@@ -41,6 +41,7 @@ def reference() -> str:
         ("`data`", params.Data),
         ("`data.synthetic`", params.Synthetic),
         ("`data.mvtec`", params.Mvtec),
+        ("`data.visa`", params.Visa),
         ("`preprocess`", params.Preprocess),
         ("`backbones.<name>`", params.Backbone),
         ("`evaluate`", params.Evaluate),

@@ -1,6 +1,6 @@
 """DVC stage `export@<category>-<model>`: the first seed's fit as one ONNX graph, checked against torch.
 
-Writes models/<category>.category/<model>.onnx: a uint8 RGB image (1, H, W, 3) at the model's input
+Writes models/<category>.category/<model>.export/model.onnx: a uint8 RGB image (1, H, W, 3) at the model's input
 size in, `score` (1,) and `anomaly_map` (1, H, W) out (score alone for the global kNN), with
 everything in the graph (normalisation, the backbone cut after its last needed layer, the method:
 PatchCore's memory bank as an initializer and nearest neighbours as a matrix product and a minimum,
@@ -23,7 +23,7 @@ from stages.deployed import FittedModel, OnnxModel, export_onnx
 from stages.errors import PipelineError
 from stages.models import model_from_argv
 from stages.outputs import atomic_path
-from stages.paths import onnx_file, pixels_dir
+from stages.paths import export_dir, onnx_file, pixels_dir
 
 # onnxruntime vs torch: image scores within 1e-4 relative; anomaly maps within 1e-3 absolute plus 1e-5 of
 # the value (numpy's allclose rule): a feature autoencoder's maps reach the hundreds, where float32
@@ -52,9 +52,10 @@ def main() -> None:
     fitted = FittedModel.load(config.category, config.name, device=device)
     test = load_split(pixels_dir(config.category) / "test.npz")
     path = onnx_file(config.category, config.name)
-    with atomic_path(path) as tmp:
-        export_onnx(fitted, tmp)
-        exported = OnnxModel.from_file(tmp, config.category, config.name)
+    with atomic_path(export_dir(config.category, config.name)) as folder:
+        folder.mkdir(parents=True)
+        export_onnx(fitted, folder / path.name)
+        exported = OnnxModel.from_file(folder / path.name, config.category, config.name)
         found = parity(fitted, exported, test.images, test.names)
         if found["score_rel"] > SCORE_RTOL or found.get("map_excess", 0.0) > MAP_ATOL:
             raise PipelineError(f"export@{config.stage}: onnxruntime differs from torch on the {found['images']} test "
@@ -63,7 +64,8 @@ def main() -> None:
                                 f"(allowed {MAP_ATOL:g} + {MAP_RTOL:g} x value)")
     maps = (f", maps within {found['map_abs']:.1e} absolute (values up to {found['map_max']:.3g})"
             if "map_abs" in found else "")
-    print(f"export@{config.stage}: {path} ({path.stat().st_size / 2**20:.1f} MiB); onnxruntime equals torch on "
+    size = sum(f.stat().st_size for f in path.parent.iterdir()) / 2**20
+    print(f"export@{config.stage}: {path} ({size:.1f} MiB); onnxruntime equals torch on "
           f"{found['images']} test images: scores within {found['score_rel']:.1e} relative{maps}")
 
 

@@ -4,11 +4,13 @@ The same params give the same bytes on one machine either way. Across machines, 
 of a sum depend on which SIMD kernels a library picks for the CPU it finds (AVX2, AVX-512, AMX) and
 on how many threads split the work; a trained network then drifts further with every epoch.
 
-- `strict`: every library is held to the same code path on every x86-64 CPU with AVX2, whatever
-  newer instructions it has and however many cores: torch's own kernels at their AVX2 build, oneDNN
+- `strict`: every library is held to the same code path on every Intel x86-64 CPU with AVX2,
+  whatever newer instructions it has (AVX-512, AMX) and however many cores: torch's own kernels at their AVX2 build, oneDNN
   (convolutions) at AVX2, MKL (matrix products) in its conditional-numerical-reproducibility mode
   for AVX2, numpy without its AVX-512 loops, OpenBLAS with its Haswell (AVX2) kernels, and a fixed
   number of threads everywhere (STRICT_THREADS, whatever the machine or the environment says).
+  MKL guarantees its AVX2 path only on Intel processors: on AMD CPUs it takes other kernels (its
+  vector math and matrix-vector products), so results there can differ in the last digits.
   On CUDA: deterministic algorithms, no TF32 and cuBLAS's deterministic workspace, which makes
   results identical between runs on one GPU model, not between GPU models or with the CPU.
 - `fast`: each library uses what the CPU offers (and every core).

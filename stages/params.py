@@ -18,7 +18,7 @@ from stages.errors import PipelineError
 from stages.paths import PIXELS
 from stages.schema import Schema, SchemaError, check_keys, option, parse
 
-SOURCES = ("synthetic", "mvtec", "folder")
+SOURCES = ("synthetic", "mvtec", "visa", "folder")
 
 
 # Upper bounds of the generator: a typo (n_train: 1000000000) must not write until the disk is full.
@@ -46,9 +46,11 @@ class Synthetic(Schema):
 
 @dataclasses.dataclass(frozen=True)
 class Mvtec(Schema):
-    archive: str = option("category", "category: the per-category archive; full: the whole dataset", choices=("category", "full"))
-    url: str | None = option(None, "null: the official URL; or a mirror / file:// URL ('{category}' in it is replaced "
-                                   "by each category's name when archive is category)")
+    archive: str = option("full", "full: the whole dataset, fetched once for all categories from its known URLs "
+                                  "(each answer checked against its SHA-256); category: the per-category archives "
+                                  "(their links may be gone)", choices=("full", "category"))
+    url: str | None = option(None, "null: the official URLs; or one mirror / file:// URL, the only one tried "
+                                   "('{category}' in it is replaced by each category's name when archive is category)")
     sha256: str | None = option(
         None, "null: the published checksum of the official archive (MD5 per category, SHA-256 of the full one); "
               "or the SHA-256 of the one archive `url` names",
@@ -57,13 +59,25 @@ class Mvtec(Schema):
 
 
 @dataclasses.dataclass(frozen=True)
+class Visa(Schema):
+    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive")
+    sha256: str | None = option(
+        None, "null: the official archive's published SHA-256 (when url is null); or the SHA-256 of the archive "
+              "`url` names (the official one's also enables the per-category count check)",
+        check=lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, allowed="a SHA-256 hex digest (64 hex digits)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Data(Schema):
-    source: str = option("synthetic", "synthetic (offline default), mvtec (official archive) or folder (a local copy)", choices=SOURCES)
+    source: str = option("synthetic", "synthetic (offline default), mvtec (MVTec AD's archive), visa (VisA's archive) "
+                                      "or folder (a local copy)", choices=SOURCES)
     categories: list[str] = option(["carpet"], "the categories to run, each through its own download, preprocess, "
                                                "extract, fit and evaluate stages (a DVC matrix)")
     sources: dict = option({}, "per-category source where it differs from `source`, e.g. {my_parts: folder}")
     synthetic: dict = option({}, "the generator's settings (every synthetic category is the same generated carpet)")  # parsed into Synthetic below
-    mvtec: dict = option({}, "the official archive's settings")
+    mvtec: dict = option({}, "the MVTec AD archive's settings")
+    visa: dict = option({}, "the VisA archive's settings")
     folder: str | None = option(None, "source: folder -> a folder holding one MVTec-layout folder per category "
                                       "(<folder>/<category>/train/good, ...), as the MVTec AD archive does")
 
@@ -167,8 +181,9 @@ class Top(Schema):
     fit_seeds: list[int] = option([0, 1, 2], "seeds of every fit that draws random numbers (each such model is "
                                              "fitted once per seed; the others once); results: mean and std over them",
                                   ge=0, check=lambda v: len(set(v)) == len(v), allowed="a non-empty list of distinct integers >= 0")
-    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every x86-64 CPU with AVX2 (fixed kernels and "
-                                             "threads, README 'Reproducibility'); fast: native kernels, every core",
+    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every Intel x86-64 CPU with AVX2 (fixed kernels "
+                                             "and threads, README 'Same numbers on every machine'); fast: native "
+                                             "kernels, every core",
                            choices=numerics.MODES)
     data: dict = option({}, "stage download")
     preprocess: dict = option({}, "stage preprocess")
@@ -275,6 +290,7 @@ def validate(raw: object, path: Path) -> dict:
             **data.as_dict(),
             "synthetic": parse(Synthetic, data.synthetic, "data.synthetic").as_dict(),
             "mvtec": parse(Mvtec, data.mvtec, "data.mvtec").as_dict(),
+            "visa": parse(Visa, data.visa, "data.visa").as_dict(),
         },
         "preprocess": parse(Preprocess, top.preprocess, "preprocess").as_dict(),
         "backbones": {name: parse(Backbone, entry, f"backbones.{name}").as_dict() for name, entry in backbones.items()},

@@ -68,9 +68,18 @@ def scoring_file(category: str, model: str) -> Path:
     return MODELS_ROOT / _category(category) / f"{model}.scoring.json"
 
 
+EXPORT_SUFFIX = ".export"
+ONNX_FILE = "model.onnx"
+
+
+def export_dir(category: str, model: str) -> Path:
+    """models/<category>.category/<model>.export: export@<category>-<model>, the first seed's fit as one
+    graph, model.onnx (with its weights in files beside it when they pass ONNX's 2 GiB limit)."""
+    return MODELS_ROOT / _category(category) / f"{model}{EXPORT_SUFFIX}"
+
+
 def onnx_file(category: str, model: str) -> Path:
-    """models/<category>.category/<model>.onnx: export@<category>-<model>, the first seed's fit as one graph."""
-    return MODELS_ROOT / _category(category) / f"{model}.onnx"
+    return export_dir(category, model) / ONNX_FILE
 
 
 def metrics_file(category: str, model: str) -> Path:

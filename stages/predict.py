@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write into an --out that already holds files, replacing those of the same names")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch runtime)")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
-                        help="torch: the pipeline's own code (default); onnx: the exported graph (models/<category>.category/<model>.onnx)")
+                        help="torch: the pipeline's own code (default); onnx: the exported graph (models/<category>.category/<model>.export/)")
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
     if not args.paths and args.watch is None:

@@ -9,7 +9,10 @@
 - summary.json: {"mean": {model: {...}}, "categories": {category: {model: {...}}}}.
 
 A mean is over every listed category; it is null when a category lacks the metric (no masks,
-no anomaly maps), rather than a mean of fewer categories that reads like a full one.
+no anomaly maps), rather than a mean of fewer categories that reads like a full one. When the
+categories come from more than one benchmark (data sources: MVTec AD, VisA, ...), each benchmark's
+categories are grouped with their own mean row ("mean MVTec AD", "mean VisA"; summary.json "groups")
+before the mean over all of them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import numpy as np
 from stages.cli import run_main
 from stages.errors import PipelineError
 from stages.outputs import atomic_path, write_csv, write_json
-from stages.params import load_params, param
+from stages.comparison import MEAN, mean_groups, table_rows
+from stages.params import category_source, load_params, param
 from stages.metrics import INTERVAL_METRICS
 from stages.paths import SUMMARY_ROOT as OUTPUT, metrics_file
 
@@ -34,7 +38,6 @@ COLUMNS = (
     "threshold_recall",
     "threshold_f1",
 )
-MEAN = "mean"
 
 
 def _interval_columns(result: dict) -> dict:
@@ -67,25 +70,28 @@ def summary_rows(categories: list[str], names: list[str]) -> tuple[list[dict], d
     return rows, per_seed
 
 
-def mean_rows(rows: list[dict], names: list[str], per_seed: dict, comparison: dict) -> list[dict]:
-    """The mean over categories of each model; its interval from the paired bootstrap of stage
-    compare (resampling within each category), its seed spread from the per-seed means."""
-    intervals = {(metric, r["model"]): (r["low"], r["high"]) for metric, result in comparison["metrics"].items()
-                 for r in result["intervals"] if r["category"] == MEAN}
+def mean_rows(rows: list[dict], names: list[str], per_seed: dict, comparison: dict,
+              groups: dict[str, list[str]]) -> list[dict]:
+    """Each mean row of `groups` (comparison.mean_groups) for each model: the mean over its categories,
+    its interval from the paired bootstrap of stage compare (resampling within each category), its
+    seed spread from the per-seed means."""
+    intervals = {(metric, r["category"], r["model"]): (r["low"], r["high"])
+                 for metric, result in comparison["metrics"].items() for r in result["intervals"] if r["category"] in groups}
     means = []
-    for name in names:
-        mine = [row for row in rows if row["model"] == name]
-        mean = {"category": MEAN, "model": name, "method": mine[0]["method"], "backbone": mine[0]["backbone"],
-                "seeds": mine[0]["seeds"]}
-        for column in COLUMNS:
-            values = [row[column] for row in mine]
-            mean[column] = None if any(v is None for v in values) else sum(values) / len(values)
-        for metric in INTERVAL_METRICS:
-            mean[f"{metric}_low"], mean[f"{metric}_high"] = intervals.get((metric, name), (None, None))
-            seeds = [[r.get(metric) for r in per_seed[row["category"], name]] for row in mine]  # categories x seeds
-            defined = all(v is not None for values in seeds for v in values) and len(seeds[0]) > 1
-            mean[f"{metric}_seed_std"] = float(np.std(np.mean(seeds, axis=0), ddof=1)) if defined else None
-        means.append(mean)
+    for label, members in groups.items():
+        for name in names:
+            mine = [row for row in rows if row["model"] == name and row["category"] in members]
+            mean = {"category": label, "model": name, "method": mine[0]["method"], "backbone": mine[0]["backbone"],
+                    "seeds": mine[0]["seeds"]}
+            for column in COLUMNS:
+                values = [row[column] for row in mine]
+                mean[column] = None if any(v is None for v in values) else sum(values) / len(values)
+            for metric in INTERVAL_METRICS:
+                mean[f"{metric}_low"], mean[f"{metric}_high"] = intervals.get((metric, label, name), (None, None))
+                seeds = [[r.get(metric) for r in per_seed[row["category"], name]] for row in mine]  # categories x seeds
+                defined = all(v is not None for values in seeds for v in values) and len(seeds[0]) > 1
+                mean[f"{metric}_seed_std"] = float(np.std(np.mean(seeds, axis=0), ddof=1)) if defined else None
+            means.append(mean)
     return means
 
 
@@ -114,27 +120,28 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metric_tables(rows: list[dict], means: list[dict], categories: list[str], names: list[str]) -> list[dict]:
-    """Per headline metric: a row per category (and the mean), a column per model."""
+def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: list[str]) -> list[dict]:
+    """Per headline metric: a row per category and mean row (in `order`), a column per model."""
     value = {(row["category"], row["model"]): row for row in [*rows, *means]}
     return [
         {"metric": metric, "category": category, **{name: value[category, name][metric] for name in names}}
         for metric in HEADLINE
-        for category in [*categories, MEAN]
+        for category in order
     ]
 
 
-def markdown(rows, means, categories, names, confidence: float, resamples: int) -> str:
+def markdown(rows, means, groups, names, confidence: float, resamples: int) -> str:
     by_key = {(row["category"], row["model"]): row for row in [*rows, *means]}
+    categories = groups[MEAN]
     seeds = max(row["seeds"] for row in rows)
     parts = [f"Each cell: the mean over fit seeds, its {confidence:.0%} bootstrap interval over the test images "
              f"([low, high]; {resamples} stratified resamples, metrics/comparison.md pairs the models on them) and its "
-             f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). The mean row: the mean "
-             "over categories, resampled within each category.\n"]
+             f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
+             "over the categories above it, resampled within each category.\n"]
     for metric, title in HEADLINE.items():
-        table = [{"category": f"**{MEAN}**" if category == MEAN else category,
+        table = [{"category": f"**{category}**" if category in groups else category,
                   **{name: _estimate(by_key[category, name], metric) for name in names}}
-                 for category in [*categories, MEAN]]
+                 for category in table_rows(groups)]
         parts.append(f"## {title}\n\n" + markdown_table(table, ["category", *names]))
     columns = [key for key in dict.fromkeys(key for row in rows for key in row) if not key.endswith(("_low", "_high", "_seed_std"))]
     parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
@@ -152,20 +159,29 @@ def main() -> None:
     comparison_file = OUTPUT / "comparison.json"
     if not comparison_file.is_file():
         raise PipelineError(f"{comparison_file}: missing (run the compare stage)")
-    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()))
-    tables = metric_tables(rows, means, categories, names)
+    groups = mean_groups(categories, lambda category: category_source(params, category))
+    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()), groups)
+    tables = metric_tables(rows, means, table_rows(groups), names)
     interval_keys = [key for key in means[0] if key.endswith(("_low", "_high", "_seed_std"))]
 
-    write_json(OUTPUT / "summary.json", {
-        MEAN: {m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]} for m in means},
+    def mean_of(label: str) -> dict:
+        return {m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]} for m in means if m["category"] == label}
+
+    summary = {
+        MEAN: mean_of(MEAN),
         "categories": {c: {r["model"]: {k: v for k, v in r.items() if k not in ("category", "model")}
                            for r in rows if r["category"] == c} for c in categories},
-    })
-    text = markdown(rows, means, categories, names, param(params, "evaluate.bootstrap.confidence"),
+    }
+    if len(groups) > 1:  # each benchmark's categories and mean
+        summary["groups"] = {label: {"categories": members, MEAN: mean_of(label)}
+                             for label, members in groups.items() if label != MEAN}
+    write_json(OUTPUT / "summary.json", summary)
+    text = markdown(rows, means, groups, names, param(params, "evaluate.bootstrap.confidence"),
                     param(params, "evaluate.bootstrap.resamples"))
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)
-    all_rows = [*rows, *means]
+    position = {row: i for i, row in enumerate(table_rows(groups))}  # the tables' row order, for the `categories` chart
+    all_rows = [{**row, "table_row": position[row["category"]]} for row in [*rows, *means]]
     write_csv(OUTPUT / "summary.csv", all_rows, list(dict.fromkeys(key for row in all_rows for key in row)))
     write_csv(OUTPUT / "categories.csv", tables, ["metric", "category", *names])
     print(text)

@@ -125,10 +125,12 @@ TORCHVISION_WEIGHTS = {  # what the shipped configs name, as torchvision knows t
 }
 
 
-# (channels, h, w) of each cached layer at the configs' 224 x 224 inputs, and the global embedding size
-CACHED_SHAPES = {
-    "resnet50": {"layer2": (512, 28, 28), "layer3": (1024, 14, 14)},
-    "wide_resnet50_2": {"layer2": (512, 28, 28), "layer3": (1024, 14, 14)},
+# (channels, h, w) of each layer a config may cache, per architecture, at the configs' 224 x 224
+# inputs, and the global embedding size: a config's backbone entry (its own name, `arch`, `layers`)
+# is checked against these without a line here
+LAYER_SHAPES = {
+    "resnet50": {"layer1": (256, 56, 56), "layer2": (512, 28, 28), "layer3": (1024, 14, 14)},
+    "wide_resnet50_2": {"layer1": (256, 56, 56), "layer2": (512, 28, 28), "layer3": (1024, 14, 14)},
     "vit_b_16": {"encoder.layers.encoder_layer_5": (768, 14, 14), "encoder.layers.encoder_layer_8": (768, 14, 14)},
 }
 GLOBAL_SIZE = {"resnet50": (2048,), "wide_resnet50_2": (2048,), "vit_b_16": (768,)}
@@ -139,8 +141,9 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     """configs/<config>.yaml through the stage scripts (download -> preprocess -> extract -> fit ->
     evaluate), offline: its backbones, layers, resolutions and models as shipped, with checkpoints of
     the right architectures (random weights) in a temporary TORCH_HOME and a tiny local folder in
-    place of MVTec AD. Only the data source and the number of epochs differ from the file, and the
-    pixel autoencoders (no backbone; their code path is the default run's) are left out."""
+    place of MVTec AD. Only the data source, the number of epochs and PaDiM's dimensions (550 would
+    make a 3.8 GB model) differ from the file, and the pixel autoencoders (no backbone; their code
+    path is the default run's) are left out."""
     import json
 
     import yaml
@@ -150,7 +153,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
 
     _no_network(monkeypatch)
     params = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
-    for arch in params["backbones"]:
+    for arch in {entry.get("arch") or name for name, entry in params["backbones"].items()}:
         _cached_weights(tmp_path / "torch", monkeypatch, arch, TORCHVISION_WEIGHTS[arch])
     make_category(tmp_path / "mine" / "carpet", grayscale=False, with_masks=True)
     params["data"] = {"source": "folder", "folder": str(tmp_path / "mine"), "categories": ["carpet"]}
@@ -161,6 +164,8 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     for model in params["models"].values():
         if "epochs" in model["fit"]:
             model["fit"]["epochs"] = 1
+        if model["method"] == "padim":  # 550 of 1792 channels: a 3.8 GB model of the same code path
+            model["fit"]["dimensions"] = 20
     project = tmp_path / "project"
     project.mkdir()
     write_params(project, params)
@@ -171,9 +176,11 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     for backbone in params["backbones"]:
         call_stage("extract", "carpet", backbone, cwd=project)
         cached = load_features(project / f"data/features/carpet.category/{backbone}.features/test.pt")
+        arch = params["backbones"][backbone].get("arch") or backbone
         shapes = {layer: tuple(maps.shape[1:]) for layer, maps in cached.feature_maps.items()}
-        assert shapes == CACHED_SHAPES[backbone], backbone  # the configured layers, at the configured 224 px
-        assert tuple(cached.global_embeddings.shape[1:]) == GLOBAL_SIZE[backbone], backbone
+        expected = {layer: LAYER_SHAPES[arch][layer] for layer in params["backbones"][backbone]["layers"]}
+        assert shapes == expected, backbone  # the configured layers, at the configured 224 px
+        assert tuple(cached.global_embeddings.shape[1:]) == GLOBAL_SIZE[arch], backbone
     for name in params["models"]:
         call_stage("fit", "carpet", name, cwd=project)
         call_stage("evaluate", "carpet", name, cwd=project)

@@ -194,13 +194,13 @@ def test_the_upload_limit_holds_while_the_body_streams_in(server):
 
 def test_a_corrupt_model_file_is_a_json_error(fitted, tmp_path):
     """A damaged export (or model) answers 503 with its one-line error, as JSON, never a bare 500."""
-    onnx = fitted / "models" / "carpet.category" / "ae.onnx"
+    onnx = fitted / "models" / "carpet.category" / "ae.export" / "model.onnx"
     saved = onnx.read_bytes()
     onnx.write_bytes(b"garbage")
     process, url = start_server(fitted)
     try:
         status, body = post(url, "carpet/ae", (fitted / "data/raw/carpet.dataset/test/good/000.png").read_bytes())
-        assert status == 503 and body["detail"].startswith("models/carpet.category/ae.onnx: not a readable ONNX model")
+        assert status == 503 and body["detail"].startswith("models/carpet.category/ae.export/model.onnx: not a readable ONNX model")
     finally:
         process.terminate()
         process.wait(timeout=10)

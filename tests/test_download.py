@@ -1,6 +1,7 @@
 """Offline tests for stages/data/mvtec.py: file:// and localhost HTTP downloads, no internet."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -15,6 +16,7 @@ from PIL import Image
 
 from stages.errors import PipelineError
 from stages.data import mvtec
+from tests.conftest import call_stage, default_params, write_params
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -92,6 +94,54 @@ def http_root(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextlib.contextmanager
+def serve(files: dict[str, bytes]):
+    """A localhost HTTP server answering GET `path` with files[path], 404 otherwise.
+
+    Yields (base URL, the paths requested so far), so a test can see which URLs were tried.
+    """
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404, "Not Found")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def full_archive(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A small mvtec_anomaly_detection.tar.xz in the official layout (top folder, readme, categories)."""
+    sources = {name: make_category(tmp_path / "full-src" / name, seed=i * 10) for i, name in enumerate(("carpet", "grid"))}
+    readme = tmp_path / "full-src" / "readme.txt"
+    readme.write_text("license\n")
+    archive = tmp_path / "full" / "mvtec_anomaly_detection.tar.xz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(readme, arcname="mvtec_anomaly_detection/readme.txt")
+        for name, folder in sources.items():
+            tar.add(folder, arcname=f"mvtec_anomaly_detection/{name}")
+    return archive, sources
 
 
 def leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
@@ -317,7 +367,15 @@ def test_urls_table():
     assert mvtec.CATEGORY_URLS["carpet"] == f"{mvtec.BASE_URL}/420937484-1629951672/carpet.tar.xz"
     for category, url in mvtec.CATEGORY_URLS.items():
         assert url.startswith(mvtec.BASE_URL + "/") and url.endswith(f"/{category}.tar.xz")
-    assert mvtec.FULL_ARCHIVE_URL.endswith("/420938113-1629952094/mvtec_anomaly_detection.tar.xz")
+    assert mvtec.FULL_ARCHIVE_URLS == (  # the published link first, the older shares as fallbacks
+        "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/420938113-1629960298/"
+        "mvtec_anomaly_detection.tar.xz",
+        "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/download/420938113-1629960298/"
+        "mvtec_anomaly_detection.tar.xz",
+        "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
+        "mvtec_anomaly_detection.tar.xz",
+    )
+    assert mvtec.FULL_ARCHIVE_SHA256 == "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 
 
 @pytest.fixture
@@ -335,11 +393,93 @@ def fetched_urls(monkeypatch) -> list[str]:
 
 
 def test_full_archive_defaults(fetched_urls, out):
-    """archive='full' without url/sha256 fetches FULL_ARCHIVE_URL and checks FULL_ARCHIVE_SHA256."""
-    with pytest.raises(PipelineError, match=f"sha256 checksum mismatch \\(expected {mvtec.FULL_ARCHIVE_SHA256}"):
-        mvtec.download_category("carpet", out / "carpet", archive="full")
-    assert fetched_urls == [mvtec.FULL_ARCHIVE_URL]
+    """The default (archive full, no url/sha256) tries every known URL, each checked against
+    FULL_ARCHIVE_SHA256: a wrong answer is a failure of that URL, not of the download."""
+    with pytest.raises(PipelineError) as info:
+        mvtec.download_category("carpet", out / "carpet")
+    assert fetched_urls == list(mvtec.FULL_ARCHIVE_URLS)
+    message = str(info.value)
+    assert "\n" not in message
+    for url in mvtec.FULL_ARCHIVE_URLS:
+        assert f"{url} (sha256 checksum mismatch (expected {mvtec.FULL_ARCHIVE_SHA256}, got {'b' * 64}))" in message
     assert leftovers(out) == []
+
+
+def test_full_archive_falls_back_to_the_next_url(monkeypatch, tmp_path, out, capsys):
+    """A 404 and then a 200 with the wrong bytes are both failures; the third URL's verified archive is used."""
+    archive, sources = full_archive(tmp_path)
+    wrong = pack(tmp_path / "wrong.tar.xz", {"carpet": make_category(tmp_path / "wrong" / "carpet", seed=99)})
+    files = {"/moved/mvtec_anomaly_detection.tar.xz": wrong.read_bytes(),
+             "/current/mvtec_anomaly_detection.tar.xz": archive.read_bytes()}
+    with serve(files) as (base, requested):
+        urls = tuple(f"{base}/{folder}/mvtec_anomaly_detection.tar.xz" for folder in ("gone", "moved", "current"))
+        monkeypatch.setattr(mvtec, "FULL_ARCHIVE_URLS", urls)
+        monkeypatch.setattr(mvtec, "FULL_ARCHIVE_SHA256", sha(archive))
+        cache = tmp_path / "cache"
+        mvtec.download_category("carpet", out / "carpet", cache_dir=cache, timeout=10)
+        assert requested == ["/gone/mvtec_anomaly_detection.tar.xz", "/moved/mvtec_anomaly_detection.tar.xz",
+                             "/current/mvtec_anomaly_detection.tar.xz"]
+        assert tree(out / "carpet") == tree(sources["carpet"])  # the verified archive's carpet, not the wrong one's
+        warnings = capsys.readouterr().err
+        assert f"warning: {urls[0]}: HTTP 404 Not Found; trying the next known URL" in warnings
+        assert f"warning: {urls[1]}: sha256 checksum mismatch" in warnings
+        assert [p.name for p in cache.iterdir()] == [mvtec._cache_name(urls[2])]  # only the verified archive
+        mvtec.download_category("grid", out / "grid", cache_dir=cache, timeout=10)
+        assert len(requested) == 3  # every category after the first comes from the cache
+    assert tree(out / "grid") == tree(sources["grid"])
+    assert leftovers(out) == ["carpet", "grid"]
+
+
+def test_full_archive_all_urls_fail_in_one_line(monkeypatch, tmp_path, out):
+    """Every known URL 404s: one line with each URL and its status, the download page and both ways out."""
+    with serve({}) as (base, requested):
+        urls = tuple(f"{base}/share{i}/mvtec_anomaly_detection.tar.xz" for i in range(3))
+        monkeypatch.setattr(mvtec, "FULL_ARCHIVE_URLS", urls)
+        cache = tmp_path / "cache"
+        with pytest.raises(PipelineError) as info:
+            mvtec.download_category("carpet", out / "carpet", cache_dir=cache, timeout=10)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("could not download the MVTec AD archive from any known URL: ")
+    assert "; ".join(f"{url} (HTTP 404 Not Found)" for url in urls) in message
+    assert "https://www.mvtec.com/company/research/datasets/mvtec-ad" in message
+    assert "data.mvtec.url: file:///path/to/mvtec_anomaly_detection.tar.xz" in message
+    assert "data.source: folder" in message
+    assert len(requested) == 3
+    assert leftovers(out) == [] and leftovers(cache) == []
+
+
+def test_per_category_archive_failure_points_to_the_full_one(monkeypatch, out):
+    """archive: category stays an option; its (possibly dead) link's failure says what to do instead."""
+    with serve({}) as (base, _):
+        monkeypatch.setitem(mvtec.CATEGORY_URLS, "carpet", f"{base}/carpet.tar.xz")
+        with pytest.raises(PipelineError) as info:
+            mvtec.download_category("carpet", out / "carpet", archive="category", timeout=10)
+    message = str(info.value)
+    assert f"{base}/carpet.tar.xz (HTTP 404 Not Found)" in message and "\n" not in message
+    assert "data.mvtec.archive: full" in message and mvtec.DOWNLOAD_PAGE in message
+    assert leftovers(out) == []
+
+
+def test_download_stage_defaults_to_the_full_archive_once(monkeypatch, tmp_path):
+    """`data.source: mvtec` with the default params (archive: full): both categories from one fetch
+    of the full archive into data/downloads/."""
+    archive, sources = full_archive(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    params = default_params()
+    assert params["data"]["mvtec"]["archive"] == "full" and params["data"]["mvtec"]["url"] is None
+    params["data"].update(source="mvtec", categories=["carpet", "grid"], mvtec={})  # the schema's defaults
+    write_params(project, params)
+    with serve({"/mvtec_anomaly_detection.tar.xz": archive.read_bytes()}) as (base, requested):
+        monkeypatch.setattr(mvtec, "FULL_ARCHIVE_URLS", (f"{base}/mvtec_anomaly_detection.tar.xz",))
+        monkeypatch.setattr(mvtec, "FULL_ARCHIVE_SHA256", sha(archive))
+        call_stage("download", "carpet", cwd=project)
+        call_stage("download", "grid", cwd=project)
+    assert requested == ["/mvtec_anomaly_detection.tar.xz"]
+    for name, source in sources.items():
+        assert tree(project / f"data/raw/{name}.dataset") == tree(source)
+    assert len(list((project / "data/downloads").iterdir())) == 1
 
 
 PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)
@@ -359,7 +499,7 @@ def test_official_category_archive_is_checked_against_its_published_md5(fetched_
     """Each official per-category URL is verified against that category's MD5; a wrong file is refused."""
     assert mvtec.CATEGORY_MD5 == PUBLISHED_MD5 and mvtec.FULL_ARCHIVE_MD5 == "eefca59f2cede9c3fc5b6befbfec275e"
     with pytest.raises(PipelineError, match=f"md5 checksum mismatch \\(expected {PUBLISHED_MD5[category]}, got c+\\)"):
-        mvtec.download_category(category, out / category)
+        mvtec.download_category(category, out / category, archive="category")
     assert fetched_urls == [mvtec.CATEGORY_URLS[category]]
     assert leftovers(out) == []
 
@@ -368,10 +508,10 @@ def test_url_template_names_each_category(carpet_archive, out):
     """data.mvtec.url with {category}: one mirror line serves every category (here a file:// folder)."""
     mirror = carpet_archive.parent
     template = (mirror / "{category}.tar.xz").as_uri().replace("%7B", "{").replace("%7D", "}")
-    mvtec.download_category("carpet", out / "carpet", url=template)
+    mvtec.download_category("carpet", out / "carpet", url=template, archive="category")
     assert (out / "carpet" / "train" / "good").is_dir()
     with pytest.raises(PipelineError, match=r"grid\.tar\.xz"):
-        mvtec.download_category("grid", out / "grid", url=template)
+        mvtec.download_category("grid", out / "grid", url=template, archive="category")
 
 
 # ------------------------------------------------------------------------------ layout + copy

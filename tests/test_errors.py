@@ -10,6 +10,7 @@ import pytest
 
 from stages.data.synthetic import generate_category
 from stages.errors import PipelineError
+from stages.methods import REGISTRY
 from stages.paths import DOWNLOADS, TMP_ROOT
 from tests.conftest import call_stage, error_line, run_stage, write_params
 
@@ -144,7 +145,7 @@ def test_unknown_backbone(prepared):
 @pytest.mark.parametrize(
     "model, expected",
     [
-        ({"method": "magic", "backbone": "efficientnet_lite0"}, "error: models.m.method: unknown method 'magic' (known: autoencoder, feature_ae, feature_vae, global_knn, patchcore, skip_autoencoder)"),
+        ({"method": "magic", "backbone": "efficientnet_lite0"}, "error: models.m.method: unknown method 'magic' (known: " + ", ".join(sorted(REGISTRY)) + ")"),
         (
             {"method": "patchcore", "backbone": "efficientnet_lite0", "fit": {"coreset_ratio": 1.5}},
             "error: models.m.fit.coreset_ratio: must be a finite number in (0, 1], got 1.5",

@@ -114,7 +114,7 @@ def error_of(tmp_path: Path, text: str) -> str:
         ("  crop_size: 224", "  crop_size: 300", "preprocess.crop_size: must be at most preprocess.resize (256), got 300"),
         ("  val_fraction: 0.1", "  val_fraction: 1", "preprocess.val_fraction: must be a finite number in (0, 1), got 1"),
         ("  curve_points: 2000", "  curve_points: 5", "figures.curve_points: must be an integer >= 10, got 5"),
-        ("  source: synthetic", "  source: ftp", "data.source: must be one of synthetic, mvtec, folder, got 'ftp'"),
+        ("  source: synthetic", "  source: ftp", "data.source: must be one of synthetic, mvtec, visa, folder, got 'ftp'"),
         ("    sha256: null", "    sha256: abc", "data.mvtec.sha256: must be a SHA-256 hex digest (64 hex digits) or null, got 'abc'"),
         # names become folders: nothing that could climb or hide
         ("  efficientnet_lite0:  #", "  ../x:  #", "backbones.../x: a backbone name must be letters, digits, '_' or '-'"),

@@ -324,7 +324,9 @@ def test_fitting_param_and_scoring_param_rerun_only_their_readers(workspace, fir
     stale = {"fit@carpet-knn_effnet", "report", "compare", "evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
     assert set(json.loads(dvc(repo, "status", "--json"))) == stale
     # the summary chart follows the report whenever the summary changed
-    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@carpet-knn_effnet", "figures@carpet-knn_effnet"}
+    # and the ONNX export follows each changed fit or scoring.json
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@carpet-knn_effnet", "figures@carpet-knn_effnet",
+                                                                    "export@carpet-knn_effnet", "export@carpet-skipae_ssim"}
     after = read_metrics(repo)
     metrics = "metrics/models/carpet.category/{}.metrics.json".format
     for model in ("knn_effnet", "skipae_ssim"):
@@ -398,7 +400,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tile = {"download@tile", "preprocess@tile", "extract@tile-efficientnet_lite0", "overview@tile",
             "tsne@tile-efficientnet_lite0"}
-    tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
+    tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures", "export") for m in params["models"]}
     assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"compare", "report"} | not_run_yet(params)
     params["data"]["categories"].remove("tile")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -407,7 +409,7 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
 def not_run_yet(params: dict) -> set[str]:
     """The grid's figure stages, which the test above does not run (only up to the report)."""
     return {"overview@grid", "tsne@grid-efficientnet_lite0", "summary_figure"} | {
-        f"figures@grid-{m}" for m in params["models"]}
+        f"{stage}@grid-{m}" for stage in ("figures", "export") for m in params["models"]}
 
 
 def grid_knn(repo: Path) -> float:
@@ -430,7 +432,7 @@ def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_
         {"overview@carpet"}
         | {f"extract@carpet-{b}" for b in params["backbones"]}
         | {f"tsne@carpet-{b}" for b in params["backbones"]}
-        | {f"{stage}@carpet-{m}" for stage in ("fit", "evaluate", "figures") for m in params["models"]}
+        | {f"{stage}@carpet-{m}" for stage in ("fit", "evaluate", "figures", "export") for m in params["models"]}
     )
     status = set(json.loads(dvc(repo, "status", "--json")))
     assert {s for s in status if "carpet" in s} == readers
@@ -475,7 +477,7 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     assert {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
     restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
     per_category = {f"{stage}@{c}" for stage in ("download", "preprocess", "overview") for c in ("carpet", "tile")}
-    per_category |= {f"{stage}@{c}-{m}" for stage in ("fit", "evaluate", "figures") for c in ("carpet", "tile")
+    per_category |= {f"{stage}@{c}-{m}" for stage in ("fit", "evaluate", "figures", "export") for c in ("carpet", "tile")
                      for m in params["models"]}
     per_category |= {f"{stage}@{c}-efficientnet_lite0" for stage in ("extract", "tsne") for c in ("carpet", "tile")}
     assert per_category <= restored

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from stages.errors import PipelineError
 from tests.conftest import call_stage, default_params, write_params
@@ -98,3 +99,42 @@ def test_a_missing_category_is_named(project):
     with pytest.raises(PipelineError, match=r"grid.category/knn_effnet.metrics.json: metrics missing "
                                             r"\(run evaluate@grid-knn_effnet\)"):
         call_stage("report", cwd=project)
+
+
+def test_two_benchmarks_are_grouped_each_with_its_own_mean(project):
+    """MVTec AD and VisA categories in one run: each benchmark's rows and its mean (with an interval
+    from compare), then the mean over all; the categories chart keeps that order."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(categories=["bottle", "candle", "grid"], source="mvtec", sources={"candle": "visa"})
+    write_params(project, params)
+    write_metrics(project, "candle", "knn_effnet", image_auroc=0.5)
+    write_metrics(project, "candle", "patchcore_effnet", image_auroc=0.7, pixel_auroc=0.9, aupro=0.8)
+    call_stage("compare", cwd=project)
+    call_stage("report", cwd=project)
+    summary = json.loads((project / "metrics/summary.json").read_text())
+    groups = summary["groups"]
+    assert {label: group["categories"] for label, group in groups.items()} == {
+        "mean MVTec AD": ["bottle", "grid"], "mean VisA": ["candle"]}
+    assert groups["mean MVTec AD"]["mean"]["knn_effnet"]["image_auroc"] == pytest.approx(0.7)
+    assert groups["mean VisA"]["mean"]["patchcore_effnet"]["image_auroc"] == pytest.approx(0.7)
+    assert summary["mean"]["knn_effnet"]["image_auroc"] == pytest.approx((0.8 + 0.6 + 0.5) / 3)
+    assert groups["mean MVTec AD"]["mean"]["knn_effnet"]["image_auroc_low"] < 0.7 < groups["mean MVTec AD"]["mean"]["knn_effnet"]["image_auroc_high"]
+
+    rows = list(csv.DictReader(open(project / "metrics/categories.csv")))
+    assert [r["category"] for r in rows if r["metric"] == "image_auroc"] == [
+        "bottle", "grid", "mean MVTec AD", "candle", "mean VisA", "mean"]
+    long = list(csv.DictReader(open(project / "metrics/summary.csv")))
+    order = {r["category"]: int(r["table_row"]) for r in long}
+    assert sorted(order, key=order.get) == ["bottle", "grid", "mean MVTec AD", "candle", "mean VisA", "mean"]
+    image_table = (project / "metrics/summary.md").read_text().split("## Image AUROC")[1].split("##")[0]
+    labels = [line.split("|")[1].strip() for line in image_table.splitlines() if line.startswith("| ")][1:]
+    assert labels == ["bottle", "grid", "**mean MVTec AD**", "candle", "**mean VisA**", "**mean**"]
+    comparison = (project / "metrics/comparison.md").read_text()
+    assert "## Image AUROC, mean VisA (candle)" in comparison and "## Image AUROC, mean MVTec AD (bottle, grid)" in comparison
+
+
+def test_one_benchmark_has_one_mean_row(project):
+    call_stage("compare", cwd=project)
+    call_stage("report", cwd=project)
+    assert "groups" not in json.loads((project / "metrics/summary.json").read_text())
+    assert "MVTec AD" not in (project / "metrics/comparison.md").read_text()

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from stages import metrics
 from stages.bootstrap import interval, stratified_weights
-from stages.comparison import MEAN, differences, with_mean
+from stages.comparison import MEAN, differences, with_means
 from stages.statistics import ImageStats, PixelStats
 from tests.test_metrics import _random_case, _reference_aupro
 
@@ -121,7 +121,7 @@ def test_a_model_against_itself_differs_by_exactly_zero():
     rng = np.random.default_rng(1)
     points = {("carpet", "a"): 0.91, ("carpet", "b"): 0.80, ("tile", "a"): 0.95, ("tile", "b"): 0.93}
     samples = {k: v + rng.normal(0, 0.02, 300) for k, v in points.items()}
-    points, samples = with_mean(points, samples, ["carpet", "tile"], ["a", "b"])
+    points, samples = with_means(points, samples, {MEAN: ["carpet", "tile"]}, ["a", "b"])
     assert points[MEAN, "a"] == pytest.approx(0.93)
     rows = differences(points, samples, ["carpet", "tile", MEAN], ["a", "b"], 0.95)
     for row in rows:

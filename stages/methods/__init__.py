@@ -16,6 +16,7 @@ REGISTRY = {
     "skip_autoencoder": "stages.methods.skip_autoencoder:SkipAutoencoder",
     "feature_ae": "stages.methods.feature_ae:FeatureAE",
     "feature_vae": "stages.methods.feature_vae:FeatureVariationalAE",
+    "padim": "stages.methods.padim:PaDiM",
 }
 
 
