@@ -4,13 +4,15 @@ The same params give the same bytes on one machine either way. Across machines, 
 of a sum depend on which SIMD kernels a library picks for the CPU it finds (AVX2, AVX-512, AMX) and
 on how many threads split the work; a trained network then drifts further with every epoch.
 
-- `strict`: every library is held to the same code path on every Intel x86-64 CPU with AVX2,
-  whatever newer instructions it has (AVX-512, AMX) and however many cores: torch's own kernels at their AVX2 build, oneDNN
-  (convolutions) at AVX2, MKL (matrix products) in its conditional-numerical-reproducibility mode
-  for AVX2, numpy without its AVX-512 loops, OpenBLAS with its Haswell (AVX2) kernels, and a fixed
-  number of threads everywhere (STRICT_THREADS, whatever the machine or the environment says).
-  MKL guarantees its AVX2 path only on Intel processors: on AMD CPUs it takes other kernels (its
-  vector math and matrix-vector products), so results there can differ in the last digits.
+- `strict`: every library is held to the same code path on every x86-64 CPU with AVX2, Intel or
+  AMD, whatever newer instructions it has (AVX-512, AMX) and however many cores: torch's own
+  kernels at their AVX2 build, oneDNN (convolutions) at AVX2, MKL (matrix products, linear algebra,
+  vector math) in its conditional-numerical-reproducibility mode COMPATIBLE (the one code path MKL
+  runs alike on Intel and AMD CPUs: its AVX2 path is reproducible on Intel CPUs only), numpy
+  without its AVX-512 loops, OpenBLAS with its Haswell (AVX2) kernels, and a fixed number of
+  threads everywhere (STRICT_THREADS, whatever the machine or the environment says). MKL's float32
+  vector square root still differs between vendors, so the methods take square roots with
+  stages.methods.neighbours.exact_sqrt and train with torch's fused Adam.
   On CUDA: deterministic algorithms, no TF32 and cuBLAS's deterministic workspace, which makes
   results identical between runs on one GPU model, not between GPU models or with the CPU.
 - `fast`: each library uses what the CPU offers (and every core).
@@ -34,7 +36,9 @@ STRICT_THREADS = 2
 STRICT_ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorised kernels: the AVX2 build even on AVX-512 CPUs
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (convolutions, pooling): no AVX-512 / AMX kernels
-    "MKL_CBWR": "AVX2,STRICT",  # MKL: the AVX2 code path, reproducible for any thread count
+    # MKL: its vendor-independent code path (SSE2 without approximate reciprocals), reproducible for
+    # any thread count; its AVX2 path is reproducible on Intel CPUs only (AMD ones take other kernels)
+    "MKL_CBWR": "COMPATIBLE,STRICT",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy: its AVX2 loops (AVX-512 uses SVML)
     "OPENBLAS_CORETYPE": "Haswell",  # numpy's and scipy's OpenBLAS: the AVX2 kernels

@@ -176,12 +176,12 @@ def param(params: dict, dotted: str, default: Any = ...) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Top(Schema):
-    device: str = option("auto", "where extract, fit and evaluate run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
+    device: str = option("auto", "where extract, fit, evaluate and figures run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
                          allowed="auto, cpu, cuda or cuda:N")
     fit_seeds: list[int] = option([0, 1, 2], "seeds of every fit that draws random numbers (each such model is "
                                              "fitted once per seed; the others once); results: mean and std over them",
                                   ge=0, check=lambda v: len(set(v)) == len(v), allowed="a non-empty list of distinct integers >= 0")
-    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every Intel x86-64 CPU with AVX2 (fixed kernels "
+    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every x86-64 CPU with AVX2, Intel or AMD (fixed kernels "
                                              "and threads, README 'Same numbers on every machine'); fast: native "
                                              "kernels, every core",
                            choices=numerics.MODES)

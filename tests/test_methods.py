@@ -273,3 +273,22 @@ def test_patchcore_embedding_matches_the_official_order_of_operations():
     torch.testing.assert_close(ours, _official_embed(maps, 3, 12, 10), rtol=1e-5, atol=1e-6)
     # listing the coarse layer first still embeds on the finest grid
     assert model.embed(maps[::-1])[1] == (8, 8)
+
+
+def test_exact_sqrt_is_the_correctly_rounded_float32_sqrt():
+    """The methods' square root: bit for bit IEEE's float32 sqrt (numpy's is the CPU's sqrt
+    instruction), on values of every magnitude, with zero kept. torch's float32 sqrt goes through MKL's
+    vector math, which differs between Intel and AMD CPUs in the last bit (bench/cross_cpu_check.py)."""
+    import numpy as np
+
+    from stages.methods.neighbours import exact_sqrt, squared_distances
+
+    rng = np.random.default_rng(0)
+    x = (rng.random(100_000) * 10.0 ** rng.integers(-20, 20, 100_000)).astype(np.float32)
+    x[:3] = [0.0, 1.0, 4.0]
+    got = exact_sqrt(torch.from_numpy(x))
+    assert got.dtype == torch.float32
+    assert np.array_equal(got.numpy().view(np.uint32), np.sqrt(x).view(np.uint32))
+    q, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    assert torch.allclose(squared_distances(q, b), torch.cdist(q, b) ** 2, atol=1e-12)
+    assert (squared_distances(q, q).diagonal() >= 0).all()  # clamped: no negative rounding residue

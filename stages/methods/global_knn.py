@@ -14,6 +14,7 @@ from torch import nn
 from stages.errors import PipelineError, warn
 from stages.features import FeatureSet
 from stages.methods.base import AnomalyDetector
+from stages.methods.neighbours import exact_sqrt
 from stages.schema import Schema, option
 
 
@@ -42,7 +43,7 @@ class KNNScorer(nn.Module):
         queries = embeddings.float().index_select(1, self.dims)
         squared = torch.addmm(self.bank_norms, queries, self.bank.t(), alpha=-2.0) + (queries * queries).sum(1, keepdim=True)
         nearest = torch.topk(squared, self.k, dim=1, largest=False).values
-        return nearest.clamp_min(0.0).sqrt().mean(dim=1), None
+        return exact_sqrt(nearest.clamp_min(0.0)).mean(dim=1), None
 
 
 class GlobalKNN(AnomalyDetector):

@@ -30,6 +30,7 @@ from stages.errors import PipelineError
 from stages.features import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
 from stages.methods.maps import IMAGE_SCORES, MapHead
+from stages.methods.neighbours import exact_sqrt
 from stages.schema import Schema, option
 
 UPSAMPLING = ("nearest", "bilinear")  # how the coarser layers reach the finest grid
@@ -106,7 +107,7 @@ class PaDiMScorer(nn.Module):
         keep = [getattr(self, f"keep{i}") for i in range(len(maps))]
         delta = (embed(list(maps), keep, self.mode) - self.mean).permute(1, 2, 0)  # (positions, d, N)
         # ||W (x - mu)||: a batched matrix product, a sum of squares (never negative)
-        distances = torch.bmm(self.whitening, delta).pow(2).sum(dim=1).sqrt()  # (positions, N)
+        distances = exact_sqrt(torch.bmm(self.whitening, delta).pow(2).sum(dim=1))  # (positions, N)
         return distances.t().reshape(-1, *self.grid)
 
     def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:

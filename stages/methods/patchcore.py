@@ -23,7 +23,7 @@ from stages.errors import PipelineError
 from stages.features import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
 from stages.methods.maps import MapHead
-from stages.methods.neighbours import MAX_BLOCK_ELEMENTS
+from stages.methods.neighbours import MAX_BLOCK_ELEMENTS, exact_sqrt
 from stages.methods.sampler import RandomProjection, greedy_select
 from stages.schema import Schema, option
 
@@ -75,7 +75,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor)
     for block in queries.split(rows) if len(queries) > rows else [queries]:
         squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)  # ||b||^2 - 2 q.b
         best, index = squared.min(dim=1)
-        distances.append((best + (block * block).sum(dim=1)).clamp_min(0.0).sqrt())
+        distances.append(exact_sqrt((best + (block * block).sum(dim=1)).clamp_min(0.0)))
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)
 
@@ -110,7 +110,7 @@ class PatchCoreScorer(nn.Module):
         patch, match = embeddings[rows, best], self.bank[index[rows, best]]
         to_bank = torch.addmm(self.bank_norms, match, self.bank.t(), alpha=-2.0) + (match * match).sum(1, keepdim=True)
         support = torch.topk(to_bank, self.k, dim=1, largest=False).indices  # (N, k), the match itself first
-        distances = (self.bank[support] - patch[:, None]).pow(2).sum(-1).sqrt()
+        distances = exact_sqrt((self.bank[support] - patch[:, None]).pow(2).sum(-1))
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
 

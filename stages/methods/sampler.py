@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from stages.errors import PipelineError
+from stages.methods.neighbours import exact_sqrt, squared_distances
 
 # Points searched between two passes over all of them. The selection does not depend on it
 # (tests/test_methods.py), only the speed: fewer passes, each a larger matrix product.
@@ -137,9 +138,7 @@ def _start(reduced, generator, n_starting_points):
     # be as large as `reduced`; the matrix-product mode keeps a short last block's arithmetic.
     blocks = reduced.split(PASS_BLOCK)
     anchors = reduced[start]
-    min_dist = torch.cat(
-        [torch.cdist(block, anchors, compute_mode="use_mm_for_euclid_dist").mean(dim=1) for block in blocks]
-    ).square()
+    min_dist = torch.cat([exact_sqrt(squared_distances(block, anchors)).mean(dim=1) for block in blocks]).square()
     squared_norms = torch.cat([(block * block).sum(dim=1) for block in blocks])
     return min_dist, squared_norms
 

@@ -28,6 +28,7 @@ from stages.runtime import seed_everything
 from stages.features import finest_grid
 from stages.methods.base import AnomalyDetector, TrainingDiverged
 from stages.methods.maps import IMAGE_SCORES, MapHead, resize_matrix
+from stages.methods.neighbours import exact_sqrt
 from stages.schema import Schema, SchemaError, option
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
@@ -95,7 +96,9 @@ def train(
     if val_data is not None and len(val_data) == 0:
         val_data = None
     model.to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    # fused: one kernel of torch's own, whose square root is the same on every CPU (the default
+    # implementation's float32 sqrt goes through MKL and differs between Intel and AMD)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     generator = torch.Generator().manual_seed(int(seed))
 
     history: list[dict] = []
@@ -212,7 +215,8 @@ def _positive_ints(values: list) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PixelFit(TrainingFit):
-    image_size: int = option(128, "training / scoring resolution; maps are upsampled to the prepared size", ge=1)
+    image_size: int = option(128, "training / scoring resolution, a multiple of 2 ** len(channels); maps are "
+                                  "upsampled to the prepared size", ge=1)
     channels: list[int] = option([32, 64, 128, 256], "encoder widths, one stride-2 level each", ge=1)
     latent: int = option(16, "bottleneck channels at 1 / 2**len(channels) of the resolution", ge=1)
 
@@ -355,7 +359,7 @@ class FeatureReconstructionDetector(ReconstructionDetector):
     def fit(self, train_features, val=None) -> "FeatureReconstructionDetector":
         x = self._raw_features(train_features)
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True)
+        std = exact_sqrt(x.var(dim=(0, 2, 3), keepdim=True))
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: just centre them
         x = (x - mean) / std
         x_val = (self._raw_features(val) - mean) / std if val is not None and len(val) > 0 else None

@@ -1,0 +1,103 @@
+"""Does `numerics: strict` give the same bytes on another CPU? Runs the computing stages of a tiny
+project natively and under qemu-user emulating other CPU models, and compares every output's md5.
+
+    apt-get install qemu-user                       # qemu-x86_64
+    .venv/bin/python bench/cross_cpu_check.py --cpus Haswell EPYC-Rome --json bench/results/cross_cpu.json
+
+qemu-user runs the same Linux binaries with the CPUID of the model it emulates (vendor, instruction
+sets, cache sizes), so every library picks its kernels as it would on that CPU: `Haswell` is an
+Intel CPU with AVX2 and no AVX-512, `EPYC-Rome` an AMD one. The native run is this machine's CPU.
+The stages and outputs are tests/test_numerics.py's (extract, a trained pixel autoencoder, PatchCore
+fit and evaluate), plus PaDiM and the kNN. About a minute per emulated CPU on 2 cores.
+
+What it cannot see: qemu computes the approximate instructions (rcpps, rsqrtps) exactly, where real
+CPUs differ by vendor, so a kernel built on them could agree here and differ on hardware; strict
+mode keeps MKL off them (MKL_CBWR=COMPATIBLE). bench/results/cross_cpu.json: 2026-12-02, native AMD
+EPYC (AVX-512) against emulated Intel Haswell and AMD EPYC-Rome, all 46 files identical; with MKL's
+AVX2 mode and torch's own float32 sqrt instead, 10 and 11 files differed (the trained autoencoder,
+the kNN, PaDiM and PatchCore scores).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STAGES = [("extract", "carpet", "efficientnet_lite0"), ("fit", "carpet", "ae"), ("fit", "carpet", "pc"),
+          ("evaluate", "carpet", "pc"), ("fit", "carpet", "padim"), ("evaluate", "carpet", "padim"),
+          ("fit", "carpet", "knn"), ("evaluate", "carpet", "knn"), ("evaluate", "carpet", "ae")]
+OUTPUTS = ("data/features/carpet.category/efficientnet_lite0.features", "models/carpet.category",
+           "metrics/models/carpet.category", "plots/carpet.category")
+
+
+def prepare(root: Path) -> Path:
+    from tests.conftest import MODELS_FITTED, call_stage, default_params, write_params
+
+    project = root / "prepared"
+    project.mkdir()
+    params = default_params()
+    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+                                       defect_types=["color", "hole"])
+    params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
+    params.update(device="cpu", fit_seeds=[0], numerics="strict")
+    params["evaluate"]["bootstrap"]["resamples"] = 20
+    params["models"] = {**MODELS_FITTED,
+                        "padim": {"method": "padim", "backbone": "efficientnet_lite0", "fit": {"dimensions": 20}},
+                        "knn": {"method": "global_knn", "backbone": "efficientnet_lite0", "score": {"k": 3}}}
+    write_params(project, params)
+    for stage in ("download", "preprocess"):
+        call_stage(stage, "carpet", cwd=project)
+    return project
+
+
+def run(prepared: Path, folder: Path, cpu: str | None) -> dict[str, str]:
+    shutil.copytree(prepared, folder)
+    script = "; ".join(["from tests.conftest import call_stage", "from pathlib import Path"]
+                       + [f"call_stage({s!r}, *{args!r}, cwd=Path.cwd())" for s, *args in STAGES])
+    command = [sys.executable, "-c", script]
+    if cpu:
+        command = ["qemu-x86_64", "-cpu", cpu, *command]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{cpu or 'native'}: stages failed:\n{result.stderr[-3000:]}")
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for output in OUTPUTS for p in sorted((folder / output).rglob("*")) if p.is_file()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpus", nargs="+", default=["Haswell"], help="qemu CPU models (qemu-x86_64 -cpu help)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    native_cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), platform.processor())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepared = prepare(root)
+        runs = {f"native ({native_cpu})": run(prepared, root / "native", None)}
+        for cpu in args.cpus:
+            runs[f"qemu {cpu}"] = run(prepared, root / cpu, cpu)
+    first_name, first = next(iter(runs.items()))
+    result = {"files": len(first), "reference": first_name, "differ": {}}
+    for name, hashes in runs.items():
+        differ = sorted(path for path in first if hashes.get(path) != first[path])
+        result["differ"][name] = differ
+        print(f"{name}: {len(first) - len(differ)} of {len(first)} files identical to {first_name}"
+              + (f"; differ: {', '.join(differ)}" if differ else ""))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
