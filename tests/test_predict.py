@@ -208,3 +208,27 @@ def test_watch_scores_images_as_they_appear(fitted, tmp_path):
     expected = evaluate_scores(fitted, "pc")
     assert float(rows[1]["score"]) == pytest.approx(expected["test/hole/000.png"], rel=1e-5)
     assert sorted(p.name for p in out.glob("*_overlay.png")) == ["first_overlay.png", "second_overlay.png"]
+
+
+def test_a_bank_scored_in_blocks_exports_whole(fitted, tmp_path, monkeypatch):
+    """PatchCore scores in blocks of at most MAX_BLOCK_ELEMENTS distances; a traced block split would be
+    frozen into the graph and onnxruntime would refuse it (a bank of 20,480 rows with 1,024 patches per
+    image did). With blocks far smaller than one image's patches, the export still loads and equals torch."""
+    import numpy as np
+
+    from stages.data.prepared import load_split
+    from stages.deployed import FittedModel, OnnxModel, export_onnx
+    from stages.methods import patchcore
+
+    monkeypatch.chdir(fitted)
+    model = FittedModel.load("carpet", "pc")
+    # blocks of 7 queries: an image's 36 patches split unevenly (7 x 5 + 1), as 1024 did into 819 + 205
+    monkeypatch.setattr(patchcore, "MAX_BLOCK_ELEMENTS", 7 * len(model.detector.bank))
+    path = tmp_path / "pc.export" / "model.onnx"
+    path.parent.mkdir()
+    export_onnx(model, path)
+    test = load_split(fitted / "data/features/carpet.category/pixels.features/test.npz")
+    torch_scores = model.score(test.images, test.names)
+    onnx_scores = OnnxModel.from_file(path, "carpet", "pc").score(test.images, test.names)
+    np.testing.assert_allclose(onnx_scores.image_scores, torch_scores.image_scores, rtol=1e-4)
+    np.testing.assert_allclose(onnx_scores.anomaly_maps, torch_scores.anomaly_maps, atol=1e-3, rtol=1e-5)

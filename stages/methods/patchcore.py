@@ -72,7 +72,10 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor)
     minimum, block by block (blocks of at most MAX_BLOCK_ELEMENTS distances)."""
     rows = max(1, MAX_BLOCK_ELEMENTS // max(1, len(bank)))
     distances, indices = [], []
-    for block in queries.split(rows) if len(queries) > rows else [queries]:
+    # The exported graph scores one image: all its queries in one block. (A traced split would fix the
+    # block sizes in the graph, which onnxruntime then refuses: a bank over MAX_BLOCK_ELEMENTS / patches.)
+    whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()
+    for block in [queries] if whole else queries.split(rows):
         squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)  # ||b||^2 - 2 q.b
         best, index = squared.min(dim=1)
         distances.append(exact_sqrt((best + (block * block).sum(dim=1)).clamp_min(0.0)))
