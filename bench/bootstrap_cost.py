@@ -1,4 +1,4 @@
-"""What the bootstrap adds to evaluate: the evaluate stage of one model with 1000 resamples against 1.
+"""What the bootstrap adds to evaluate: the evaluate stage of one model with 1000 resamples against 10 (the fewest the schema allows).
 
     .venv/bin/python bench/bootstrap_cost.py --model patchcore_effnet --repeats 3
 
@@ -49,11 +49,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     times = {}
-    for resamples in (1, 1000):
+    for resamples in (10, 1000):
         times[resamples] = statistics.median(timed_evaluate(args.category, args.model, resamples)
                                              for _ in range(args.repeats))
-    print(f"evaluate@{args.category}-{args.model}: {times[1]:.1f} s with 1 resample, {times[1000]:.1f} s with 1000 "
-          f"(median of {args.repeats}): the bootstrap adds {100 * (times[1000] / times[1] - 1):.0f} %")
+    print(f"evaluate@{args.category}-{args.model}: {times[10]:.1f} s with 10 resamples, {times[1000]:.1f} s with 1000 "
+          f"(median of {args.repeats}): the bootstrap adds {100 * (times[1000] / times[10] - 1):.0f} %")
 
 
 if __name__ == "__main__":
