@@ -73,11 +73,11 @@ def test_pr_rows_of_one_class_is_a_placeholder_point(labels):
 
 
 def test_colour_scale_runs_from_validation_median_to_threshold():
-    val = np.array([[0.0, 1.0], [2.0, 3.0]])
+    val = np.array([[0.0, 1.0], [2.0, 9.0]])  # skewed: the median (1.5) is not the mean (3.0)
     scale = ColourScale.from_validation(val, threshold=5.0)
     assert (scale.low, scale.high) == (1.5, 5.0)
     assert list(scale.normalise(np.array([0.0, 1.5, 3.25, 9.0]))) == [0.0, 0.0, 0.5, 1.0]
-    assert ColourScale.from_validation(val, threshold=1.0).high == 3.0  # threshold below the median
+    assert ColourScale.from_validation(val, threshold=1.0).high == 9.0  # threshold below the median: the largest pixel
 
 
 def test_pngs_are_reproducible(tmp_path):
