@@ -4,7 +4,7 @@
 under workdir/raw and preprocesses it with the pipeline's own code (stages.preprocess.load_images:
 resize + centre crop) into workdir/train.npz and workdir/test.npz; it is reused when it exists
 with the same settings. `extract(split)` runs the real EfficientNet-Lite0 backbone (blocks.2 +
-blocks.4, strides 8 and 16) through stages.backbones.FeatureExtractor, as the extract stage does.
+blocks.4, strides 8 and 16) through stages.features.backbones.FeatureExtractor, as the extract stage does.
 Not a benchmark by itself.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def load(workdir: str | Path, split: str):
 
 def lite0_model():
     """EfficientNet-Lite0 (timm tf_efficientnet_lite0) with the packaged ImageNet weights, eval mode."""
-    from stages.backbones import load_backbone
+    from stages.features.backbones import load_backbone
 
     return load_backbone(ARCH)
 
@@ -64,8 +64,8 @@ def lite0_model():
 def extract(split, model=None, batch_size: int = 16, with_global: bool = True):
     """A prepared Split -> FeatureSet of Lite0 blocks.2 + blocks.4 maps, as the extract stage writes them
     (with_global=False: as predict computes them for PatchCore, the network cut after blocks.4)."""
-    from stages.backbones import FeatureExtractor
-    from stages.features import FeatureSet
+    from stages.features.backbones import FeatureExtractor
+    from stages.features.cache import FeatureSet
 
     extractor = FeatureExtractor(ARCH, model if model is not None else lite0_model(), LAYERS, "cpu", with_global=with_global)
     out = extractor(split.images, batch_size=batch_size, desc=f"extract {len(split)}")
@@ -73,8 +73,8 @@ def extract(split, model=None, batch_size: int = 16, with_global: bool = True):
 
 
 def metrics(split, image_scores, maps, fpr_limit: float = 0.3) -> dict:
-    """Image AUROC, pixel AUROC and AUPRO (stages.metrics) of one scoring."""
-    from stages.metrics import aupro, image_auroc, pixel_auroc
+    """Image AUROC, pixel AUROC and AUPRO (stages.evaluation.metrics) of one scoring."""
+    from stages.evaluation.metrics import aupro, image_auroc, pixel_auroc
 
     return {
         "image_auroc": image_auroc(split.labels, image_scores),

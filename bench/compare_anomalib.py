@@ -14,7 +14,7 @@ good + 8 per defect type test images, exact masks), preprocessed at 256 px (resi
 with the pipeline's code. Every job runs in its own process (so its peak RSS is its own), from the
 same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessing):
 
-- ours, as the pipeline runs it, in three processes: the extract stage (stages.backbones.
+- ours, as the pipeline runs it, in three processes: the extract stage (stages.features.backbones.
   FeatureExtractor: timm tf_efficientnet_lite0 with the packaged weights, hooks on blocks.2 +
   blocks.4; features saved to a file), the fit stage (features loaded, stages.methods.patchcore.
   PatchCore fitted, coreset 0.1, pretrain = target embed dimension = each --ours-dims value; no
@@ -53,7 +53,7 @@ up to ~17 MiB per step (one run at 20 training images was OOM-killed at 23.6 GB 
 Fit time includes the backbone on the training images for both, scoring time the backbone on the
 test images; "PatchCore only" columns give ours without the backbone. anomalib's fit is one process
 (backbone and coreset cannot be separated there), so its fit peak RSS includes the backbone.
-Metrics (image AUROC, pixel AUROC, AUPRO up to FPR 0.3) come from stages.metrics for both.
+Metrics (image AUROC, pixel AUROC, AUPRO up to FPR 0.3) come from stages.evaluation.metrics for both.
 """
 from __future__ import annotations
 
@@ -75,12 +75,12 @@ def _tensor(images):
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
-    return (x - 0.5) / 0.5  # stages.backbones: efficientnet_lite0 mean = std = 0.5
+    return (x - 0.5) / 0.5  # stages.features.backbones: efficientnet_lite0 mean = std = 0.5
 
 
 def run_ours_extract(workdir: Path) -> dict:
     """Our extract stage: the backbone on the training images, features cached to a file."""
-    from stages.features import save_features
+    from stages.features.cache import save_features
 
     train = bench_data.load(workdir, "train")
     backbone = bench_data.lite0_model()
@@ -93,7 +93,7 @@ def run_ours_fit(workdir: Path, dim: int, coreset_ratio: float) -> dict:
     """Our fit stage: cached features in, memory bank out; a process that never loads the backbone."""
     import torch
 
-    from stages.features import load_features
+    from stages.features.cache import load_features
     from stages.methods.patchcore import PatchCore
 
     torch.manual_seed(0)
@@ -140,11 +140,12 @@ def run_ours_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
 
 def run_ours_onnx_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     """Our deployed path: the fitted bank exported as the export stage does (backbone cut after blocks.4,
-    PatchCore's scorer, one ONNX graph; stages/deployed.py), scored in onnxruntime as predict
+    PatchCore's scorer, one ONNX graph; stages/deploy/torch_model.py), scored in onnxruntime as predict
     --runtime onnx and the demo do. The export itself is not timed."""
-    from stages.deployed import FittedModel, OnnxModel, export_onnx
+    from stages.deploy.onnx_model import OnnxModel, export_onnx
+    from stages.deploy.overlay import ColourScale
+    from stages.deploy.torch_model import FittedModel
     from stages.methods.patchcore import PatchCore
-    from stages.overlay import ColourScale
 
     test = bench_data.load(workdir, "test")
     model = PatchCore.load(workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH})
@@ -155,7 +156,7 @@ def run_ours_onnx_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     path = workdir / f"ours_{dim}.export" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(fitted, path)
-    onnx_model = OnnxModel.from_file(path, "bench", f"ours_{dim}")
+    onnx_model = OnnxModel(path, "bench", f"ours_{dim}")
     onnx_model.score(test.images[:2], test.names[:2])  # warm-up, as the torch path's first batch is
     start = time.perf_counter()
     prediction = onnx_model.score(test.images, test.names)
@@ -197,9 +198,8 @@ def random_bank(model, coreset_ratio: float) -> None:
 
 def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int, bank: str = "greedy") -> dict:
     import anomalib
-    import torch
-
     import numpy as np
+    import torch
 
     torch.manual_seed(0)  # KCenterGreedy's first centre and the projection's signs: torch's global RNG
     np.random.seed(0)  # the projection's column choice: sklearn's sample_without_replacement(random_state=None)

@@ -31,7 +31,7 @@ import bench_data  # noqa: E402
 def run_one(workdir: Path, dim: int, coreset_ratio: float, num_neighbors: int) -> dict:
     import torch
 
-    from stages.features import load_features
+    from stages.features.cache import load_features
     from stages.methods.patchcore import PatchCore
 
     train, test = load_features(workdir / "features_train.pt"), load_features(workdir / "features_test.pt")
@@ -82,7 +82,7 @@ def main() -> None:
     start = time.perf_counter()
     bench_data.prepare(args.workdir, args.n_train, args.n_test_good, args.n_test_per_defect, size, size, size)
     if not (args.workdir / "features_test.pt").is_file():
-        from stages.features import save_features
+        from stages.features.cache import save_features
 
         model = bench_data.lite0_model()
         for split in ("train", "test"):

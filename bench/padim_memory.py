@@ -51,7 +51,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from stages.features import FeatureSet
+    from stages.features.cache import FeatureSet
     from stages.methods.padim import PaDiM
 
     def features(n: int, seed: int) -> FeatureSet:

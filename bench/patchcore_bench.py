@@ -32,7 +32,7 @@ def run_one(n_train: int, n_test: int, shapes: str, coreset_ratio: float, image_
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from stages.features import FeatureSet
+    from stages.features.cache import FeatureSet
     from stages.methods.patchcore import PatchCore
 
     def features(n: int, seed: int) -> FeatureSet:

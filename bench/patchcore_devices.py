@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_data  # noqa: E402  (puts the repository root on sys.path)
+
 from stages.data.prepared import load_split  # noqa: E402
-from stages.features import load_features  # noqa: E402
+from stages.features.cache import load_features  # noqa: E402
 from stages.methods.patchcore import PatchCore  # noqa: E402
 from stages.methods.sampler import greedy_select, plain_greedy_select  # noqa: E402
 

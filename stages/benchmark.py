@@ -33,15 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import numerics
-from stages.cli import run_main
+from stages.core import numerics
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path, write_json
+from stages.core.params import load_params, param
+from stages.core.paths import MODELS_ROOT, export_dir, metrics_file, model_dir, pixels_dir
 from stages.data.prepared import load_split
-from stages.deployed import FittedModel, OnnxModel
-from stages.errors import PipelineError
-from stages.export import parity
-from stages.outputs import atomic_path, write_json
-from stages.params import load_params, param
-from stages.paths import MODELS_ROOT, export_dir, metrics_file, model_dir, pixels_dir
+from stages.deploy.onnx_model import OnnxModel
+from stages.deploy.parity import parity
+from stages.deploy.torch_model import FittedModel
 
 DEFAULT_OUT = Path("bench/results/cost")
 

@@ -8,9 +8,9 @@ expands a matrix (`data.categories: carpet`, a string instead of a list) stops D
 """
 from __future__ import annotations
 
-from stages.cli import run_main
-from stages.models import model_config
-from stages.params import load_params
+from stages.core.cli import run_main
+from stages.core.params import load_params
+from stages.methods.entries import model_config
 
 
 def main() -> None:

@@ -15,13 +15,13 @@ import json
 
 import numpy as np
 
-from stages.cli import run_main
-from stages.comparison import MEAN, differences, mean_groups, model_intervals, table_rows, with_means
-from stages.errors import PipelineError
-from stages.metrics import INTERVAL_METRICS
-from stages.outputs import atomic_path, write_csv, write_json
-from stages.params import category_source, load_params, param
-from stages.paths import PLOTS_ROOT, SUMMARY_ROOT, metrics_file, resamples_file
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path, write_csv, write_json
+from stages.core.params import category_source, load_params, param
+from stages.core.paths import PLOTS_ROOT, SUMMARY_ROOT, metrics_file, resamples_file
+from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation.paired import MEAN, differences, mean_groups, model_intervals, table_rows, with_means
 
 TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_f1_max": "Image F1-max"}
 

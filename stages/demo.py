@@ -4,7 +4,7 @@
     python -m stages.demo --runtime torch   # the pipeline's own code instead of the exported ONNX graph
     python -m stages.demo --port 8080       # --host 0.0.0.0 to serve other machines (think twice)
 
-It scores exactly as `python -m stages.predict` does (the same models of stages/deployed.py: the
+It scores exactly as `python -m stages.predict` does (the same models of stages/deploy/torch_model.py: the
 model's own input recipe, its evaluate threshold). Two ways in:
 - POST /api/predict?model=<category>/<model>: one image as the request body. Larger than
   MAX_UPLOAD_MB: 413, refused on its Content-Length or as soon as the body passes the limit while
@@ -34,14 +34,15 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconn
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
+from stages.core.errors import PipelineError
 from stages.data.raw import ImageTooLarge
-from stages.deployed import RUNTIMES, fitted_models as fitted_pairs, load_model
-from stages.errors import PipelineError
-from stages.overlay import overlay
+from stages.deploy.overlay import overlay
+from stages.deploy.runtimes import RUNTIMES, load_model
+from stages.deploy.runtimes import fitted_models as fitted_pairs
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
-PAGE = Path(__file__).with_name("demo.html")
+PAGE = Path(__file__).parent / "deploy" / "demo.html"
 
 
 def fitted_models() -> list[str]:

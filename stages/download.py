@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.cli import run_main, stage_args
-from stages.errors import PipelineError, warn
-from stages.outputs import atomic_path
-from stages.params import param
+from stages.core.cli import run_main, stage_args
+from stages.core.errors import PipelineError, warn
+from stages.core.outputs import atomic_path
+from stages.core.params import category_source, param
+from stages.core.paths import DOWNLOADS, raw_category_dir
 from stages.data import mvtec, visa
-from stages.data.synthetic import generate_category
+from stages.data.folder import copy_folder
 from stages.data.raw import verify_category
-from stages.params import category_source
-from stages.paths import DOWNLOADS, raw_category_dir
+from stages.data.synthetic import generate_category
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
         # Decode every image and mask of the user's folder first: errors name the user's files, and a
         # broken folder is never copied, so once it is fixed `dvc repro` reruns this (failed) stage.
         verify_category(folder)
-        mvtec.copy_folder(folder, dest)
+        copy_folder(folder, dest)
     print(f"{source}/{category} -> {dest}")
 
 

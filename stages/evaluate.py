@@ -4,7 +4,7 @@ For each seed the model was fitted with (params.yaml fit_seeds; one fit for a de
 method), the test and validation images are scored, the metrics computed (image AUROC, pixel
 AUROC, AUPRO, F1-max, the mean + n_std·sigma threshold of the validation images with its confusion
 counts, per-defect AUROC) and the four headline metrics recomputed on `evaluate.bootstrap.resamples`
-stratified resamples of the test images (stages/bootstrap.py), the same resamples for every model
+stratified resamples of the test images (stages/evaluation/bootstrap.py), the same resamples for every model
 of the category. Writes
 - metrics/models/<category>.category/<model>.metrics.json: the mean over seeds of every metric,
   its standard deviation over seeds, the bootstrap interval of the seed mean, and each seed's own;
@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages import curves, metrics
-from stages.bootstrap import stratified_weights
-from stages.cli import run_main
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path, write_csv, write_json
+from stages.core.params import param
+from stages.core.paths import metrics_file, pixels_dir, resamples_file, scoring_file
 from stages.data.prepared import load_split
-from stages.errors import PipelineError
-from stages.models import model_from_argv
-from stages.outputs import atomic_path, write_csv, write_json
-from stages.overlay import ColourScale
-from stages.params import param
-from stages.paths import metrics_file, pixels_dir, resamples_file, scoring_file
-from stages.scoring import write_scoring
-from stages.statistics import PixelStats
+from stages.deploy.overlay import ColourScale
+from stages.deploy.record import write_scoring
+from stages.evaluation import curves, metrics
+from stages.evaluation.bootstrap import stratified_weights
+from stages.evaluation.statistics import PixelStats
+from stages.methods.entries import model_from_argv
 
 
 def main() -> None:

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from stages.backbones import FeatureExtractor, get_spec, load_backbone
-from stages.cli import run_main, stage_args
-from stages.errors import check
-from stages.outputs import atomic_path
-from stages.params import param
-from stages.runtime import resolve_device
+from stages.core.cli import run_main, stage_args
+from stages.core.device import resolve_device
+from stages.core.errors import check
+from stages.core.outputs import atomic_path
+from stages.core.params import param
+from stages.core.paths import WEIGHTS_ROOT, features_dir, pixels_dir
 from stages.data.prepared import SPLITS, load_split, read_inputs, write_inputs
-from stages.features import FeatureSet, save_features
-from stages.paths import WEIGHTS_ROOT, features_dir, pixels_dir
+from stages.features.backbones import FeatureExtractor, get_spec, load_backbone
+from stages.features.cache import FeatureSet, save_features
 
 
 def weights_file(name: str, weights: str | None) -> str | None:

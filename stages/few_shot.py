@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import write_csv
-from stages.params import load_params, param
-from stages.paths import PLOTS_ROOT, metrics_file
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import write_csv
+from stages.core.params import load_params, param
+from stages.core.paths import PLOTS_ROOT, metrics_file
 
 OUTPUT = PLOTS_ROOT / "few_shot.csv"
 METRICS = ("image_auroc", "pixel_auroc")

@@ -17,15 +17,15 @@ import csv
 
 import numpy as np
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import atomic_path
-from stages.params import param
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path
+from stages.core.params import param
+from stages.core.paths import pixels_dir, scoring_file
 from stages.data.prepared import load_split
-from stages.models import model_from_argv
-from stages.overlay import ColourScale
-from stages.paths import pixels_dir, scoring_file
-from stages.scoring import read_scoring
+from stages.deploy.overlay import ColourScale
+from stages.deploy.record import read_scoring
+from stages.methods.entries import model_from_argv
 
 FIGURES = "figures"  # plots/<category>.category/<model>.model/figures/
 

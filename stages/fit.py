@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import atomic_path
-from stages.runtime import seed_everything
-from stages.models import model_from_argv
+from stages.core.cli import run_main
+from stages.core.device import seed_everything
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path
 from stages.data.prepared import read_inputs
+from stages.methods.entries import model_from_argv
 
 CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric, under its folder
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from stages.cli import run_main, stage_args
-from stages.params import param
+from stages.core.cli import run_main, stage_args
+from stages.core.params import param
+from stages.core.paths import category_plots_dir, pixels_dir, raw_category_dir
 from stages.data.prepared import load_split
 from stages.data.raw import list_category, read_image, read_mask
-from stages.paths import category_plots_dir, pixels_dir, raw_category_dir
 
 SHOWN_SIZE = 320  # raw images are shrunk to this longer side for the figure (MVTec's are 1024)
 

@@ -6,10 +6,10 @@ vega-embed) taken from the installed vl-convert-python; see stages/plotting/page
 """
 from __future__ import annotations
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import atomic_path
-from stages.paths import PLOTS_ROOT
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path
+from stages.core.paths import PLOTS_ROOT
 
 OUTPUT = PLOTS_ROOT / "page_template.html"
 

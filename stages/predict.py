@@ -22,16 +22,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import atomic_path, write_csv
-from stages.runtime import resolve_device
+from stages.core.cli import run_main
+from stages.core.device import resolve_device
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path, write_csv
+from stages.core.params import check_categories, check_name
+from stages.core.paths import MODELS_ROOT
 from stages.data.raw import IMAGE_SUFFIXES
-from stages.deployed import RUNTIMES, fitted_models, load_model
+from stages.deploy.overlay import overlay
+from stages.deploy.runtimes import RUNTIMES, fitted_models, load_model
 from stages.methods.base import Prediction
-from stages.overlay import overlay
-from stages.params import check_categories, check_name
-from stages.paths import MODELS_ROOT
 
 DEFAULT_OUT = Path("predictions")
 CHUNK = 32  # images read and scored together: bounded memory for any number of files

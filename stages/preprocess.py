@@ -10,13 +10,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.cli import run_main, stage_args
-from stages.errors import check, warn
-from stages.outputs import atomic_path
-from stages.params import param
+from stages.core.cli import run_main, stage_args
+from stages.core.errors import check, warn
+from stages.core.outputs import atomic_path
+from stages.core.params import param
+from stages.core.paths import pixels_dir, raw_category_dir
 from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
-from stages.paths import pixels_dir, raw_category_dir
 
 MIN_VALIDATION = 5  # fewer validation images make the threshold's std a guess
 

@@ -20,13 +20,14 @@ import json
 
 import numpy as np
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.outputs import atomic_path, write_csv, write_json
-from stages.comparison import MEAN, mean_groups, table_rows
-from stages.params import category_source, load_params, param
-from stages.metrics import INTERVAL_METRICS
-from stages.paths import SUMMARY_ROOT as OUTPUT, metrics_file
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path, write_csv, write_json
+from stages.core.params import category_source, load_params, param
+from stages.core.paths import SUMMARY_ROOT as OUTPUT
+from stages.core.paths import metrics_file
+from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation.paired import MEAN, mean_groups, table_rows
 
 HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (

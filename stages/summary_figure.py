@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.paths import PLOTS_ROOT, SUMMARY_ROOT
+from stages.core.cli import run_main
+from stages.core.errors import PipelineError
+from stages.core.paths import PLOTS_ROOT, SUMMARY_ROOT
 
 OUTPUT = PLOTS_ROOT / "summary.png"
 

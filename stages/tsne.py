@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.cli import run_main, stage_args
-from stages.errors import PipelineError
-from stages.outputs import write_csv
-from stages.params import param
+from stages.core.cli import run_main, stage_args
+from stages.core.errors import PipelineError
+from stages.core.outputs import write_csv
+from stages.core.params import param
+from stages.core.paths import features_dir, pixels_dir, tsne_file
 from stages.data.prepared import SPLITS, load_split
-from stages.features import load_features
-from stages.paths import features_dir, pixels_dir, tsne_file
+from stages.features.cache import load_features
 
 
 def main() -> None:
-    from stages.plotting.tsne import embed_2d, tsne_rows
+    from stages.plotting.embedding import embed_2d, tsne_rows
 
     params, (category, backbone) = stage_args("tsne", "<category> <backbone>")
     perplexity = param(params, "figures.tsne.perplexity")

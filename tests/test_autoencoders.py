@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from stages.data.prepared import Split
-from stages.features import FeatureSet
+from stages.features.cache import FeatureSet
 from stages.methods import get_method
 from stages.methods.autoencoder import Autoencoder
 from stages.methods.base import TrainingDiverged

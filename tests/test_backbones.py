@@ -10,8 +10,8 @@ import torchvision
 from PIL import Image
 from skimage import data
 
-from stages.backbones import BACKBONES, FeatureExtractor, load_backbone
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
+from stages.features.backbones import BACKBONES, FeatureExtractor, load_backbone
 
 
 def _classify(model: torch.nn.Module, image: np.ndarray, arch: str = "efficientnet_lite0") -> torch.Tensor:
@@ -171,7 +171,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     write_params(project, params)
     call_stage("download", "carpet", cwd=project)
     call_stage("preprocess", "carpet", cwd=project)
-    from stages.features import load_features
+    from stages.features.cache import load_features
 
     for backbone in params["backbones"]:
         call_stage("extract", "carpet", backbone, cwd=project)

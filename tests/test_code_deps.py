@@ -1,4 +1,4 @@
-"""Each DVC stage declares every module of stages/ that its script imports (statically, function-level
+"""Each DVC stage declares exactly the modules of stages/ that its script imports (statically, function-level
 imports included), so editing code reruns the stages that run it. fit@, evaluate@ and figures@ are
 matrix stages whose items carry the model's name only, so they declare the whole stages/methods/
 folder (a folder dep covers every file under it)."""
@@ -83,8 +83,10 @@ def test_stage_declares_every_module_it_imports(name, stage, method):
         roots.append(REPO / "stages" / "methods" / f"{method}.py")
         assert roots[-1].is_file(), f"method {method} must live in stages/methods/{method}.py"
     files, folders = declared(stage)
-    missing = {f for f in closure(*roots) - files if not any(f.startswith(folder + "/") for folder in folders)}
+    needed = closure(*roots)
+    missing = {f for f in needed - files if not any(f.startswith(folder + "/") for folder in folders)}
     assert not missing, f"{name} imports but does not declare {sorted(missing)}"
+    assert files <= needed, f"{name} declares modules it never imports (they rerun it for nothing): {sorted(files - needed)}"
 
 
 def test_method_files_are_named_after_their_registry_key():

@@ -134,7 +134,7 @@ def test_demo_scores_an_upload_as_predict_does(fitted, server, browser, tmp_path
     overlay = browser.find_element(By.ID, "overlay")
     assert overlay.is_displayed() and overlay.get_attribute("src").startswith("data:image/png;base64,")
     assert browser.execute_script("return document.getElementById('overlay').naturalWidth") == 48
-    # the same overlay as predict's: one colour scale, evaluate's (stages/overlay.py)
+    # the same overlay as predict's: one colour scale, evaluate's (stages/deploy/overlay.py)
     assert np.array_equal(decoded(overlay.get_attribute("src")), np.asarray(Image.open(out / rows[0]["overlay"])))
     browser.save_screenshot(str(tmp_path / "demo.png"))
     assert (tmp_path / "demo.png").stat().st_size > 10_000

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
-from stages.data import mvtec
+from stages.core.errors import PipelineError
+from stages.data import archives, mvtec
+from stages.data.folder import copy_folder
+from stages.data.raw import check_layout
 from tests.conftest import call_stage, default_params, write_params
-
 
 # ----------------------------------------------------------------------------------- fixtures
 
@@ -239,13 +240,13 @@ def test_tail_truncation_detected(tmp_path, carpet_archive, out):
 
 
 def test_interrupt_leaves_nothing(monkeypatch, carpet_archive, out):
-    real_fetch = mvtec._fetch
+    real_fetch = archives._fetch
 
     def fetch_then_interrupt(url, target, timeout):
         real_fetch(url, target, timeout)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mvtec, "_fetch", fetch_then_interrupt)
+    monkeypatch.setattr(archives, "_fetch", fetch_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         mvtec.download_category("carpet", out / "carpet", url=carpet_archive.as_uri())
     assert leftovers(out) == []
@@ -388,7 +389,7 @@ def fetched_urls(monkeypatch) -> list[str]:
         target.write_bytes(b"x")
         return {"sha256": "b" * 64, "md5": "c" * 32}
 
-    monkeypatch.setattr(mvtec, "_fetch", fake_fetch)
+    monkeypatch.setattr(archives, "_fetch", fake_fetch)
     return seen
 
 
@@ -423,7 +424,7 @@ def test_full_archive_falls_back_to_the_next_url(monkeypatch, tmp_path, out, cap
         warnings = capsys.readouterr().err
         assert f"warning: {urls[0]}: HTTP 404 Not Found; trying the next known URL" in warnings
         assert f"warning: {urls[1]}: sha256 checksum mismatch" in warnings
-        assert [p.name for p in cache.iterdir()] == [mvtec._cache_name(urls[2])]  # only the verified archive
+        assert [p.name for p in cache.iterdir()] == [archives._cache_name(urls[2])]  # only the verified archive
         mvtec.download_category("grid", out / "grid", cache_dir=cache, timeout=10)
         assert len(requested) == 3  # every category after the first comes from the cache
     assert tree(out / "grid") == tree(sources["grid"])
@@ -497,7 +498,7 @@ PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)
 @pytest.mark.parametrize("category", ["carpet", "grid", "zipper"])
 def test_official_category_archive_is_checked_against_its_published_md5(fetched_urls, out, category):
     """Each official per-category URL is verified against that category's MD5; a wrong file is refused."""
-    assert mvtec.CATEGORY_MD5 == PUBLISHED_MD5 and mvtec.FULL_ARCHIVE_MD5 == "eefca59f2cede9c3fc5b6befbfec275e"
+    assert mvtec.CATEGORY_MD5 == PUBLISHED_MD5
     with pytest.raises(PipelineError, match=f"md5 checksum mismatch \\(expected {PUBLISHED_MD5[category]}, got c+\\)"):
         mvtec.download_category(category, out / category, archive="category")
     assert fetched_urls == [mvtec.CATEGORY_URLS[category]]
@@ -518,12 +519,12 @@ def test_url_template_names_each_category(carpet_archive, out):
 
 
 def test_validate_layout_ok(source):
-    mvtec.validate_layout(source)
+    check_layout(source)
 
 
 def test_validate_layout_missing_folder(tmp_path):
     with pytest.raises(PipelineError, match="category folder not found"):
-        mvtec.validate_layout(tmp_path / "nope")
+        check_layout(tmp_path / "nope")
 
 
 def test_validate_layout_empty_train_good(tmp_path):
@@ -532,24 +533,24 @@ def test_validate_layout_empty_train_good(tmp_path):
     (root / "train" / "good" / "notes.txt").write_text("not an image")
     _png(root / "test/good/000.png", 1)
     with pytest.raises(PipelineError, match=r"train/good: no training images"):
-        mvtec.validate_layout(root)
+        check_layout(root)
 
 
 def test_validate_layout_needs_test_images(tmp_path):
     root = tmp_path / "carpet"
     _png(root / "train/good/000.PNG", 1)  # suffix check is case-insensitive
     with pytest.raises(PipelineError, match="test"):
-        mvtec.validate_layout(root)
+        check_layout(root)
     (root / "test" / "good").mkdir(parents=True)
     with pytest.raises(PipelineError, match="no test images"):
-        mvtec.validate_layout(root)
+        check_layout(root)
     _png(root / "test/good/000.png", 2)
-    mvtec.validate_layout(root)  # ground_truth/ is optional
+    check_layout(root)  # ground_truth/ is optional
 
 
 def test_copy_folder(source, out):
     before = tree(source)
-    dest = mvtec.copy_folder(source, out / "carpet")
+    dest = copy_folder(source, out / "carpet")
     assert dest == out / "carpet"
     assert tree(dest) == before
     assert tree(source) == before
@@ -558,13 +559,13 @@ def test_copy_folder(source, out):
 
 def test_copy_folder_replaces_and_rejects_bad(tmp_path, source, out):
     dest = out / "carpet"
-    mvtec.copy_folder(source, dest)
+    copy_folder(source, dest)
     (dest / "stale.txt").write_text("old")
-    mvtec.copy_folder(source, dest)
+    copy_folder(source, dest)
     assert tree(dest) == tree(source)
     with pytest.raises(PipelineError, match="category folder not found"):
-        mvtec.copy_folder(tmp_path / "missing", dest)
+        copy_folder(tmp_path / "missing", dest)
     with pytest.raises(PipelineError, match="overlap"):
-        mvtec.copy_folder(source, source)
+        copy_folder(source, source)
     assert tree(dest) == tree(source)
     assert leftovers(out) == ["carpet"]

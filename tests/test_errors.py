@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from stages.core.errors import PipelineError
+from stages.core.paths import DOWNLOADS, TMP_ROOT
 from stages.data.synthetic import generate_category
-from stages.errors import PipelineError
 from stages.methods import REGISTRY
-from stages.paths import DOWNLOADS, TMP_ROOT
 from tests.conftest import call_stage, error_line, run_stage, write_params
+
 
 def assert_no_output(project: Path, path: Path) -> None:
     """Neither the output nor a temporary of the failed stage is left behind: not in the project's
-    .tmp/ (stages/outputs.py TMP_ROOT, where every stage writes its temporaries), nor an old-style
+    .tmp/ (stages/core/outputs.py TMP_ROOT, where every stage writes its temporaries), nor an old-style
     `.NAME.tmp<pid>` sibling."""
     assert path.is_relative_to(project)
     assert not path.exists()
@@ -197,7 +198,7 @@ def stale_features(tmp_path_factory):
     """A tiny project whose features were extracted (and a kNN fitted on them), then the images
     prepared again with another split seed: the cached features now name other training and validation images."""
     from stages.data.prepared import load_split
-    from stages.features import load_features
+    from stages.features.cache import load_features
 
     project = tmp_path_factory.mktemp("stale")
     raw_category(project)

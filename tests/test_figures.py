@@ -9,10 +9,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from stages.errors import PipelineError
-from stages.curves import pixel_roc_rows, pr_rows, pro_rows, thin_curve
-from stages.statistics import PixelStats
-from stages.overlay import ColourScale
+from stages.core.errors import PipelineError
+from stages.deploy.overlay import ColourScale
+from stages.evaluation.curves import pixel_roc_rows, pr_rows, pro_rows, thin_curve
+from stages.evaluation.statistics import PixelStats
 from stages.plotting.grids import select
 
 

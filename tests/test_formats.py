@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from stages.data.prepared import load_split
 from stages.data.raw import read_image, read_mask
 from tests.conftest import default_params, run_stage, write_params

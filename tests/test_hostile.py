@@ -5,7 +5,6 @@ version before the fix.
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from tests.conftest import REPO, error_line, run_stage, write_params
 from tests.test_predict import predict
 
@@ -65,7 +64,7 @@ def test_a_crafted_model_file_is_refused_before_it_runs(fitted, tmp_path):
 
 
 def test_a_crafted_feature_file_is_refused(tmp_path):
-    from stages.features import load_features
+    from stages.features.cache import load_features
 
     marker = tmp_path / "PAYLOAD_RAN"
     torch.save({"global": torch.zeros(1, 2), "maps": {}, "image_size": [4, 4], "names": [Payload(marker)]},

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.features import FeatureSet
+from stages.core.errors import PipelineError
+from stages.features.cache import FeatureSet
 from stages.methods import get_method
 from stages.methods.global_knn import GlobalKNN
 from stages.methods.neighbours import knn_distances

@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_curve
 
-from stages import metrics
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
+from stages.evaluation import metrics
 
 # The classic sklearn example: AUROC 0.75.
 LABELS = [0, 0, 1, 1]
@@ -225,7 +225,7 @@ def test_aupro_matches_slow_reference(seed, decimals, fpr_limit):
 def test_evaluate_keys_and_json():
     """Every key, its type, and values from the parameters given: a non-default n_std sets the
     threshold, a non-default fpr_limit the AUPRO (checked against the slow reference, not the code)."""
-    from stages.statistics import PixelStats
+    from stages.evaluation.statistics import PixelStats
 
     masks, maps = _random_case(4)
     labels = [0, 1, 1]

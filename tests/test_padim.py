@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.errors import PipelineError
-from stages.features import FeatureSet
+from stages.core.errors import PipelineError
+from stages.features.cache import FeatureSet
 from stages.methods import get_method
 from stages.methods.base import STATE_FILE
 from stages.methods.maps import MapHead

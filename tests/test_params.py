@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import PipelineError
-from stages.models import model_config
-from stages.params import load_params, read_yaml
+from stages.core.errors import PipelineError
+from stages.core.params import load_params, read_yaml
+from stages.methods.entries import model_config
 from tests.conftest import REPO
 
 DEFAULT_TEXT = (REPO / "params.yaml").read_text()

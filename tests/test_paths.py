@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import PipelineError
-from stages.params import check_categories
+from stages.core.errors import PipelineError
+from stages.core.params import check_categories
 from tests.conftest import REPO, error_line, run_stage, write_params
 from tests.test_pipeline import DVC, dvc, tiny_params
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from tests.conftest import EVERY_METHOD
+
 
 def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
     """predict's main() in `project`, into a fresh --out unless one is given; (exit code, scores.csv rows)."""
@@ -77,8 +78,8 @@ def test_new_images_score_as_evaluate_scored_them(fitted, model, runtime, tmp_pa
 
 
 def test_the_scoring_record_holds_the_score_params_evaluate_used(fitted):
-    from stages.models import model_config
-    from stages.params import load_params
+    from stages.core.params import load_params
+    from stages.methods.entries import model_config
 
     params = load_params(fitted / "params.yaml")
     for model in EVERY_METHOD:
@@ -91,8 +92,8 @@ def test_the_scoring_record_holds_the_score_params_evaluate_used(fitted):
 def test_the_overlay_uses_evaluates_colour_scale(fitted, tmp_path):
     """predict's overlay = the overlay of its own map on the scale evaluate wrote (the figures' scale:
     the validation maps' median palest, the threshold strongest)."""
-    from stages.deployed import FittedModel
-    from stages.overlay import ColourScale, overlay
+    from stages.deploy.overlay import ColourScale, overlay
+    from stages.deploy.torch_model import FittedModel
 
     image_file = fitted / "data" / "raw" / "carpet.dataset" / "test" / "hole" / "000.png"
     out = tmp_path / "out"
@@ -217,7 +218,8 @@ def test_a_bank_scored_in_blocks_exports_whole(fitted, tmp_path, monkeypatch):
     import numpy as np
 
     from stages.data.prepared import load_split
-    from stages.deployed import FittedModel, OnnxModel, export_onnx
+    from stages.deploy.onnx_model import OnnxModel, export_onnx
+    from stages.deploy.torch_model import FittedModel
     from stages.methods import patchcore
 
     monkeypatch.chdir(fitted)
@@ -229,6 +231,6 @@ def test_a_bank_scored_in_blocks_exports_whole(fitted, tmp_path, monkeypatch):
     export_onnx(model, path)
     test = load_split(fitted / "data/features/carpet.category/pixels.features/test.npz")
     torch_scores = model.score(test.images, test.names)
-    onnx_scores = OnnxModel.from_file(path, "carpet", "pc").score(test.images, test.names)
+    onnx_scores = OnnxModel(path, "carpet", "pc").score(test.images, test.names)
     np.testing.assert_allclose(onnx_scores.image_scores, torch_scores.image_scores, rtol=1e-4)
     np.testing.assert_allclose(onnx_scores.anomaly_maps, torch_scores.anomaly_maps, atol=1e-3, rtol=1e-5)

@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from stages.models import model_config
-from stages.params import validate
+from stages.core.params import validate
+from stages.methods.entries import model_config
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from tests.conftest import call_stage, default_params, write_params
 
 

@@ -1,12 +1,12 @@
-"""How a stage starts and ends: the device it runs on (stages/runtime.py) and its exit codes (stages/cli.py)."""
+"""How a stage starts and ends: the device it runs on (stages/core/device.py) and its exit codes (stages/core/cli.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.cli import run_main
-from stages.errors import PipelineError
-from stages.runtime import resolve_device
+from stages.core.cli import run_main
+from stages.core.device import resolve_device
+from stages.core.errors import PipelineError
 from tests.conftest import default_params, error_line, run_stage, write_params
 
 

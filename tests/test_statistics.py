@@ -6,10 +6,10 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
-from stages import metrics
-from stages.bootstrap import interval, stratified_weights
-from stages.comparison import MEAN, differences, with_means
-from stages.statistics import ImageStats, PixelStats
+from stages.evaluation import metrics
+from stages.evaluation.bootstrap import interval, stratified_weights
+from stages.evaluation.paired import MEAN, differences, with_means
+from stages.evaluation.statistics import ImageStats, PixelStats
 from tests.test_metrics import _random_case, _reference_aupro
 
 
@@ -18,7 +18,7 @@ def exact_aupro(masks, maps, fpr_limit):
     binned one approximates, fast enough for maps of 10^5 distinct scores (the slow reference is not)."""
     from scipy import ndimage
 
-    from stages.statistics import area_up_to
+    from stages.evaluation.statistics import area_up_to
 
     regions = np.zeros(masks.shape, dtype=np.int64)
     count = 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from stages.data.synthetic import DEFECT_TYPES, generate_category, render_image
 
 SIZE = 64

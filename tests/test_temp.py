@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.outputs import atomic_path, write_json
-from stages.data import mvtec
+from stages.core.outputs import atomic_path, write_json
+from stages.data import archives
 from tests.conftest import run_stage
 from tests.test_errors import TINY, tiny_params
 
@@ -70,6 +70,6 @@ def test_output_removes_its_stale_sibling_of_an_older_version(project, monkeypat
 def test_download_staging_lives_in_the_project_tmp_folder(project, monkeypatch):
     monkeypatch.chdir(project)
     dest = Path("data/raw/carpet.dataset")
-    made = mvtec._sibling_tmpdir(dest, "tmp")
+    made = archives._sibling_tmpdir(dest, "tmp")
     assert made.parent.resolve() == (project / ".tmp").resolve() and made.name.startswith(f"{os.getpid()}-")
     assert list(dest.parent.iterdir()) == []

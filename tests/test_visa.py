@@ -3,7 +3,6 @@
 indices 0..3) and split_csv/1cls.csv, in an uncompressed tar like VisA_20220922.tar."""
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -13,11 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from stages.core.errors import PipelineError
+from stages.core.params import load_params
 from stages.data import visa
 from stages.data.prepared import load_split
 from stages.data.raw import list_category, read_mask
-from stages.errors import PipelineError
-from stages.params import load_params
 from tests.conftest import error_line, run_stage, write_params
 from tests.test_download import leftovers, serve, sha, tree
 

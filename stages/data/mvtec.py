@@ -1,34 +1,17 @@
-"""Getting an MVTec AD category onto disk: download + verify + extract, or copy a local folder.
+"""Getting an MVTec AD category onto disk: download + verify + extract.
 
 Every path here is all-or-nothing: on any failure the destination is left as it was (an old,
 complete copy survives; a fresh one never appears half-written) and no temporary files remain.
-The fetch / verify / extract / install helpers are shared with the VisA source (stages/data/visa.py).
+The fetch / verify / extract / install helpers live in stages/data/archives.py (the VisA source
+uses them too); the folder source is stages/data/folder.py.
 """
 from __future__ import annotations
 
-import bz2
-import contextlib
-import dataclasses
-import gzip
-import hashlib
-import lzma
-import os
-import re
-import shutil
-import sys
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
-import zlib
 from pathlib import Path
-from typing import BinaryIO, Callable, ContextManager, Iterator
 
-from tqdm import tqdm
-
-from stages.errors import PipelineError, warn
-from stages.outputs import temp_dir_for
-from stages.outputs import remove_path as _remove
+from stages.core.errors import PipelineError
+from stages.core.outputs import remove_path as _remove
+from stages.data.archives import Remote, _sibling_tmpdir, check_sha256, extract_members, fetched, install_dir
 from stages.data.raw import check_layout
 
 CATEGORIES = (
@@ -101,223 +84,10 @@ FULL_ARCHIVE_URLS = (
     f"{BASE_URL}/420938113-1629952094/mvtec_anomaly_detection.tar.xz",
 )
 FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
-FULL_ARCHIVE_MD5 = "eefca59f2cede9c3fc5b6befbfec275e"
 DOWNLOAD_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 CATEGORY_PLACEHOLDER = "{category}"  # in data.mvtec.url: replaced by each category's name
 
 ARCHIVES = ("full", "category")
-CHUNK = 1 << 20
-USER_AGENT = "Mozilla/5.0 (compatible; mvtec-anomaly-pipeline)"
-
-# What reading a damaged archive can raise (gzip/bz2 raise OSError subclasses). Only reads are
-# wrapped with these, so a full disk while writing is not mistaken for a corrupt archive.
-_READ_ERRORS = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
-
-
-# --------------------------------------------------------------------------------------- layout
-
-
-def validate_layout(root: Path) -> None:
-    """Check `root` looks like one MVTec AD category: train/good/*.png and test/<type>/*.png."""
-    root = Path(root)
-    check_layout(root, str(root))
-
-
-# ---------------------------------------------------------------------------- atomic placement
-
-
-def _tmp_prefix(dest: Path, tag: str) -> tuple[str, Path]:
-    """Prefix and folder of a temporary for `dest`: the project's .tmp/ (tagged with our PID, so a
-    later stage removes it if we are killed), or beside `dest` when that is outside the project."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    folder = temp_dir_for(dest)
-    if folder is None:
-        return f".{dest.name}.{tag}-", dest.parent
-    return f"{os.getpid()}-{tag}-{dest.name}-", folder
-
-
-def _sibling_tmpdir(dest: Path, tag: str) -> Path:
-    prefix, folder = _tmp_prefix(dest, tag)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
-
-
-def staging_dir(dest: Path) -> Path:
-    """A fresh temporary folder on `dest`'s filesystem, to build `dest` in and then `install_dir` it."""
-    return _sibling_tmpdir(dest, "tmp")
-
-
-def install_dir(new: Path, dest: Path) -> None:
-    """Move the complete directory `new` onto `dest`; an old `dest` is removed only afterwards."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = _sibling_tmpdir(dest, "old")
-        old.rmdir()  # only the unique name is wanted; os.replace needs it absent
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        _remove(old)
-
-
-# ------------------------------------------------------------------------------------ download
-
-
-class DownloadError(PipelineError):
-    """One URL that gave no usable archive; `reason` is why (HTTP status, checksum, cut connection)."""
-
-    def __init__(self, url: str, reason: str, message: str):
-        super().__init__(message)
-        self.url, self.reason = url, reason
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return _one_line(f"HTTP {exc.code} {exc.reason}")
-    if isinstance(exc, urllib.error.URLError):
-        return _one_line(exc.reason) or type(exc).__name__
-    return _one_line(exc) or type(exc).__name__
-
-
-def _download_failed(url: str, reason: str) -> DownloadError:
-    return DownloadError(url, reason, f"could not download {url}: {reason}")
-
-
-def _fetch(url: str, target: Path, timeout: float) -> dict[str, str]:
-    """Stream `url` into the (already created) file `target`; return its {"sha256", "md5"} hex digests."""
-    digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _download_failed(url, _reason(exc)) from exc
-    with response, open(target, "wb") as out:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        received = 0
-        name = url.rstrip("/").rsplit("/", 1)[-1] or url
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
-            while True:
-                try:
-                    chunk = response.read(CHUNK)
-                except (urllib.error.URLError, OSError, ValueError, EOFError) as exc:
-                    raise _download_failed(url, _reason(exc)) from exc
-                except Exception as exc:  # http.client.IncompleteRead and friends
-                    raise _download_failed(url, f"{type(exc).__name__} {_reason(exc)}") from exc
-                if not chunk:
-                    break
-                out.write(chunk)
-                for digest in digests.values():
-                    digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and received != total:
-        raise _download_failed(url, f"connection closed after {received} of {total} bytes")
-    return {name: digest.hexdigest() for name, digest in digests.items()}
-
-
-def _digest_of(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _checksum_error(url: str, algorithm: str, expected: str, actual: str) -> DownloadError:
-    reason = f"{algorithm} checksum mismatch (expected {expected}, got {actual})"
-    return DownloadError(url, reason, f"{url}: {reason}")
-
-
-def _decompressed(raw: BinaryIO) -> ContextManager[BinaryIO]:
-    """Wrap `raw` in the decompressor its magic bytes call for (xz, gzip, bzip2; else plain tar).
-
-    The stdlib decompressor files raise EOFError on a truncated stream, which tarfile's own
-    'r|*' mode does not report.
-    """
-    magic = raw.read(6)
-    raw.seek(0)
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(raw)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=raw)
-    if magic.startswith(b"BZh"):
-        return bz2.BZ2File(raw)
-    return contextlib.nullcontext(raw)
-
-
-def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[str]], list[str] | None]) -> int:
-    """Read the archive once, writing each regular file that `select` maps to a path below `into`.
-
-    `select` gets a member's path components and returns the components to write it at (None:
-    skip). Member paths are checked first (no absolute paths, no '..'), links and special files are
-    skipped, and files are written with default permissions, so nothing can land outside `into`.
-    Returns the number of files written.
-    """
-
-    def corrupt(exc: BaseException) -> PipelineError:
-        return PipelineError(f"{url}: archive is truncated or corrupt ({_reason(exc) or type(exc).__name__})")
-
-    written = 0
-    with open(archive, "rb") as raw, _decompressed(raw) as stream:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|")  # one pass: no re-decompression to seek
-        except _READ_ERRORS as exc:
-            raise corrupt(exc) from exc
-        with tar:
-            members = iter(tar)
-            while True:
-                try:
-                    member = next(members)
-                except StopIteration:
-                    break
-                except _READ_ERRORS as exc:
-                    raise corrupt(exc) from exc
-                name = member.name
-                parts = [p for p in name.split("/") if p not in ("", ".")]
-                if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-                    raise PipelineError(f"{url}: unsafe member path '{name}' in archive")
-                rel = select(parts)
-                if not rel:
-                    continue
-                target = into.joinpath(*rel)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if not member.isfile():  # symlinks, hard links, devices, fifos
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    src = tar.extractfile(member)
-                except _READ_ERRORS as exc:
-                    raise corrupt(exc) from exc
-                if src is None:
-                    continue
-                with open(target, "wb") as out:
-                    while True:
-                        try:
-                            chunk = src.read(CHUNK)
-                        except _READ_ERRORS as exc:
-                            raise corrupt(exc) from exc
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                written += 1
-        # tarfile stops at the end-of-archive marker; read the compressed stream to its end so a
-        # download cut off in the trailing padding (missing end-of-stream marker/CRC) is caught too.
-        try:
-            while stream.read(CHUNK):
-                pass
-        except _READ_ERRORS as exc:
-            raise corrupt(exc) from exc
-    return written
 
 
 def _extract_category(archive: Path, category: str, into: Path, url: str) -> int:
@@ -338,113 +108,6 @@ def _extract_category(archive: Path, category: str, into: Path, url: str) -> int
     if prefix is None:
         raise PipelineError(f"{url}: no '{category}/' folder in the archive")
     return written
-
-
-def _cache_name(url: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "archive"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Remote:
-    """Where an archive comes from: URLs tried in order, and the checksum every answer must match.
-
-    `what` and `help` are set for the built-in URLs: a failed one is then a warning and the next is
-    tried; when all fail, one line lists each URL with its reason, then `help`. A user's own URL
-    (`what` empty) fails with its own error.
-    """
-
-    urls: tuple[str, ...]
-    expected: tuple[str, str] | None  # (algorithm, hex digest); None: nothing known to check against
-    what: str = ""
-    help: str = ""
-
-
-def check_sha256(sha256: str | None, key: str) -> str | None:
-    """The params value `key` (a SHA-256 or None) as lower-case hex."""
-    if sha256 is None:
-        return None
-    sha256 = str(sha256).strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise PipelineError(f"params.yaml: {key} '{sha256}' is not a SHA-256 hex digest (64 hex digits)")
-    return sha256
-
-
-@contextlib.contextmanager
-def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: float = 60) -> Iterator[tuple[Path, str]]:
-    """Yield (archive file, the URL it came from), verified against `remote.expected` when known.
-
-    With `cache_dir`, a verified archive is kept there (named after its URL) and reused by later
-    calls, whichever of `remote.urls` it came from (re-checked when a checksum is known). A temporary
-    download is always removed; an unverifiable cached archive is dropped when the `with` body fails
-    on it, so the next call fetches it afresh.
-    """
-    expected = remote.expected
-    part_dir: Path | None = None
-    if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PipelineError(f"{cache_dir}: cannot create cache folder ({_reason(exc)})") from exc
-        part_dir = cache_dir
-
-    archive_path: Path | None = None
-    used: str | None = None
-    part: Path | None = None  # a temporary download, always removed
-    try:
-        for url in remote.urls if cache_dir is not None else ():
-            cached = cache_dir / _cache_name(url)
-            if not cached.is_file():
-                continue
-            if expected is None or _digest_of(cached, expected[0]) == expected[1]:
-                print(f"using cached {cached}", file=sys.stderr)
-                archive_path, used = cached, url
-                break
-            print(f"cached {cached} does not match its {expected[0]}, downloading again", file=sys.stderr)
-            _remove(cached)
-        failures: list[DownloadError] = []
-        for url in remote.urls if archive_path is None else ():
-            if part_dir is not None:
-                prefix, folder = f".{dest.name}.download-", part_dir
-            else:
-                prefix, folder = _tmp_prefix(dest, "download")
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
-            os.close(fd)
-            part = Path(name)
-            try:
-                actual = _fetch(url, part, timeout)
-                if expected is not None and actual[expected[0]] != expected[1]:
-                    raise _checksum_error(url, expected[0], expected[1], actual[expected[0]])
-            except DownloadError as exc:
-                _remove(part)
-                part = None
-                if not remote.what:
-                    raise
-                failures.append(exc)
-                if url != remote.urls[-1]:
-                    warn(f"{url}: {exc.reason}; trying the next known URL of {remote.what}")
-                continue
-            if cache_dir is not None:
-                archive_path = cache_dir / _cache_name(url)
-                os.replace(part, archive_path)
-                part = None
-            else:
-                archive_path = part
-            used = url
-            break
-        if archive_path is None:
-            tried = "; ".join(f"{f.url} ({f.reason})" for f in failures)
-            raise PipelineError(f"could not download {remote.what} from any known URL: {tried}. {remote.help}")
-        try:
-            yield archive_path, used
-        except PipelineError:
-            if expected is None and archive_path != part:
-                _remove(archive_path)  # unverifiable cache entry is bad: fetch afresh next time
-            raise
-    finally:
-        if part is not None:
-            _remove(part)
 
 
 FULL_HELP = (
@@ -517,27 +180,4 @@ def download_category(
         finally:
             if staging is not None:
                 _remove(staging)
-    return dest
-
-
-# -------------------------------------------------------------------------------------- folder
-
-
-def copy_folder(source: Path, dest: Path) -> Path:
-    """The `folder` source: copy an existing MVTec-layout category folder to `dest` (source untouched)."""
-    source, dest = Path(source), Path(dest)
-    validate_layout(source)
-    src_real, dest_real = source.resolve(), dest.resolve()
-    if dest_real == src_real or src_real in dest_real.parents or dest_real in src_real.parents:
-        raise PipelineError(f"{source}: source folder and destination {dest} overlap")
-    staging = _sibling_tmpdir(dest, "tmp")
-    try:
-        target = staging / "copy"
-        try:
-            shutil.copytree(source, target, symlinks=False)
-        except (shutil.Error, OSError) as exc:
-            raise PipelineError(f"{source}: could not copy to {dest} ({_reason(exc)[:300]})") from exc
-        install_dir(target, dest)
-    finally:
-        _remove(staging)
     return dest

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import PipelineError
-from stages.outputs import atomic_path
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path
 
 SPLITS = ("train", "val", "test")
 INPUTS_FILE = "inputs.json"  # beside the splits: how they were made (preprocess, backbone), for predict

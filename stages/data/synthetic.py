@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 DEFECT_TYPES = ("color", "cut", "hole", "metal_contamination", "thread")
 

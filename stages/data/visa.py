@@ -4,7 +4,7 @@ VisA (Zou et al. 2022, "SPot-the-Difference") is one uncompressed tar for its 12
 <category>/Data/Images/{Normal,Anomaly}/*.JPG, <category>/Data/Masks/Anomaly/*.png (palette PNGs
 whose indices 0..3 label the pixels, 0 = good) and split_csv/1cls.csv, the one-class split
 (columns object,split,label,image,mask; paths relative to the archive root). The archive is fetched
-and verified once into data/downloads/ by stages/data/mvtec.py's helpers; each download stage reads
+and verified once into data/downloads/ by stages/data/archives.py; each download stage reads
 its category from it and lays it out as preprocess expects: train/good (the csv's normal training
 images), test/good, test/anomaly, ground_truth/anomaly/<stem>_mask.png. All-or-nothing like
 mvtec.py: a failure leaves the destination as it was.
@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.data.mvtec import Remote, check_sha256, extract_members, fetched, install_dir, staging_dir
+from stages.data.archives import Remote, check_sha256, extract_members, fetched, install_dir, staging_dir
 from stages.data.raw import check_image_bounds, check_layout, read_mask
-from stages.errors import PipelineError
-from stages.outputs import remove_path
+from stages.core.errors import PipelineError
+from stages.core.outputs import remove_path
 
 CATEGORIES = (
     "candle",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 # method name -> "module:Class"; imported lazily so a broken optional method never blocks the others
 REGISTRY = {

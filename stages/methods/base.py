@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.errors import PipelineError
-from stages.schema import Schema, parse
-from stages.torch_files import load_tensors
+from stages.core.errors import PipelineError
+from stages.core.schema import Schema, parse
+from stages.core.torch_files import load_tensors
 
 STATE_FILE = "model.pt"
 
@@ -140,7 +140,7 @@ class AnomalyDetector:
     @classmethod
     def load(cls, directory: str | Path, score: Schema | dict | None = None, device: str = "cpu") -> "AnomalyDetector":
         """The fitted model saved in `directory`, scoring with `score` (tensors and plain data only: see
-        stages/torch_files.py)."""
+        stages/core/torch_files.py)."""
         path = Path(directory) / STATE_FILE
         blob = read_state(path)
         if blob.get("method") != cls.method:

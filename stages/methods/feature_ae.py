@@ -15,8 +15,8 @@ import dataclasses
 
 from torch import Tensor, nn
 
+from stages.core.schema import option
 from stages.methods.training import FeatureFit, FeatureReconstructionDetector, conv1x1_block
-from stages.schema import option
 
 
 class FeatureAutoencoder(nn.Module):

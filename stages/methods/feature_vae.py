@@ -19,8 +19,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from stages.core.schema import option
 from stages.methods.training import FeatureFit, FeatureReconstructionDetector, MapScore, conv1x1_block
-from stages.schema import option
 
 ANOMALY_MAPS = ("reconstruction", "elbo")
 

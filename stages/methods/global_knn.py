@@ -11,11 +11,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from stages.errors import PipelineError, warn
-from stages.features import FeatureSet
+from stages.core.errors import PipelineError, warn
+from stages.core.schema import Schema, option
+from stages.features.cache import FeatureSet
 from stages.methods.base import AnomalyDetector
 from stages.methods.neighbours import exact_sqrt
-from stages.schema import Schema, option
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.errors import PipelineError
-from stages.features import FeatureSet, finest_grid
+from stages.core.errors import PipelineError
+from stages.core.schema import Schema, option
+from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
 from stages.methods.maps import IMAGE_SCORES, MapHead
 from stages.methods.neighbours import exact_sqrt
-from stages.schema import Schema, option
 
 UPSAMPLING = ("nearest", "bilinear")  # how the coarser layers reach the finest grid
 FACTOR_BLOCK = 64  # positions factorised at once: bounds the float64 Cholesky workspace

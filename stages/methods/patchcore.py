@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.errors import PipelineError
-from stages.features import FeatureSet, finest_grid
+from stages.core.errors import PipelineError
+from stages.core.schema import Schema, option
+from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
 from stages.methods.maps import MapHead
 from stages.methods.neighbours import MAX_BLOCK_ELEMENTS, exact_sqrt
 from stages.methods.sampler import RandomProjection, greedy_select
-from stages.schema import Schema, option
 
 
 def channel_pooling(in_dim: int, out_dim: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 from stages.methods.neighbours import exact_sqrt, squared_distances
 
 # Points searched between two passes over all of them. The selection does not depend on it

@@ -26,8 +26,8 @@ from pytorch_msssim import ssim as _ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 from torch import Tensor, nn
 
+from stages.core.schema import SchemaError, option
 from stages.methods.training import PixelFit, PixelReconstructionDetector
-from stages.schema import SchemaError, option
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5  # pytorch-msssim's (and Wang et al.'s) default window sigma

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.errors import PipelineError
-from stages.runtime import seed_everything
-from stages.features import finest_grid
+from stages.core.device import seed_everything
+from stages.core.errors import PipelineError
+from stages.core.schema import Schema, SchemaError, option
+from stages.features.cache import finest_grid
 from stages.methods.base import AnomalyDetector, TrainingDiverged
 from stages.methods.maps import IMAGE_SCORES, MapHead, resize_matrix
 from stages.methods.neighbours import exact_sqrt
-from stages.schema import Schema, SchemaError, option
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 

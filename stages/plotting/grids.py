@@ -5,8 +5,8 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from stages.errors import PipelineError
-from stages.overlay import HEATMAP_CMAP, ColourScale, overlay
+from stages.core.errors import PipelineError
+from stages.deploy.overlay import HEATMAP_CMAP, ColourScale, overlay
 from stages.plotting.style import TRUTH, blank, plt
 
 

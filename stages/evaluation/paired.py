@@ -1,6 +1,6 @@
 """Paired comparisons of models on the same bootstrap resamples (read from evaluate's resamples files).
 
-Every model of a category was scored on the same resamples of its test images (stages/bootstrap.py),
+Every model of a category was scored on the same resamples of its test images (stages/evaluation/bootstrap.py),
 so the difference of two models on resample r is a draw of their difference on a new test set of
 the same make-up; its percentile interval says whether the difference could be 0. The mean over
 categories is resampled the same way: resample r's mean over categories of each category's own
@@ -12,7 +12,7 @@ from itertools import product
 
 import numpy as np
 
-from stages.bootstrap import summarise
+from stages.evaluation.bootstrap import summarise
 
 MEAN = "mean"  # the row of means over every category, as in the report
 # a category's benchmark, from its data source: each gets its own mean row when the categories come

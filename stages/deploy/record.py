@@ -3,7 +3,7 @@
 Written by evaluate@<category>-<model> beside the fitted model, for the fit of the first seed: which
 seed that is, the scoring params it used, the mean +
 n·sigma threshold of the validation (good) images ('anomalous when score >= threshold'), the colour
-scale of the maps (stages/overlay.py) and the validation image scores themselves.
+scale of the maps (stages/deploy/overlay.py) and the validation image scores themselves.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from stages.errors import PipelineError
-from stages.outputs import write_json
+from stages.core.errors import PipelineError
+from stages.core.outputs import write_json
 
 
 def write_scoring(path: Path, score: dict, threshold: float, n_std: float, scale, validation_scores, seed: int) -> None:

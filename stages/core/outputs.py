@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.errors import PipelineError
-from stages.paths import TMP_ROOT
+from stages.core.errors import PipelineError
+from stages.core.paths import TMP_ROOT
 
 
 def remove_path(path: Path) -> None:

@@ -3,7 +3,7 @@
 DVC parses params.yaml with ruamel.yaml's safe loader (YAML 1.2: `1e-4` is a float, `yes` is a
 string); reading it any other way would let a stage see another value than the one DVC tracks.
 `load_params` validates every section except the method blocks of `models.<name>.fit/score`,
-which `stages.models` validates against the method's own schema when the model is built.
+which `stages.methods.entries` validates against the method's own schema when the model is built.
 The result is a plain nested dict with every default filled in, so `param(params, "a.b")` works.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stages import numerics
-from stages.errors import PipelineError
-from stages.paths import PIXELS
-from stages.schema import Schema, SchemaError, check_keys, option, parse
+from stages.core import numerics
+from stages.core.device import valid_device
+from stages.core.errors import PipelineError
+from stages.core.paths import PIXELS
+from stages.core.schema import Schema, SchemaError, check_keys, option, parse
 
 SOURCES = ("synthetic", "mvtec", "visa", "folder")
 
@@ -155,13 +156,6 @@ class Figures(Schema):
     tsne: dict = option({}, "plots/<category>.category/<backbone>.tsne.csv")
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # also predict's and the demo's --device
-
-
-def _valid_device(value: str) -> bool:
-    return DEVICE.fullmatch(value) is not None
-
-
 def param(params: dict, dotted: str, default: Any = ...) -> Any:
     """Look up 'a.b.c' in params; a missing key without default names the param in the error."""
     node: Any = params
@@ -176,7 +170,7 @@ def param(params: dict, dotted: str, default: Any = ...) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Top(Schema):
-    device: str = option("auto", "where extract, fit, evaluate and figures run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=_valid_device,
+    device: str = option("auto", "where extract, fit, evaluate and figures run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=valid_device,
                          allowed="auto, cpu, cuda or cuda:N")
     fit_seeds: list[int] = option([0, 1, 2], "seeds of every fit that draws random numbers (each such model is "
                                              "fitted once per seed; the others once); results: mean and std over them",
@@ -240,7 +234,7 @@ def read_yaml(path: Path) -> object:
 
 
 def _check_model_entry(name: str, entry: object, backbones: dict) -> dict:
-    """The entry's shape; its method and blocks are checked by stages.models against the method."""
+    """The entry's shape; its method and blocks are checked by stages.methods.entries against the method."""
     where = f"models.{name}"
     if not isinstance(entry, dict):
         raise PipelineError(f"{where}: expected a mapping with method, backbone, fit and score")

@@ -85,7 +85,7 @@ def configure_torch() -> None:
         return
     import torch
 
-    from stages.errors import PipelineError, warn
+    from stages.core.errors import PipelineError, warn
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):

@@ -15,9 +15,9 @@ import sys
 import traceback
 from typing import Callable
 
-from stages.errors import PipelineError
-from stages.outputs import clean_stale_temps
-from stages.params import check_listed, load_params
+from stages.core.errors import PipelineError
+from stages.core.outputs import clean_stale_temps
+from stages.core.params import check_listed, load_params
 
 # <placeholder in a usage line> -> the params.yaml list a DVC matrix draws it from
 MATRIX_SOURCES = {

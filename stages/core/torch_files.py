@@ -11,7 +11,7 @@ import pickle
 import re
 from pathlib import Path
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 _BLOCKED = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")  # the object the pickle would build
 

@@ -2,7 +2,7 @@
 
 - pr.csv: image-level precision-recall;
 - pixel_roc.csv and pro.csv: pixel-level ROC and MVTec's PRO curve from the pixel statistics the
-  metrics use (stages/statistics.py), thinned to at most `figures.curve_points` vertices;
+  metrics use (stages/evaluation/statistics.py), thinned to at most `figures.curve_points` vertices;
 - confusion.csv: one row per test image, actual vs predicted at the validation threshold, for
   DVC's `confusion` template.
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from stages import metrics
-from stages.outputs import write_csv
-from stages.statistics import PixelStats
+from stages.core.outputs import write_csv
+from stages.evaluation.statistics import PixelStats
+from stages.evaluation.threshold import flagged
 
 
 def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> np.ndarray:
@@ -75,9 +75,9 @@ def pro_rows(pixels: PixelStats, max_points: int) -> list[dict]:
 
 
 def confusion_rows(names, labels, scores, threshold: float) -> list[dict]:
-    """Actual vs predicted at the threshold, by the metrics' rule (metrics.flagged: score >= threshold)."""
+    """Actual vs predicted at the threshold, by the one threshold rule (threshold.flagged: score >= threshold)."""
     word = {0: "good", 1: "anomalous"}
-    predicted = metrics.flagged(scores, threshold)
+    predicted = flagged(scores, threshold)
     return [{"image": n, "actual": word[int(l)], "predicted": word[int(p)]} for n, l, p in zip(names, labels, predicted)]
 
 

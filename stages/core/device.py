@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 
-from stages import numerics
-from stages.errors import PipelineError
-from stages.params import DEVICE
+from stages.core import numerics
+from stages.core.errors import PipelineError
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # params.yaml `device`, and predict's and the demo's --device
+
+
+def valid_device(value: str) -> bool:
+    return DEVICE.fullmatch(str(value)) is not None
 
 
 def seed_everything(seed: int) -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.cli import stage_args
-from stages.errors import PipelineError
-from stages.params import param
-from stages.runtime import resolve_device
+from stages.core.cli import stage_args
+from stages.core.device import resolve_device
+from stages.core.errors import PipelineError
+from stages.core.params import param
+from stages.core.paths import PIXELS, features_dir, model_dir, plots_dir, seed_dir
+from stages.core.schema import Schema, parse
 from stages.data.prepared import load_split
-from stages.features import load_features
+from stages.features.cache import load_features
 from stages.methods import get_method
 from stages.methods.base import AnomalyDetector
-from stages.paths import PIXELS, features_dir, model_dir, plots_dir, seed_dir
-from stages.schema import Schema, parse
 
 
 @dataclass
@@ -76,7 +76,7 @@ class ModelConfig:
 
 
 def model_config(params: dict, category: str, name: str) -> ModelConfig:
-    """`params` as stages.params.load_params returns them (entry shape, method and backbone checked)."""
+    """`params` as stages.core.params.load_params returns them (entry shape, method and backbone checked)."""
     models = param(params, "models")
     if name not in models:
         known = ", ".join(models) or "none"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from stages.errors import PipelineError
-from stages.outputs import atomic_path
-from stages.torch_files import load_tensors
+from stages.core.errors import PipelineError
+from stages.core.outputs import atomic_path
+from stages.core.torch_files import load_tensors
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 # 8-connectivity, as in MVTec's official evaluation: diagonal neighbours join one region.
 REGION_STRUCTURE = np.ones((3, 3), dtype=int)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 
 def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, iterations: int = 1000, pca_dims: int = 50) -> np.ndarray:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from stages.errors import PipelineError, warn
-from stages.statistics import ImageStats, PixelStats
+from stages.core.errors import PipelineError, warn
+from stages.evaluation.statistics import ImageStats, PixelStats
+from stages.evaluation.threshold import flagged, mean_std_threshold
 
 DEFAULT_BINS = 8192  # params.yaml evaluate.bins
 
@@ -100,21 +101,6 @@ def f1_max(labels, scores) -> dict:
     }
 
 
-def mean_std_threshold(val_scores, n_std=2.0) -> float:
-    """The study's rule: mean + n_std * std of held-out good validation scores."""
-    val_scores = np.asarray(val_scores, dtype=np.float64).ravel()
-    if val_scores.size == 0:
-        raise PipelineError("metrics: no validation scores to set the threshold from")
-    if not np.isfinite(val_scores).all():
-        raise PipelineError("metrics: validation scores contain NaN or infinite values")
-    # Sample std (ddof=1) since the validation set is a sample; one score has no spread.
-    if val_scores.size == 1:
-        warn("one validation image: the threshold is its score (no spread to add); hold out more good images "
-             "(preprocess.val_fraction)")
-    std = float(np.std(val_scores, ddof=1)) if val_scores.size > 1 else 0.0
-    return float(np.mean(val_scores)) + float(n_std) * std
-
-
 def threshold_report(labels, scores, threshold) -> dict:
     """Confusion counts and precision/recall/F1 when 'anomalous' means score >= threshold.
 
@@ -159,12 +145,6 @@ def per_defect_auroc(labels, scores, defect_types) -> dict[str, float]:
         subset = good | ((labels == 1) & (defect_types == defect))
         result[defect] = image_auroc(labels[subset], scores[subset])
     return result
-
-
-def flagged(scores, threshold) -> np.ndarray:
-    """The one rule of every threshold here, in predict and in the figures: anomalous when score >= threshold
-    (sklearn's precision_recall_curve rule, so F1-max's threshold means the same)."""
-    return np.asarray(scores, dtype=np.float64) >= threshold
 
 
 def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3, n_std=2.0) -> dict:
@@ -237,7 +217,7 @@ def mean_over_seeds(resampled: list[dict]) -> dict[str, np.ndarray | None]:
 
 def summarise_seeds(per_seed: dict[int, dict], resampled: dict, confidence: float, resamples: int) -> dict:
     """One model's metrics file: seed means, their spread over seeds, bootstrap intervals, each seed's own."""
-    from stages.bootstrap import interval
+    from stages.evaluation.bootstrap import interval
 
     seeds = list(per_seed)
     results = [per_seed[s] for s in seeds]

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 
 class SchemaError(PipelineError):

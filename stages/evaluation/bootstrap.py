@@ -2,7 +2,7 @@
 
 Good and defective test images are resampled separately (each resample keeps both counts, so
 AUROC is always defined); a resample is a weight per image, the number of times it was drawn
-(stages/statistics.py turns weights into metrics). The weights depend only on the category, the
+(stages/evaluation/statistics.py turns weights into metrics). The weights depend only on the category, the
 test labels and `evaluate.bootstrap.seed`, never on the model: every model of a category is
 scored on the same resamples, which makes differences between models paired (a model compared
 with itself differs by exactly 0 on every resample), and categories get independent resamples.

@@ -1,0 +1,111 @@
+"""The export to ONNX and the exported file alone, through onnxruntime (the onnx runtime).
+
+export_onnx writes DeployedModule's graph (stages/deploy/torch_model.py) with everything predict
+needs in its metadata (threshold, colour scale, input recipe); OnnxModel reads nothing else.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.core import numerics
+from stages.core.errors import PipelineError
+from stages.core.paths import onnx_file
+from stages.deploy.inputs import PreparesInputs
+from stages.deploy.overlay import ColourScale
+from stages.deploy.torch_model import DeployedModule, FittedModel
+from stages.methods.base import Prediction
+
+
+def metadata(fitted: FittedModel) -> dict[str, str]:
+    """What the ONNX file carries besides the graph: the threshold, the colour scale, the input recipe."""
+    spec = fitted.extractor.spec if fitted.extractor is not None else None
+    return {
+        "category": fitted.category, "model": fitted.name, "method": fitted.detector.method, "seed": str(fitted.seed),
+        "threshold": repr(fitted.threshold),
+        "threshold_rule": "anomalous when score >= threshold",
+        "colour_scale": json.dumps({"low": fitted.colour_scale.low, "high": fitted.colour_scale.high}),
+        "preprocess": json.dumps({**fitted.preprocess, "resample": "bilinear",
+                                  "steps": "shorter side resized to `resize`, then the centre `crop_size` square"}),
+        "normalisation": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "of": "RGB / 255"}
+                                    if spec is not None else {"of": "RGB / 255 (in the graph)"}),
+        "backbone": json.dumps(fitted.backbone),
+        "input": f"image: uint8 RGB, (1, {fitted.input_size[0]}, {fitted.input_size[1]}, 3)",
+        "outputs": "score (1,)" + ("" if fitted.detector.uses_global_embedding else
+                                  f", anomaly_map (1, {fitted.input_size[0]}, {fitted.input_size[1]})"),
+    }
+
+
+def export_onnx(fitted: FittedModel, path: Path) -> None:
+    """The graph of DeployedModule, batch 1, with the metadata, at `path` (in a folder of its own: over
+    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there)."""
+    import onnx
+
+    module = DeployedModule(fitted).eval()
+    example = torch.zeros((1, *fitted.input_size, 3), dtype=torch.uint8)
+    has_map = not fitted.detector.uses_global_embedding
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns of every shape it turns into a constant (the graph is for this input size only)
+        # and the exporter of its own deprecation and constant folding: none of it changes the graph
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=18, input_names=["image"],
+                          output_names=["score", "anomaly_map"] if has_map else ["score"])
+    graph = onnx.load(str(path), load_external_data=False)  # the graph alone: external weights stay in their files
+    for key, value in metadata(fitted).items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def onnx_session(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if numerics.active_mode() == "strict":  # the pipeline's thread count (results still depend on the CPU's kernels)
+        options.intra_op_num_threads, options.inter_op_num_threads = numerics.STRICT_THREADS, 1
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        raise PipelineError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:120]}; rerun the export stage)") from None
+
+
+class OnnxModel(PreparesInputs):
+    """An exported model file and onnxruntime: the same interface as FittedModel."""
+
+    runtime = "onnx"
+
+    @classmethod
+    def load(cls, category: str, name: str) -> "OnnxModel":
+        path = onnx_file(category, name)
+        if not path.is_file():
+            raise PipelineError(f"{path}: model '{name}' was never exported for {category} "
+                                f"(run `dvc repro export@{category}-{name}`)")
+        return cls(path, category, name)
+
+    def __init__(self, path: Path, category: str, name: str):
+        self.category, self.name, self.path = category, name, path
+        self.session = onnx_session(path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.threshold = float(meta["threshold"])
+            self.colour_scale = ColourScale(**json.loads(meta["colour_scale"]))
+            recipe = json.loads(meta["preprocess"])
+            self.preprocess = {"resize": int(recipe["resize"]), "crop_size": int(recipe["crop_size"])}
+            self.seed = int(meta["seed"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise PipelineError(f"{path}: its metadata lacks the threshold or input recipe ({exc}); rerun the export stage") from None
+        self.has_map = len(self.session.get_outputs()) > 1
+
+    def score(self, images: np.ndarray, names: list[str]) -> Prediction:
+        scores, maps = [], []
+        for image in images:  # the graph takes one image
+            outputs = self.session.run(None, {"image": np.ascontiguousarray(image[None])})
+            scores.append(float(outputs[0][0]))
+            if self.has_map:
+                maps.append(outputs[1][0].astype(np.float32))
+        return Prediction(np.array(scores, dtype=np.float64), np.stack(maps) if maps else None)
