@@ -67,7 +67,9 @@ def extract(split, model=None, batch_size: int = 16, with_global: bool = True):
     from stages.features.backbones import FeatureExtractor
     from stages.features.cache import FeatureSet
 
-    extractor = FeatureExtractor(ARCH, model if model is not None else lite0_model(), LAYERS, "cpu", with_global=with_global)
+    extractor = FeatureExtractor(
+        ARCH, model if model is not None else lite0_model(), LAYERS, "cpu", with_global=with_global
+    )
     out = extractor(split.images, batch_size=batch_size, desc=f"extract {len(split)}")
     return FeatureSet(out.global_embeddings, out.feature_maps, split.image_size, split.names)
 

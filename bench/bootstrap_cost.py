@@ -1,4 +1,5 @@
-"""What the bootstrap adds to evaluate: the evaluate stage of one model with 1000 resamples against 10 (the fewest the schema allows).
+"""What the bootstrap adds to evaluate: the evaluate stage of one model with 1000 resamples against 10
+(the fewest the schema allows).
 
     .venv/bin/python bench/bootstrap_cost.py --model patchcore_effnet --repeats 3
 
@@ -7,6 +8,7 @@ scratch copy of what the stage reads (params.yaml with evaluate.bootstrap.resamp
 category's features, the model), so nothing of the project changes. Prints the median wall seconds
 of each and the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +36,13 @@ def timed_evaluate(category: str, model: str, resamples: int) -> float:
             shutil.copytree(REPO / folder, scratch / folder)
         env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "stages.evaluate", category, model], cwd=scratch, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.evaluate", category, model],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(result.stderr[-2000:])
@@ -50,10 +57,13 @@ def main() -> None:
     args = parser.parse_args()
     times = {}
     for resamples in (10, 1000):
-        times[resamples] = statistics.median(timed_evaluate(args.category, args.model, resamples)
-                                             for _ in range(args.repeats))
-    print(f"evaluate@{args.category}-{args.model}: {times[10]:.1f} s with 10 resamples, {times[1000]:.1f} s with 1000 "
-          f"(median of {args.repeats}): the bootstrap adds {100 * (times[1000] / times[10] - 1):.0f} %")
+        times[resamples] = statistics.median(
+            timed_evaluate(args.category, args.model, resamples) for _ in range(args.repeats)
+        )
+    print(
+        f"evaluate@{args.category}-{args.model}: {times[10]:.1f} s with 10 resamples, {times[1000]:.1f} s with 1000 "
+        f"(median of {args.repeats}): the bootstrap adds {100 * (times[1000] / times[10] - 1):.0f} %"
+    )
 
 
 if __name__ == "__main__":

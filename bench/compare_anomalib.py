@@ -86,7 +86,10 @@ def run_ours_extract(workdir: Path) -> dict:
     backbone = bench_data.lite0_model()
     start = time.perf_counter()
     save_features(workdir / "ours_train.features", bench_data.extract(train, backbone, BATCH))
-    return {"extract_s": round(time.perf_counter() - start, 1), "extract_peak_rss_mib": round(bench_data.peak_rss_mib())}
+    return {
+        "extract_s": round(time.perf_counter() - start, 1),
+        "extract_peak_rss_mib": round(bench_data.peak_rss_mib()),
+    }
 
 
 def run_ours_fit(workdir: Path, dim: int, coreset_ratio: float) -> dict:
@@ -98,15 +101,25 @@ def run_ours_fit(workdir: Path, dim: int, coreset_ratio: float) -> dict:
 
     torch.manual_seed(0)
     baseline = bench_data.peak_rss_mib()
-    model = PatchCore(fit={"coreset_ratio": coreset_ratio, "pretrain_embed_dimension": dim,
-                           "target_embed_dimension": dim, "batch_size": BATCH})
+    model = PatchCore(
+        fit={
+            "coreset_ratio": coreset_ratio,
+            "pretrain_embed_dimension": dim,
+            "target_embed_dimension": dim,
+            "batch_size": BATCH,
+        }
+    )
     start = time.perf_counter()
     model.fit(load_features(workdir / "ours_train.features"))
     fit_s = time.perf_counter() - start
     model.save(workdir / f"ours_{dim}.model")
     peak = bench_data.peak_rss_mib()
-    return {"bank": list(model.bank.shape), "fit_patchcore_only_s": round(fit_s, 1),
-            "fit_peak_rss_mib": round(peak), "added_by_fit_mib": round(peak - baseline)}
+    return {
+        "bank": list(model.bank.shape),
+        "fit_patchcore_only_s": round(fit_s, 1),
+        "fit_peak_rss_mib": round(peak),
+        "added_by_fit_mib": round(peak - baseline),
+    }
 
 
 def run_ours_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
@@ -118,13 +131,16 @@ def run_ours_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     backbone = bench_data.lite0_model()
     model = PatchCore.load(workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH})
     start = time.perf_counter()
-    test_features = bench_data.extract(test, backbone, BATCH, with_global=False)  # predict's backbone, cut after blocks.4
+    test_features = bench_data.extract(
+        test, backbone, BATCH, with_global=False
+    )  # predict's backbone, cut after blocks.4
     test_extract_s = time.perf_counter() - start
     prediction = model.predict(test_features)
     score_s = time.perf_counter() - start
     result = bench_data.metrics(test, prediction.image_scores, prediction.anomaly_maps)
-    reweighted = PatchCore.load(workdir / f"ours_{dim}.model",
-                                score={"num_neighbors": num_neighbors, "batch_size": BATCH, "reweight": True})
+    reweighted = PatchCore.load(
+        workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH, "reweight": True}
+    )
     start = time.perf_counter()
     eq7_scores = reweighted.predict(test_features).image_scores
     eq7_s = time.perf_counter() - start + test_extract_s
@@ -150,9 +166,16 @@ def run_ours_onnx_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     test = bench_data.load(workdir, "test")
     model = PatchCore.load(workdir / f"ours_{dim}.model", score={"num_neighbors": num_neighbors, "batch_size": BATCH})
     size = int(test.images.shape[1])
-    fitted = FittedModel("bench", f"ours_{dim}", model, {"resize": size, "crop_size": size},
-                         {"name": bench_data.ARCH, "arch": bench_data.ARCH, "layers": list(bench_data.LAYERS), "weights": None},
-                         0.0, ColourScale(0.0, 1.0), 0)
+    fitted = FittedModel(
+        "bench",
+        f"ours_{dim}",
+        model,
+        {"resize": size, "crop_size": size},
+        {"name": bench_data.ARCH, "arch": bench_data.ARCH, "layers": list(bench_data.LAYERS), "weights": None},
+        0.0,
+        ColourScale(0.0, 1.0),
+        0,
+    )
     path = workdir / f"ours_{dim}.export" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(fitted, path)
@@ -161,16 +184,19 @@ def run_ours_onnx_score(workdir: Path, dim: int, num_neighbors: int) -> dict:
     start = time.perf_counter()
     prediction = onnx_model.score(test.images, test.names)
     score_s = time.perf_counter() - start
-    return {**bench_data.metrics(test, prediction.image_scores, prediction.anomaly_maps),
-            "score_ms_per_image": round(1000 * score_s / len(test), 1)}
+    return {
+        **bench_data.metrics(test, prediction.image_scores, prediction.anomaly_maps),
+        "score_ms_per_image": round(1000 * score_s / len(test), 1),
+    }
 
 
 def anomalib_model(num_neighbors: int):
     """anomalib's PatchcoreModel, its timm feature extractor holding our Lite0 weights."""
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    model = PatchcoreModel(layers=list(bench_data.LAYERS), backbone="tf_efficientnet_lite0", pre_trained=False,
-                           num_neighbors=num_neighbors)
+    model = PatchcoreModel(
+        layers=list(bench_data.LAYERS), backbone="tf_efficientnet_lite0", pre_trained=False, num_neighbors=num_neighbors
+    )
     timm_features = model.feature_extractor.feature_extractor  # timm EfficientNetFeatures, out_indices (2, 3)
     loaded = timm_features.load_state_dict(bench_data.lite0_model().state_dict(), strict=False)
     if loaded.missing_keys:
@@ -232,8 +258,11 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int, bank: 
         "impl": f"anomalib {anomalib.__version__}" + (" (random bank, latency only)" if latency_only else ""),
         "anomalib_bank": bank,
         "bank": list(model.memory_bank.shape),
-        **({"image_auroc": None, "pixel_auroc": None, "aupro": None} if latency_only
-           else bench_data.metrics(test, scores, maps)),
+        **(
+            {"image_auroc": None, "pixel_auroc": None, "aupro": None}
+            if latency_only
+            else bench_data.metrics(test, scores, maps)
+        ),
         "image_auroc_eq7": None,
         "fit_s": None if latency_only else round(fit_s, 1),
         "fit_patchcore_only_s": None,
@@ -276,36 +305,50 @@ def _peak_any(row: dict) -> int:
 
 def print_tables(rows: list[dict]) -> None:
     """The side-by-side table and the ratios ours / anomalib (also: --tables-from a saved --json)."""
-    print("| implementation | bank | fit (s) | PatchCore-only fit (s) | ms / test image | ms / test image, eq. 7 | "
-          "PatchCore-only ms / image | fit peak RSS (MiB) | added by fit (MiB) | extract peak RSS (MiB) | "
-          "image AUROC | image AUROC eq. 7 | pixel AUROC | AUPRO | load avg before fit |")
+    print(
+        "| implementation | bank | fit (s) | PatchCore-only fit (s) | ms / test image | ms / test image, eq. 7 | "
+        "PatchCore-only ms / image | fit peak RSS (MiB) | added by fit (MiB) | extract peak RSS (MiB) | "
+        "image AUROC | image AUROC eq. 7 | pixel AUROC | AUPRO | load avg before fit |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         eq7_ms = r.get("score_eq7_ms_per_image") if r.get("extract_peak_rss_mib") else r["score_ms_per_image"]
-        print(f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {_fmt(r['fit_s'], 0)} | {_fmt(r['fit_patchcore_only_s'], 0)} | "
-              f"{r['score_ms_per_image']} | {_fmt(eq7_ms, 0)} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | "
-              f"{r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {_fmt(r['extract_peak_rss_mib'])} | "
-              f"{_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | "
-              f"{r['loadavg_before']} |")
+        print(
+            f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {_fmt(r['fit_s'], 0)} | "
+            f"{_fmt(r['fit_patchcore_only_s'], 0)} | "
+            f"{r['score_ms_per_image']} | {_fmt(eq7_ms, 0)} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | "
+            f"{r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {_fmt(r['extract_peak_rss_mib'])} | "
+            f"{_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | {_fmt(r['pixel_auroc'])} | "
+            f"{_fmt(r['aupro'])} | "
+            f"{r['loadavg_before']} |"
+        )
     theirs = next((r for r in rows if r["impl"].startswith("anomalib")), None)
     if not theirs:
         return
     latency_only = theirs.get("anomalib_bank") == "random"  # rows saved before the option: greedy
-    print("\nRatios ours / anomalib (anomalib's fit RSS includes its backbone, in the same process"
-          + ("; its random bank: ms / image ratios only" if latency_only else "") + "):\n")
-    print("| implementation | fit time | ms / test image | ms / test image, both eq. 7 | fit peak RSS | "
-          "peak RSS, extract or fit | image AUROC | pixel AUROC |")
+    print(
+        "\nRatios ours / anomalib (anomalib's fit RSS includes its backbone, in the same process"
+        + ("; its random bank: ms / image ratios only" if latency_only else "")
+        + "):\n"
+    )
+    print(
+        "| implementation | fit time | ms / test image | ms / test image, both eq. 7 | fit peak RSS | "
+        "peak RSS, extract or fit | image AUROC | pixel AUROC |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r is theirs:
             continue
         ratio = lambda ours, base, d=2: "-" if ours is None or base is None else f"{ours / base:.{d}f}"  # noqa: E731
         other = (lambda ours, base, d=2: "-") if latency_only else ratio  # noqa: E731 (every ratio but ms / image)
-        print(f"| {r['impl']} | {other(r['fit_s'], theirs['fit_s'])} | "
-              f"{ratio(r['score_ms_per_image'], theirs['score_ms_per_image'])} | "
-              f"{ratio(r.get('score_eq7_ms_per_image'), theirs['score_ms_per_image'])} | "
-              f"{other(r['fit_peak_rss_mib'], theirs['fit_peak_rss_mib'])} | {other(_peak_any(r), _peak_any(theirs))} | "
-              f"{other(r['image_auroc'], theirs['image_auroc'], 4)} | {other(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |")
+        print(
+            f"| {r['impl']} | {other(r['fit_s'], theirs['fit_s'])} | "
+            f"{ratio(r['score_ms_per_image'], theirs['score_ms_per_image'])} | "
+            f"{ratio(r.get('score_eq7_ms_per_image'), theirs['score_ms_per_image'])} | "
+            f"{other(r['fit_peak_rss_mib'], theirs['fit_peak_rss_mib'])} | {other(_peak_any(r), _peak_any(theirs))} | "
+            f"{other(r['image_auroc'], theirs['image_auroc'], 4)} | "
+            f"{other(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |"
+        )
 
 
 def main() -> None:
@@ -318,18 +361,31 @@ def main() -> None:
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--skip-anomalib", action="store_true")
-    parser.add_argument("--onnx", action="store_true", help="also score ours through its ONNX export in onnxruntime "
-                                                              "(the demo's default runtime)")
-    parser.add_argument("--anomalib-bank", choices=["greedy", "random"], default="greedy",
-                        help="anomalib's memory bank: its KCenterGreedy coreset, or (latency only) a seeded random "
-                             "subset of the same size")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
-                        help="MALLOC_MMAP_THRESHOLD_ for both children, bytes (0: glibc's dynamic default)")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also score ours through its ONNX export in onnxruntime (the demo's default runtime)",
+    )
+    parser.add_argument(
+        "--anomalib-bank",
+        choices=["greedy", "random"],
+        default="greedy",
+        help="anomalib's memory bank: its KCenterGreedy coreset, or (latency only) a seeded random "
+        "subset of the same size",
+    )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=2**20,
+        help="MALLOC_MMAP_THRESHOLD_ for both children, bytes (0: glibc's dynamic default)",
+    )
     parser.add_argument("--max-rss-gib", type=float, default=12.0, help="a child above this RSS is stopped")
     parser.add_argument("--workdir", type=Path, help="default /tmp/patchcore-bench/compare_n<N>")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--tables-from", type=Path, help="only print the tables of rows saved with --json")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "anomalib", "ours-extract", "ours-fit:<dim>", "ours-score:<dim>"
+    parser.add_argument(
+        "--one", help=argparse.SUPPRESS
+    )  # internal: "anomalib", "ours-extract", "ours-fit:<dim>", "ours-score:<dim>"
     args = parser.parse_args()
     if args.tables_from:
         print_tables(json.loads(args.tables_from.read_text()))
@@ -357,9 +413,22 @@ def main() -> None:
     def child(job: str) -> dict:
         """One job in its own process, so its peak RSS is its own."""
         load = bench_data.loadavg()
-        cmd = [sys.executable, __file__, "--one", job, "--workdir", str(workdir),
-               "--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", str(args.num_neighbors),
-               "--max-rss-gib", str(args.max_rss_gib), "--anomalib-bank", args.anomalib_bank]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            job,
+            "--workdir",
+            str(workdir),
+            "--coreset-ratio",
+            str(args.coreset_ratio),
+            "--num-neighbors",
+            str(args.num_neighbors),
+            "--max-rss-gib",
+            str(args.max_rss_gib),
+            "--anomalib-bank",
+            args.anomalib_bank,
+        ]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if args.malloc_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -378,25 +447,46 @@ def main() -> None:
     for dim in args.ours_dims:
         fit = child(f"ours-fit:{dim}")
         score = child(f"ours-score:{dim}")
-        rows.append({"impl": f"ours, {dim}-d", **extract, **fit, **score,
-                     "fit_s": round(extract["extract_s"] + fit["fit_patchcore_only_s"], 1),
-                     "loadavg_before": fit["loadavg_before"]})
+        rows.append(
+            {
+                "impl": f"ours, {dim}-d",
+                **extract,
+                **fit,
+                **score,
+                "fit_s": round(extract["extract_s"] + fit["fit_patchcore_only_s"], 1),
+                "loadavg_before": fit["loadavg_before"],
+            }
+        )
         if args.onnx:
             onnx = child(f"ours-onnx-score:{dim}")
-            rows.append({"impl": f"ours, {dim}-d, onnxruntime", **extract, **fit, "image_auroc_eq7": None,
-                         "score_eq7_ms_per_image": None, "score_patchcore_only_ms_per_image": None, **onnx,
-                         "fit_s": rows[-1]["fit_s"], "loadavg_before": onnx["loadavg_before"]})
+            rows.append(
+                {
+                    "impl": f"ours, {dim}-d, onnxruntime",
+                    **extract,
+                    **fit,
+                    "image_auroc_eq7": None,
+                    "score_eq7_ms_per_image": None,
+                    "score_patchcore_only_ms_per_image": None,
+                    **onnx,
+                    "fit_s": rows[-1]["fit_s"],
+                    "loadavg_before": onnx["loadavg_before"],
+                }
+            )
     if not args.skip_anomalib:
         rows.append(child("anomalib"))
 
     n_test = args.n_test_good + 5 * args.n_test_per_defect
-    print(f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
-          f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "
-          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}"
-          + (", anomalib's bank random (latency only)" if args.anomalib_bank == "random" else "") + "\n")
+    print(
+        f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
+        f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "
+        f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}"
+        + (", anomalib's bank random (latency only)" if args.anomalib_bank == "random" else "")
+        + "\n"
+    )
     print_tables(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
 
 if __name__ == "__main__":
     main()

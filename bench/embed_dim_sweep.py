@@ -86,14 +86,26 @@ def main() -> None:
 
         model = bench_data.lite0_model()
         for split in ("train", "test"):
-            save_features(args.workdir / f"features_{split}.pt", bench_data.extract(bench_data.load(args.workdir, split), model))
+            save_features(
+                args.workdir / f"features_{split}.pt", bench_data.extract(bench_data.load(args.workdir, split), model)
+            )
     print(f"data + features ready in {time.perf_counter() - start:.0f} s ({args.workdir})", file=sys.stderr)
 
     rows = []
     for dim in args.dims:
         load = bench_data.loadavg()
-        cmd = [sys.executable, __file__, "--one", str(dim), "--workdir", str(args.workdir),
-               "--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", str(args.num_neighbors)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(dim),
+            "--workdir",
+            str(args.workdir),
+            "--coreset-ratio",
+            str(args.coreset_ratio),
+            "--num-neighbors",
+            str(args.num_neighbors),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if out.returncode != 0:
             sys.exit(f"dim {dim} failed:\n{out.stderr}")
@@ -101,18 +113,28 @@ def main() -> None:
         print(rows[-1], file=sys.stderr)
 
     n_test = args.n_test_good + 5 * args.n_test_per_defect
-    print(f"\nPatchCore on EfficientNet-Lite0 blocks.2 + blocks.4 features, {size} px, {args.n_train} train / "
-          f"{n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours\n")
-    print("| embed dim | bank | image AUROC | pixel AUROC | AUPRO | fit (s) | ms / test image | fit peak RSS (MiB) | added by fit (MiB) | load avg before |")
+    print(
+        f"\nPatchCore on EfficientNet-Lite0 blocks.2 + blocks.4 features, {size} px, {args.n_train} train / "
+        f"{n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours\n"
+    )
+    print(
+        "| embed dim | bank | image AUROC | pixel AUROC | AUPRO | fit (s) | ms / test image | fit peak RSS (MiB) | "
+        "added by fit (MiB) | load avg before |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dim']} | {r['bank']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | "
-              f"{r['fit_s']} | {r['score_ms_per_image']} | {r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {r['loadavg_before']} |")
+        print(
+            f"| {r['dim']} | {r['bank']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | "
+            f"{r['fit_s']} | {r['score_ms_per_image']} | {r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | "
+            f"{r['loadavg_before']} |"
+        )
     largest = max(rows, key=lambda r: r["dim"])
     ok = [r for r in rows if r["pixel_auroc"] >= largest["pixel_auroc"] - args.tolerance]
     chosen = min(ok, key=lambda r: (r["dim"], r["fit_s"]))
-    print(f"\nsmallest dim with pixel AUROC within {args.tolerance} of dim {largest['dim']} "
-          f"({largest['pixel_auroc']:.4f}): {chosen['dim']} ({chosen['pixel_auroc']:.4f})")
+    print(
+        f"\nsmallest dim with pixel AUROC within {args.tolerance} of dim {largest['dim']} "
+        f"({largest['pixel_auroc']:.4f}): {chosen['dim']} ({chosen['pixel_auroc']:.4f})"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -33,7 +33,9 @@ def camera(project: Path, path: Path, defect: str, fps: int = 30, seconds: float
         for frame in frames:
             y, cb, cr = Image.open(frame).convert("RGB").convert("YCbCr").split()
             half = (size // 2, size // 2)
-            out.write(b"FRAME\n" + y.tobytes() + cb.resize(half, Image.BOX).tobytes() + cr.resize(half, Image.BOX).tobytes())
+            out.write(
+                b"FRAME\n" + y.tobytes() + cb.resize(half, Image.BOX).tobytes() + cr.resize(half, Image.BOX).tobytes()
+            )
     return path
 
 
@@ -55,21 +57,34 @@ def main() -> None:
     process, url = start_server(project, "--runtime", args.runtime)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1100", "--disable-background-networking",
-                "--user-data-dir=/tmp/live-demo-chromium", "--use-fake-device-for-media-stream",
-                "--use-fake-ui-for-media-stream", f"--use-file-for-fake-video-capture={video}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1000,1100",
+        "--disable-background-networking",
+        "--user-data-dir=/tmp/live-demo-chromium",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={video}",
+    ):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         browser.get(url)
-        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, f"#model option[value='{args.model}']"))
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, f"#model option[value='{args.model}']")
+        )
         Select(browser.find_element(By.ID, "model")).select_by_value(args.model)
         browser.find_element(By.ID, "live-start").click()
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "live-fps").text not in ("", "–"))
         time.sleep(2.0)  # past the first frames (model loading)
         samples, verdicts, end = [], [], time.time() + args.seconds
         while time.time() < end:
-            fps, latency = browser.find_element(By.ID, "live-fps").text, browser.find_element(By.ID, "live-latency").text
+            fps, latency = (
+                browser.find_element(By.ID, "live-fps").text,
+                browser.find_element(By.ID, "live-latency").text,
+            )
             verdict = browser.find_element(By.ID, "live-verdict").text
             samples.append((int(fps), int(latency)))
             if not verdicts or verdicts[-1] != verdict:
@@ -84,10 +99,19 @@ def main() -> None:
         process.wait(timeout=10)
     fps = [s[0] for s in samples]
     latency = [s[1] for s in samples]
-    result = {"model": args.model, "runtime": args.runtime, "camera_fps": 30, "seconds": args.seconds,
-              "scored_fps_median": statistics.median(fps), "scored_fps_min": min(fps),
-              "latency_ms_median": statistics.median(latency), "latency_ms_max": max(latency),
-              "frames_dropped": dropped, "verdicts_seen": verdicts, "date": time.strftime("%Y-%m-%d %H:%M")}
+    result = {
+        "model": args.model,
+        "runtime": args.runtime,
+        "camera_fps": 30,
+        "seconds": args.seconds,
+        "scored_fps_median": statistics.median(fps),
+        "scored_fps_min": min(fps),
+        "latency_ms_median": statistics.median(latency),
+        "latency_ms_max": max(latency),
+        "frames_dropped": dropped,
+        "verdicts_seen": verdicts,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     (args.out / f"live_demo_{args.runtime}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

@@ -79,23 +79,44 @@ def main() -> None:
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.n_test, args.shapes, args.coreset_ratio, args.image_size, args.embed_dim)))
+        print(
+            json.dumps(run_one(args.one, args.n_test, args.shapes, args.coreset_ratio, args.image_size, args.embed_dim))
+        )
         return
     rows = []
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--n-test", str(args.n_test), "--shapes", args.shapes,
-               "--coreset-ratio", str(args.coreset_ratio), "--image-size", str(args.image_size),
-               "--embed-dim", str(args.embed_dim)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(n),
+            "--n-test",
+            str(args.n_test),
+            "--shapes",
+            args.shapes,
+            "--coreset-ratio",
+            str(args.coreset_ratio),
+            "--image-size",
+            str(args.image_size),
+            "--embed-dim",
+            str(args.embed_dim),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], file=sys.stderr)
-    print(f"PatchCore, {args.shapes} feature shapes at {args.image_size} px, embedding {args.embed_dim}, "
-          f"coreset {args.coreset_ratio}, {args.n_test} test images\n")
-    print("| train images | patches | bank | fit (s) | ms / test image | fit peak RSS (MiB) | added by PatchCore (MiB) |")
+    print(
+        f"PatchCore, {args.shapes} feature shapes at {args.image_size} px, embedding {args.embed_dim}, "
+        f"coreset {args.coreset_ratio}, {args.n_test} test images\n"
+    )
+    print(
+        "| train images | patches | bank | fit (s) | ms / test image | fit peak RSS (MiB) | added by PatchCore (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n_train']} | {r['patches']} | {r['bank']} | {r['fit_s']} | "
-              f"{r['score_ms_per_image']} | {r['fit_peak_rss_mib']} | {r['added_mib']} |")
+        print(
+            f"| {r['n_train']} | {r['patches']} | {r['bank']} | {r['fit_s']} | "
+            f"{r['score_ms_per_image']} | {r['fit_peak_rss_mib']} | {r['added_mib']} |"
+        )
 
 
 if __name__ == "__main__":

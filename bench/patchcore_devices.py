@@ -56,7 +56,9 @@ def check_rounds(train, devices: list[str], ratio: float) -> dict:
         points = reduced.to(device)
         greedy_select(points[:4096], ratio, torch.Generator().manual_seed(0), progress=False)  # warm-up
         picks[device], result[f"rounds_s_{device}"] = _timed(
-            device, lambda: greedy_select(points, ratio, torch.Generator().manual_seed(0), progress=False))
+            device,
+            lambda points=points: greedy_select(points, ratio, torch.Generator().manual_seed(0), progress=False),
+        )
     device = devices[-1]
     plain, result[f"plain_s_{device}"] = _timed(
         device, lambda: plain_greedy_select(reduced.to(device), ratio, torch.Generator().manual_seed(0)))
@@ -108,9 +110,12 @@ def main() -> None:
     print("\n| dim | device | bank | fit (s) | ms / test image | GPU peak (MiB) | image AUROC | pixel AUROC | AUPRO |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dim']} | {r['device']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | {r['ms_per_test_image']} | "
-              f"{r['gpu_peak_mib'] or '-'} | {r['image_auroc']:.4f} | "
-              f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} |")
+        print(
+            f"| {r['dim']} | {r['device']} | {r['bank'][0]} x {r['bank'][1]} | {r['fit_s']} | "
+            f"{r['ms_per_test_image']} | "
+            f"{r['gpu_peak_mib'] or '-'} | {r['image_auroc']:.4f} | "
+            f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"rounds_check": check, "rows": rows}, indent=2) + "\n")
 

@@ -29,9 +29,27 @@ def start_sshd(folder: Path, port: int) -> subprocess.Popen:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user_key")], check=True)
     shutil.copy(folder / "user_key.pub", folder / "authorized_keys")
     Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-p", str(port), "-h", str(folder / "host_key"),
-                             "-o", "ListenAddress=127.0.0.1", "-o", f"AuthorizedKeysFile={folder / 'authorized_keys'}",
-                             "-o", "PasswordAuthentication=no", "-o", "StrictModes=no", "-o", f"PidFile={folder / 'sshd.pid'}"])
+    sshd = subprocess.Popen(
+        [
+            "/usr/sbin/sshd",
+            "-D",
+            "-e",
+            "-p",
+            str(port),
+            "-h",
+            str(folder / "host_key"),
+            "-o",
+            "ListenAddress=127.0.0.1",
+            "-o",
+            f"AuthorizedKeysFile={folder / 'authorized_keys'}",
+            "-o",
+            "PasswordAuthentication=no",
+            "-o",
+            "StrictModes=no",
+            "-o",
+            f"PidFile={folder / 'sshd.pid'}",
+        ]
+    )
     time.sleep(1.0)
     known = subprocess.run(["ssh-keyscan", "-p", str(port), "127.0.0.1"], capture_output=True, text=True, check=True)
     ssh_dir = Path.home() / ".ssh"

@@ -68,15 +68,19 @@ def measure_fit(category: str, name: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="benchmark-fit-") as scratch:
         scratch = Path(scratch)
         shutil.copy("params.yaml", scratch / "params.yaml")
-        shutil.copytree(Path("data/features") / f"{category}.category", scratch / "data/features" / f"{category}.category")
+        shutil.copytree(
+            Path("data/features") / f"{category}.category", scratch / "data/features" / f"{category}.category"
+        )
         if Path("weights").is_dir():
             shutil.copytree("weights", scratch / "weights")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TQDM_DISABLE="1")
         # the stage as `python -m stages.fit` runs it, reporting its own peak RSS when it ends
-        script = ("import resource, runpy, sys\n"
-                  f"sys.argv = ['stages.fit', {category!r}, {name!r}]\n"
-                  "try:\n    runpy.run_module('stages.fit', run_name='__main__')\n"
-                  "finally:\n    print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+        script = (
+            "import resource, runpy, sys\n"
+            f"sys.argv = ['stages.fit', {category!r}, {name!r}]\n"
+            "try:\n    runpy.run_module('stages.fit', run_name='__main__')\n"
+            "finally:\n    print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        )
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-c", script], cwd=scratch, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -102,29 +106,43 @@ def measure(category: str, name: str, repeats: int, test) -> dict:
     found = parity(torch_model, onnx_model, test.images, test.names)
     metrics = json.loads(metrics_file(category, name).read_text())
     return {
-        "model": name, "method": torch_model.detector.method, "category": category, **fit,
+        "model": name,
+        "method": torch_model.detector.method,
+        "category": category,
+        **fit,
         "torch_ms_per_image": ms_per_image(torch_model, test.images, test.names, repeats),
         "onnx_ms_per_image": ms_per_image(onnx_model, test.images, test.names, repeats),
-        "model_mib": round(folder_mib(model_dir(category, name)), 2), "seeds": len(metrics["seeds"]),
+        "model_mib": round(folder_mib(model_dir(category, name)), 2),
+        "seeds": len(metrics["seeds"]),
         "onnx_mib": round(folder_mib(export_dir(category, name)), 2),
-        "onnx_score_rel_diff": found["score_rel"], "onnx_map_abs_diff": found.get("map_abs"),
-        "map_max": found.get("map_max"), "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
+        "onnx_score_rel_diff": found["score_rel"],
+        "onnx_map_abs_diff": found.get("map_abs"),
+        "map_max": found.get("map_max"),
+        "image_auroc": metrics.get("image_auroc"),
+        "pixel_auroc": metrics.get("pixel_auroc"),
     }
 
 
 def markdown(rows: list[dict], info: dict) -> str:
-    lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), numerics {info['numerics']}, "
-             f"load before {info['load_before']}, {info['images']} test images of {info['size']} px "
-             f"(`python -m stages.benchmark`).", "",
-             "| model | method | fit (s, all seeds) | fit peak RSS (MiB) | torch ms / image | onnx ms / image | "
-             "model on disk (MiB) | exported (MiB) | onnx vs torch: score rel. / map abs. | image AUROC |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), numerics {info['numerics']}, "
+        f"load before {info['load_before']}, {info['images']} test images of {info['size']} px "
+        f"(`python -m stages.benchmark`).",
+        "",
+        "| model | method | fit (s, all seeds) | fit peak RSS (MiB) | torch ms / image | onnx ms / image | "
+        "model on disk (MiB) | exported (MiB) | onnx vs torch: score rel. / map abs. | image AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        diff = f"{r['onnx_score_rel_diff']:.1e}" + (f" / {r['onnx_map_abs_diff']:.1e}" if r["onnx_map_abs_diff"] is not None else "")
+        diff = f"{r['onnx_score_rel_diff']:.1e}" + (
+            f" / {r['onnx_map_abs_diff']:.1e}" if r["onnx_map_abs_diff"] is not None else ""
+        )
         auroc = "–" if r["image_auroc"] is None else f"{r['image_auroc']:.3f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['fit_s']} ({r['seeds']}) | {r['fit_peak_rss_mib']} | "
-                     f"{r['torch_ms_per_image']} | {r['onnx_ms_per_image']} | {r['model_mib']} | {r['onnx_mib']} | "
-                     f"{diff} | {auroc} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['fit_s']} ({r['seeds']}) | {r['fit_peak_rss_mib']} | "
+            f"{r['torch_ms_per_image']} | {r['onnx_ms_per_image']} | {r['model_mib']} | {r['onnx_mib']} | "
+            f"{diff} | {auroc} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -136,8 +154,14 @@ def chart(rows: list[dict], path: Path) -> None:
         if r["image_auroc"] is None:
             continue
         for runtime, marker in (("torch", "o"), ("onnx", "s")):
-            ax.scatter(r[f"{runtime}_ms_per_image"], r["image_auroc"], color=colour(i), marker=marker, s=40,
-                       label=f"{r['model']} ({runtime})")
+            ax.scatter(
+                r[f"{runtime}_ms_per_image"],
+                r["image_auroc"],
+                color=colour(i),
+                marker=marker,
+                s=40,
+                label=f"{r['model']} ({runtime})",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("ms per test image (log scale), backbone included")
     ax.set_ylabel("image AUROC (mean over seeds)")
@@ -152,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", help="model names of params.yaml (default: all)")
     parser.add_argument("--category", help="default: the first of data.categories")
     parser.add_argument("--repeats", type=int, default=3, help="timed scoring passes per model and runtime (median)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"writes OUT.json, OUT.md, OUT.png (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"writes OUT.json, OUT.md, OUT.png (default {DEFAULT_OUT})"
+    )
     args = parser.parse_args(argv)
     params = load_params()
     category = args.category or param(params, "data.categories")[0]

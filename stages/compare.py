@@ -38,10 +38,15 @@ def read(category: str, model: str) -> tuple[dict, dict]:
 def markdown(results: dict, models: list[str], groups: dict[str, list[str]], confidence: float, resamples: int) -> str:
     pct = f"{confidence:.0%}"
     categories = groups[MEAN]
-    lines = [f"# Paired comparisons: {len(models)} models, {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}", "",
-             f"Row model minus column model on the mean over categories, with its {pct} bootstrap interval "
-             f"({resamples} stratified resamples of each category's test images, the same for every model). "
-             "**Bold**: the interval excludes 0 (the difference is significant at that level).", ""]
+    lines = [
+        f"# Paired comparisons: {len(models)} models, {len(categories)} "
+        f"categor{'y' if len(categories) == 1 else 'ies'}",
+        "",
+        f"Row model minus column model on the mean over categories, with its {pct} bootstrap interval "
+        f"({resamples} stratified resamples of each category's test images, the same for every model). "
+        "**Bold**: the interval excludes 0 (the difference is significant at that level).",
+        "",
+    ]
     for metric, result in results.items():
         for label in [*(g for g in groups if g != MEAN), MEAN]:  # each benchmark's mean, then the overall one
             mean = {(d["model"], d["versus"]): d for d in result["differences"] if d["category"] == label}
@@ -49,8 +54,12 @@ def markdown(results: dict, models: list[str], groups: dict[str, list[str]], con
                 continue
             present = [m for m in models if (m, m) in mean]
             over = "" if label == MEAN else f", {label} ({', '.join(groups[label])})"
-            lines += [f"## {TITLES[metric]}{over}", "", "| model | " + " | ".join(present) + " |",
-                      "|---|" + "---|" * len(present)]
+            lines += [
+                f"## {TITLES[metric]}{over}",
+                "",
+                "| model | " + " | ".join(present) + " |",
+                "|---|" + "---|" * len(present),
+            ]
             for a in present:
                 cells = []
                 for b in present:
@@ -61,10 +70,14 @@ def markdown(results: dict, models: list[str], groups: dict[str, list[str]], con
             lines.append("")
     lines += ["## Significant differences per category", ""]
     for metric, result in results.items():
-        found = [d for d in result["differences"] if d["category"] in categories and d["significant"] and d["value"] > 0]
+        found = [
+            d for d in result["differences"] if d["category"] in categories and d["significant"] and d["value"] > 0
+        ]
         for d in found:
-            lines.append(f"- {d['category']}, {TITLES[metric]}: {d['model']} > {d['versus']} by {d['value']:.3f} "
-                         f"[{d['low']:.3f}, {d['high']:.3f}]")
+            lines.append(
+                f"- {d['category']}, {TITLES[metric]}: {d['model']} > {d['versus']} by {d['value']:.3f} "
+                f"[{d['low']:.3f}, {d['high']:.3f}]"
+            )
         if not found:
             lines.append(f"- {TITLES[metric]}: none")
     return "\n".join(lines) + "\n"
@@ -82,20 +95,36 @@ def main() -> None:
     for metric in INTERVAL_METRICS:
         points = {k: result.get(metric) for k, (result, _) in loaded.items()}
         samples = {k: drawn.get(metric) for k, (_, drawn) in loaded.items()}
-        points, samples = with_means({k: v for k, v in points.items() if v is not None},
-                                     {k: v for k, v in samples.items() if v is not None}, groups, models)
+        points, samples = with_means(
+            {k: v for k, v in points.items() if v is not None},
+            {k: v for k, v in samples.items() if v is not None},
+            groups,
+            models,
+        )
         if not samples:
             continue
         if any(len(v) != resamples for v in samples.values()):
-            raise PipelineError(f"{SUMMARY_ROOT}: the resamples files disagree with evaluate.bootstrap.resamples "
-                                f"({resamples}); rerun the evaluate stages")
+            raise PipelineError(
+                f"{SUMMARY_ROOT}: the resamples files disagree with evaluate.bootstrap.resamples "
+                f"({resamples}); rerun the evaluate stages"
+            )
         intervals = model_intervals(points, samples, rows, models, confidence)
         pairs = differences(points, samples, rows, models, confidence)
         results[metric] = {"intervals": intervals, "differences": pairs}
         intervals_rows += [{"metric": metric, **r} for r in intervals]
-        pairwise_rows += [{"metric": metric, "model": d["model"], "versus": d["versus"], "difference": d["value"],
-                           "low": d["low"], "high": d["high"], "verdict": d["verdict"]}
-                          for d in pairs if d["category"] == MEAN]
+        pairwise_rows += [
+            {
+                "metric": metric,
+                "model": d["model"],
+                "versus": d["versus"],
+                "difference": d["value"],
+                "low": d["low"],
+                "high": d["high"],
+                "verdict": d["verdict"],
+            }
+            for d in pairs
+            if d["category"] == MEAN
+        ]
     if not results:
         raise PipelineError("compare: no metric with bootstrap resamples (run the evaluate stages)")
     write_json(SUMMARY_ROOT / "comparison.json", {"confidence": confidence, "resamples": resamples, "metrics": results})
@@ -104,8 +133,10 @@ def main() -> None:
     write_csv(PLOTS_ROOT / "intervals.csv", intervals_rows)
     write_csv(PLOTS_ROOT / "pairwise.csv", pairwise_rows)
     significant = sum(d["significant"] and d["value"] > 0 for r in results.values() for d in r["differences"])
-    print(f"compare: {len(models)} models x {len(categories)} categories, {significant} significant differences "
-          f"-> {SUMMARY_ROOT / 'comparison.md'}")
+    print(
+        f"compare: {len(models)} models x {len(categories)} categories, {significant} significant differences "
+        f"-> {SUMMARY_ROOT / 'comparison.md'}"
+    )
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def main() -> None:
     if not fitted_models():
         raise SystemExit("error: no fitted and evaluated model under models/ (run dvc repro first)")
     print(f"demo: http://{args.host}:{args.port}  ({args.runtime} runtime; models: {', '.join(fitted_models())})")
-    uvicorn.run(create_app(args.device, args.runtime), host=args.host, port=args.port, log_level="warning", ws="wsproto")
+    app = create_app(args.device, args.runtime)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws="wsproto")
 
 
 if __name__ == "__main__":

@@ -55,9 +55,18 @@ def main() -> None:
         pixels = None
         if prediction.anomaly_maps is not None and test.masks is not None:
             pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"])
-        per_seed[seed] = metrics.evaluate(test.labels, prediction.image_scores, test.defect_types,
-                                          validation.image_scores, pixels, settings["fpr_limit"], settings["threshold_n_std"])
-        on_resamples.append(metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"]))
+        per_seed[seed] = metrics.evaluate(
+            test.labels,
+            prediction.image_scores,
+            test.defect_types,
+            validation.image_scores,
+            pixels,
+            settings["fpr_limit"],
+            settings["threshold_n_std"],
+        )
+        on_resamples.append(
+            metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"])
+        )
         if first is None:
             first = (seed, detector, prediction, validation, pixels)
         del prediction, validation, pixels  # one seed's maps at a time
@@ -65,14 +74,23 @@ def main() -> None:
     resampled = metrics.mean_over_seeds(on_resamples)
     summary = metrics.summarise_seeds(per_seed, resampled, bootstrap["confidence"], bootstrap["resamples"])
     seed, detector, prediction, validation, pixels = first
-    result = {"category": config.category, "model": config.name, "method": config.method, "backbone": config.backbone,
-              "n_train": detector.inputs.get("n_train"), **summary}
+    result = {
+        "category": config.category,
+        "model": config.name,
+        "method": config.method,
+        "backbone": config.backbone,
+        "n_train": detector.inputs.get("n_train"),
+        **summary,
+    }
 
     plot_dir = config.plots
-    write_csv(plot_dir / "scores.csv", [
-        {"image": n, "defect_type": d, "label": int(l), "score": float(s)}
-        for n, d, l, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
-    ])
+    write_csv(
+        plot_dir / "scores.csv",
+        [
+            {"image": n, "defect_type": d, "label": int(label), "score": float(s)}
+            for n, d, label, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
+        ],
+    )
     threshold = per_seed[seed]["threshold"]
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
@@ -82,11 +100,20 @@ def main() -> None:
             np.savez(fh, **{name: values for name, values in resampled.items() if values is not None})
     write_json(metrics_file(config.category, config.name), result)
     scale = ColourScale.from_validation(validation.anomaly_maps, threshold)
-    write_scoring(scoring_file(config.category, config.name), config.score.as_dict(), threshold,
-                  settings["threshold_n_std"], scale, validation.image_scores, seed)
+    write_scoring(
+        scoring_file(config.category, config.name),
+        config.score.as_dict(),
+        threshold,
+        settings["threshold_n_std"],
+        scale,
+        validation.image_scores,
+        seed,
+    )
     shown = {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
-    print(f"{config.stage} (seeds {config.seeds}): "
-          + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(
+        f"{config.stage} (seeds {config.seeds}): "
+        + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    )
 
 
 if __name__ == "__main__":

@@ -39,15 +39,22 @@ def main() -> None:
         exported = OnnxModel(folder / path.name, config.category, config.name)
         found = parity(fitted, exported, test.images, test.names)
         if found["score_rel"] > SCORE_RTOL or found.get("map_excess", 0.0) > MAP_ATOL:
-            raise PipelineError(f"export@{config.stage}: onnxruntime differs from torch on the {found['images']} test "
-                                f"images: scores by {found['score_rel']:.2e} relative (allowed {SCORE_RTOL:g}), maps by "
-                                f"{found.get('map_abs', 0.0):.2e} absolute on values up to {found.get('map_max', 0.0):.3g} "
-                                f"(allowed {MAP_ATOL:g} + {MAP_RTOL:g} x value)")
-    maps = (f", maps within {found['map_abs']:.1e} absolute (values up to {found['map_max']:.3g})"
-            if "map_abs" in found else "")
+            raise PipelineError(
+                f"export@{config.stage}: onnxruntime differs from torch on the {found['images']} test "
+                f"images: scores by {found['score_rel']:.2e} relative (allowed {SCORE_RTOL:g}), maps by "
+                f"{found.get('map_abs', 0.0):.2e} absolute on values up to {found.get('map_max', 0.0):.3g} "
+                f"(allowed {MAP_ATOL:g} + {MAP_RTOL:g} x value)"
+            )
+    maps = (
+        f", maps within {found['map_abs']:.1e} absolute (values up to {found['map_max']:.3g})"
+        if "map_abs" in found
+        else ""
+    )
     size = sum(f.stat().st_size for f in path.parent.iterdir()) / 2**20
-    print(f"export@{config.stage}: {path} ({size:.1f} MiB); onnxruntime equals torch on "
-          f"{found['images']} test images: scores within {found['score_rel']:.1e} relative{maps}")
+    print(
+        f"export@{config.stage}: {path} ({size:.1f} MiB); onnxruntime equals torch on "
+        f"{found['images']} test images: scores within {found['score_rel']:.1e} relative{maps}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def weights_file(name: str, weights: str | None) -> str | None:
 def main() -> None:
     params, (category, name) = stage_args("extract", "<category> <backbone>")
     backbones = param(params, "backbones")
-    check(name in backbones, f"backbones.{name}: no such backbone in params.yaml (known: {', '.join(backbones) or 'none'})")
+    check(
+        name in backbones,
+        f"backbones.{name}: no such backbone in params.yaml (known: {', '.join(backbones) or 'none'})",
+    )
     options = backbones[name]
     arch = options["arch"] or name
     get_spec(arch)  # unknown backbone -> clear error before any work

@@ -4,10 +4,12 @@
     dvc queue start --jobs 1 && dvc queue status    # wait until all are done
     python -m stages.few_shot                      # -> plots/few_shot.csv, drawn by `dvc plots show`
 
-Collects the first category of data.categories. Reads every experiment of the current commit (and the workspace) through `dvc.api.exp_show`, so
+Collects the first category of data.categories. Reads every experiment of the current commit (and the
+workspace) through `dvc.api.exp_show`, so
 the rows are exactly what DVC recorded; each model's metrics file says how many good images it was
 fitted on (`n_train`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +48,18 @@ def existing_rows(path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m stages.few_shot", description=__doc__.split("\n\n")[0],
-        epilog="the sweep it collects:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m stages.few_shot",
+        description=__doc__.split("\n\n")[0],
+        epilog="the sweep it collects:\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=OUTPUT, help=f"where to write the table (default: {OUTPUT})")
-    parser.add_argument("--allow-fewer", action="store_true",
-                        help="write even when the experiments found give fewer rows than the table already holds "
-                             "(otherwise it is left as it is: a fresh clone or a `dvc queue remove` has fewer)")
+    parser.add_argument(
+        "--allow-fewer",
+        action="store_true",
+        help="write even when the experiments found give fewer rows than the table already holds "
+        "(otherwise it is left as it is: a fresh clone or a `dvc queue remove` has fewer)",
+    )
     args = parser.parse_args(argv)
     import dvc.api
 
@@ -60,15 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     experiments = dvc.api.exp_show()
     rows = sweep_rows(experiments, category, models)
     sizes = sorted({r["n_train"] for r in rows})
-    found = (f"{len(experiments)} experiment(s) and the workspace give {len(rows)} row(s) for {category}: "
-             f"{len(sizes)} size(s) ({', '.join(map(str, sizes)) or 'none'}) x {len({r['model'] for r in rows})} model(s)")
+    found = (
+        f"{len(experiments)} experiment(s) and the workspace give {len(rows)} row(s) for {category}: "
+        f"{len(sizes)} size(s) ({', '.join(map(str, sizes)) or 'none'}) x {len({r['model'] for r in rows})} model(s)"
+    )
     print(found)
     if not rows:
         raise PipelineError("no experiment has metrics yet: run the sweep first (see python -m stages.few_shot --help)")
     held = existing_rows(args.out)
     if len(rows) < held and not args.allow_fewer:
-        raise PipelineError(f"{args.out}: holds {held} rows, the experiments found give {len(rows)}; left as it is "
-                            "(run the sweep, or pass --allow-fewer to replace it)")
+        raise PipelineError(
+            f"{args.out}: holds {held} rows, the experiments found give {len(rows)}; left as it is "
+            "(run the sweep, or pass --allow-fewer to replace it)"
+        )
     write_csv(args.out, rows, ["model", "n_train", *METRICS])
     print(f"{len(rows)} rows -> {args.out}")
 

@@ -64,7 +64,9 @@ def main() -> None:
 
     with atomic_path(config.plots / FIGURES) as out:
         out.mkdir(parents=True)
-        fig = distribution_figure(f"{name} ({config.category})", test_scores, test.defect_types, val_scores, threshold, bins)
+        fig = distribution_figure(
+            f"{name} ({config.category})", test_scores, test.defect_types, val_scores, threshold, bins
+        )
         save_png(fig, out / "scores.png")
         shown = "scores.png"
         chosen = select(test.defect_types, per_defect, n_good, selection_seed)

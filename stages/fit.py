@@ -58,7 +58,10 @@ def main() -> None:
         for detector in fitted:
             detector.save(model_dir / config.seed_directory(detector.seed).name)
     times = ", ".join(f"{s:.1f}s" for s in seconds)
-    print(f"fitted {config.stage} ({config.method} on {config.backbone}), seed(s) {config.seeds} in {times} -> {config.directory}")
+    print(
+        f"fitted {config.stage} ({config.method} on {config.backbone}), seed(s) {config.seeds} in {times} "
+        f"-> {config.directory}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@
     python -m stages.predict <model> --watch <folder>    # score images as they appear, until Ctrl-C
 
 --category picks which category's fit of the model to use; it may be left out when the model is
-fitted for one category only. The model's own saved record says how its inputs were made (resize, crop, backbone, layers,
+fitted for one category only. The model's own saved record says how its inputs were made (resize, crop,
+backbone, layers,
 weights), so a model fitted at 224 px scores at 224 px whatever params.yaml says today; the
 scoring params and the mean + n·σ threshold are the ones its evaluate stage used
 (models/<category>.category/<model>.scoring.json). Writes DIR/scores.csv (image, score, anomalous, threshold) and one
 heatmap overlay PNG per image (DIR/<name>_overlay.png). An image that cannot be read is reported on
 one line and skipped; the others are still scored (exit code 1 if any was skipped).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,13 +92,17 @@ def check_out(out: Path, overwrite: bool) -> None:
     for folder in PIPELINE_FOLDERS:
         inside = root / folder
         if resolved == inside or inside in resolved.parents:
-            raise PipelineError(f"--out {out}: inside {folder}/, which the pipeline writes or tracks; choose a folder "
-                                f"outside it (default: {DEFAULT_OUT}/<category>/<model>)")
+            raise PipelineError(
+                f"--out {out}: inside {folder}/, which the pipeline writes or tracks; choose a folder "
+                f"outside it (default: {DEFAULT_OUT}/<category>/<model>)"
+            )
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
-        raise PipelineError(f"--out {out}: already holds {len(held)} file(s) ({', '.join(held[:3])}"
-                            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace files of the same "
-                            "names (nothing else is touched), or choose another folder")
+        raise PipelineError(
+            f"--out {out}: already holds {len(held)} file(s) ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace files of the same "
+            "names (nothing else is touched), or choose another folder"
+        )
 
 
 def write_png(path: Path, picture: np.ndarray) -> None:
@@ -158,14 +164,23 @@ class Run:
             name = unique_name(path, self.used)
             write_png(self.out / name, overlay(image, result.anomaly_maps[0], self.model.colour_scale))
         # the threshold rule of the metrics: score >= threshold is anomalous
-        self.rows.append({"image": str(path), "score": score, "anomalous": int(score >= self.model.threshold),
-                          "threshold": self.model.threshold, "overlay": name})
+        self.rows.append(
+            {
+                "image": str(path),
+                "score": score,
+                "anomalous": int(score >= self.model.threshold),
+                "threshold": self.model.threshold,
+                "overlay": name,
+            }
+        )
 
     def summary(self) -> str:
         flagged = sum(r["anomalous"] for r in self.rows)
         per_image = 1000 * self.seconds / max(1, len(self.rows))
-        return (f"{self.model.category}/{self.model.name}: scored {len(self.rows)} image(s), {flagged} anomalous "
-                f"(score >= {self.model.threshold:.4g}), {per_image:.0f} ms per image -> {self.out}/scores.csv")
+        return (
+            f"{self.model.category}/{self.model.name}: scored {len(self.rows)} image(s), {flagged} anomalous "
+            f"(score >= {self.model.threshold:.4g}), {per_image:.0f} ms per image -> {self.out}/scores.csv"
+        )
 
 
 def watch(run: Run, folder: Path, interval: float) -> None:
@@ -199,21 +214,42 @@ def watch(run: Run, folder: Path, interval: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a model name from params.yaml `models:` that `dvc repro` has fitted and evaluated")
+    parser.add_argument(
+        "model", help="a model name from params.yaml `models:` that `dvc repro` has fitted and evaluated"
+    )
     parser.add_argument("paths", nargs="*", help="image files or folders of images")
-    parser.add_argument("--watch", type=Path, default=None,
-                        help="a folder to watch (a production line's drop folder): every image is scored once it "
-                             "has been written, into the same scores.csv and overlays, until Ctrl-C")
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        default=None,
+        help="a folder to watch (a production line's drop folder): every image is scored once it "
+        "has been written, into the same scores.csv and overlays, until Ctrl-C",
+    )
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between two looks at --watch's folder")
-    parser.add_argument("--category", default=None,
-                        help="which category's fit of the model (default: the only one the model is fitted for)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder, outside the pipeline's folders (default: {DEFAULT_OUT}/<category>/<model>)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into an --out that already holds files, replacing those of the same names")
+    parser.add_argument(
+        "--category",
+        default=None,
+        help="which category's fit of the model (default: the only one the model is fitted for)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder, outside the pipeline's folders (default: {DEFAULT_OUT}/<category>/<model>)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that already holds files, replacing those of the same names",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch runtime)")
-    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
-                        help="torch: the pipeline's own code (default); onnx: the exported graph (models/<category>.category/<model>.export/)")
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="torch: the pipeline's own code (default); onnx: the exported graph "
+        "(models/<category>.category/<model>.export/)",
+    )
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
     if not args.paths and args.watch is None:
@@ -241,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     if run.rows:
         print(run.summary())
     if run.failed:
-        print(f"error: {run.failed} of {run.failed + len(run.rows)} image(s) could not be scored (named above)",
-              file=sys.stderr)
+        print(
+            f"error: {run.failed} of {run.failed + len(run.rows)} image(s) could not be scored (named above)",
+            file=sys.stderr,
+        )
     return 1 if run.failed else 0
 
 

@@ -76,14 +76,23 @@ def mean_rows(rows: list[dict], names: list[str], per_seed: dict, comparison: di
     """Each mean row of `groups` (comparison.mean_groups) for each model: the mean over its categories,
     its interval from the paired bootstrap of stage compare (resampling within each category), its
     seed spread from the per-seed means."""
-    intervals = {(metric, r["category"], r["model"]): (r["low"], r["high"])
-                 for metric, result in comparison["metrics"].items() for r in result["intervals"] if r["category"] in groups}
+    intervals = {
+        (metric, r["category"], r["model"]): (r["low"], r["high"])
+        for metric, result in comparison["metrics"].items()
+        for r in result["intervals"]
+        if r["category"] in groups
+    }
     means = []
     for label, members in groups.items():
         for name in names:
             mine = [row for row in rows if row["model"] == name and row["category"] in members]
-            mean = {"category": label, "model": name, "method": mine[0]["method"], "backbone": mine[0]["backbone"],
-                    "seeds": mine[0]["seeds"]}
+            mean = {
+                "category": label,
+                "model": name,
+                "method": mine[0]["method"],
+                "backbone": mine[0]["backbone"],
+                "seeds": mine[0]["seeds"],
+            }
             for column in COLUMNS:
                 values = [row[column] for row in mine]
                 mean[column] = None if any(v is None for v in values) else sum(values) / len(values)
@@ -135,18 +144,29 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
     by_key = {(row["category"], row["model"]): row for row in [*rows, *means]}
     categories = groups[MEAN]
     seeds = max(row["seeds"] for row in rows)
-    parts = [f"Each cell: the mean over fit seeds, its {confidence:.0%} bootstrap interval over the test images "
-             f"([low, high]; {resamples} stratified resamples, metrics/comparison.md pairs the models on them) and its "
-             f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
-             "over the categories above it, resampled within each category.\n"]
+    parts = [
+        f"Each cell: the mean over fit seeds, its {confidence:.0%} bootstrap interval over the test images "
+        f"([low, high]; {resamples} stratified resamples, metrics/comparison.md pairs the models on them) and its "
+        f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
+        "over the categories above it, resampled within each category.\n"
+    ]
     for metric, title in HEADLINE.items():
-        table = [{"category": f"**{category}**" if category in groups else category,
-                  **{name: _estimate(by_key[category, name], metric) for name in names}}
-                 for category in table_rows(groups)]
+        table = [
+            {
+                "category": f"**{category}**" if category in groups else category,
+                **{name: _estimate(by_key[category, name], metric) for name in names},
+            }
+            for category in table_rows(groups)
+        ]
         parts.append(f"## {title}\n\n" + markdown_table(table, ["category", *names]))
-    columns = [key for key in dict.fromkeys(key for row in rows for key in row) if not key.endswith(("_low", "_high", "_seed_std"))]
+    columns = [
+        key
+        for key in dict.fromkeys(key for row in rows for key in row)
+        if not key.endswith(("_low", "_high", "_seed_std"))
+    ]
     parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
-    counted = f"{len(names)} model{'s' * (len(names) != 1)} on {len(categories)} categor{'ies' if len(categories) != 1 else 'y'}"
+    plural = "ies" if len(categories) != 1 else "y"
+    counted = f"{len(names)} model{'s' * (len(names) != 1)} on {len(categories)} categor{plural}"
     return f"# {counted}\n\n" + "\n".join(parts)
 
 
@@ -170,15 +190,28 @@ def main() -> None:
 
     summary = {
         MEAN: mean_of(MEAN),
-        "categories": {c: {r["model"]: {k: v for k, v in r.items() if k not in ("category", "model")}
-                           for r in rows if r["category"] == c} for c in categories},
+        "categories": {
+            c: {
+                r["model"]: {k: v for k, v in r.items() if k not in ("category", "model")}
+                for r in rows
+                if r["category"] == c
+            }
+            for c in categories
+        },
     }
     if len(groups) > 1:  # each benchmark's categories and mean
-        summary["groups"] = {label: {"categories": members, MEAN: mean_of(label)}
-                             for label, members in groups.items() if label != MEAN}
+        summary["groups"] = {
+            label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
+        }
     write_json(OUTPUT / "summary.json", summary)
-    text = markdown(rows, means, groups, names, param(params, "evaluate.bootstrap.confidence"),
-                    param(params, "evaluate.bootstrap.resamples"))
+    text = markdown(
+        rows,
+        means,
+        groups,
+        names,
+        param(params, "evaluate.bootstrap.confidence"),
+        param(params, "evaluate.bootstrap.resamples"),
+    )
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)
     position = {row: i for i, row in enumerate(table_rows(groups))}  # the tables' row order, for the `categories` chart

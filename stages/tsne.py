@@ -29,7 +29,9 @@ def main() -> None:
         features = load_features(features_dir(category, backbone) / f"{split}.pt")
         prepared = load_split(pixels_dir(category) / f"{split}.npz")
         if list(features.names) != prepared.names:
-            raise PipelineError(f"{features_dir(category, backbone)}: {split} features do not match the prepared images; rerun extract")
+            raise PipelineError(
+                f"{features_dir(category, backbone)}: {split} features do not match the prepared images; rerun extract"
+            )
         embeddings.append(features.global_embeddings.float().numpy())
         splits += [split] * len(prepared)
         names += prepared.names

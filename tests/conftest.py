@@ -132,6 +132,7 @@ def pytest_collection_modifyitems(items):
     """The end-to-end DVC tests share one tiny project, built by whichever test asks first
     (tests/test_pipeline.py `built`): one of them goes first, so one worker builds while the other runs
     the unit tests, and the others go last, when the project is there."""
-    pipeline = [item for item in items if item.module.__name__.endswith("test_pipeline") and "built" in item.fixturenames]
+    pipeline = [item for item in items
+                if item.module.__name__.endswith("test_pipeline") and "built" in item.fixturenames]
     rest = [item for item in items if item not in pipeline]
     items[:] = pipeline[:1] + rest + pipeline[1:]

@@ -92,7 +92,9 @@ def test_registry_knows_the_trained_methods():
         assert cls.method == name and cls.uses == uses
 
 
-@pytest.mark.parametrize("cls, extra", [(Autoencoder, {}), (SkipAutoencoder, {"loss": "mse"}), (SkipAutoencoder, {"loss": "ssim"})])
+@pytest.mark.parametrize(
+    "cls, extra", [(Autoencoder, {}), (SkipAutoencoder, {"loss": "mse"}), (SkipAutoencoder, {"loss": "ssim"})]
+)
 def test_training_lowers_the_loss_and_records_history(cls, extra):
     train_split, val_split = split(textures(8, 16, 0)), split(textures(4, 16, 1))
     model = build(cls, **TINY, **extra, epochs=6, patience=0, lr=3e-3).fit(train_split, val_split)
@@ -117,7 +119,16 @@ def test_autoencoder_finds_a_pasted_defect():
     mask[0, 10:16, 18:24] = True
     bad[mask] = 255  # a bright square blob
 
-    model = build(Autoencoder, image_size=size, channels=[8, 16], latent=4, epochs=60, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
+    model = build(
+        Autoencoder,
+        image_size=size,
+        channels=[8, 16],
+        latent=4,
+        epochs=60,
+        batch_size=4,
+        patience=0,
+        lr=3e-3,
+        smoothing_sigma=1.0,
     ).fit(train_split)
     pred = model.predict(split(np.concatenate([good, bad]), np.concatenate([np.zeros_like(mask), mask])))
 
@@ -172,7 +183,11 @@ def test_local_ssim_map_averages_to_pytorch_msssim():
     "make",
     [
         lambda: (build(Autoencoder, **TINY, epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
-        lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=3), split(textures(8, 16, 0)), split(textures(3, 16, 1))),
+        lambda: (
+            build(SkipAutoencoder, **TINY, loss="ssim", epochs=3),
+            split(textures(8, 16, 0)),
+            split(textures(3, 16, 1)),
+        ),
         lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
         lambda: (build(FeatureVariationalAE, latent=4, batch_size=4, epochs=3), feature_set(8, 0), feature_set(3, 1)),
     ],
@@ -251,7 +266,11 @@ def _nan_features() -> FeatureSet:
     "make",
     [
         lambda: (build(Autoencoder, **TINY, epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
-        lambda: (build(SkipAutoencoder, **TINY, loss="ssim", epochs=2), split(textures(6, 16, 0)), split(textures(3, 20, 1))),
+        lambda: (
+            build(SkipAutoencoder, **TINY, loss="ssim", epochs=2),
+            split(textures(6, 16, 0)),
+            split(textures(3, 20, 1)),
+        ),
         lambda: (build(FeatureAE, latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
         lambda: (build(FeatureVariationalAE, latent=4, batch_size=4, epochs=2), feature_set(6, 0), feature_set(3, 1)),
     ],
@@ -303,7 +322,9 @@ def test_bad_hparams_are_one_line_errors(cls, hparams, name):
 
 def test_without_validation_data_early_stopping_watches_the_train_loss():
     net = torch.nn.Linear(2, 2)
-    constant = lambda model, batch: model(batch).sum() * 0 + 1.0  # never improves after epoch 1
+    def constant(model, batch):  # never improves after epoch 1
+        return model(batch).sum() * 0 + 1.0
+
     for val in (None, torch.zeros(0, 2)):  # empty validation data counts as none
         history = train(net, constant, torch.randn(4, 2), val, lr=1e-3, epochs=20, batch_size=4, patience=3, seed=0)
         assert len(history) == 4  # best at epoch 1, then 3 epochs without improvement
@@ -320,7 +341,16 @@ def test_autoencoder_on_synthetic_carpet_finds_a_real_defect(defect):
     train_split = split(np.stack([render_image(0, 0, i, size)[0] for i in range(16)]))
     good = render_image(0, 1, 0, size)[0]
     bad, mask = render_image(0, 2, 0, size, defect=defect)
-    model = build(Autoencoder, image_size=size, channels=[16, 32], latent=8, epochs=40, batch_size=4, patience=0, lr=3e-3, smoothing_sigma=1.0
+    model = build(
+        Autoencoder,
+        image_size=size,
+        channels=[16, 32],
+        latent=8,
+        epochs=40,
+        batch_size=4,
+        patience=0,
+        lr=3e-3,
+        smoothing_sigma=1.0,
     ).fit(train_split)
     pred = model.predict(split(np.stack([good, bad])))
     assert pred.image_scores[1] > 1.3 * pred.image_scores[0]

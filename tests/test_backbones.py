@@ -222,5 +222,6 @@ def test_extract_stage_refuses_weights_outside_weights(tmp_path):
     params["backbones"]["efficientnet_lite0"]["weights"] = str(checkpoint)
     write_params(tmp_path, params)
     line = error_line(run_stage("extract", "carpet", "efficientnet_lite0", cwd=tmp_path))
-    assert line == f"error: backbones.efficientnet_lite0.weights: {checkpoint} is not under weights/ (copy it there so DVC tracks it)"
+    assert line == (f"error: backbones.efficientnet_lite0.weights: {checkpoint} is not under weights/ "
+                    "(copy it there so DVC tracks it)")
     assert not (tmp_path / "data").exists()

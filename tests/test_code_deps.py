@@ -56,7 +56,9 @@ def closure(*paths: Path) -> set[str]:
 def declared(stage: dict) -> tuple[set[str], list[str]]:
     """(declared .py files, declared folders under stages/)."""
     deps = [d.split("#")[0].strip() for d in stage["deps"]]
-    return {d for d in deps if d.endswith(".py")}, [d for d in deps if d.startswith("stages/") and not d.endswith(".py")]
+    return {d for d in deps if d.endswith(".py")}, [
+        d for d in deps if d.startswith("stages/") and not d.endswith(".py")
+    ]
 
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -70,7 +72,7 @@ def cases():
         if not dims:
             yield name, stage, None
             continue
-        (dim, ref), = dims.items()
+        ((dim, ref),) = dims.items()
         for key, entry in PARAMS[ref.strip("${}")].items():
             yield f"{name}@<category>-{key}", stage, entry.get("method") if dim == "model" else None
 
@@ -86,7 +88,9 @@ def test_stage_declares_every_module_it_imports(name, stage, method):
     needed = closure(*roots)
     missing = {f for f in needed - files if not any(f.startswith(folder + "/") for folder in folders)}
     assert not missing, f"{name} imports but does not declare {sorted(missing)}"
-    assert files <= needed, f"{name} declares modules it never imports (they rerun it for nothing): {sorted(files - needed)}"
+    assert files <= needed, (
+        f"{name} declares modules it never imports (they rerun it for nothing): {sorted(files - needed)}"
+    )
 
 
 def test_method_files_are_named_after_their_registry_key():

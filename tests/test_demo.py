@@ -64,9 +64,17 @@ def browser(tmp_path_factory, fitted):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     camera = fake_camera(fitted, tmp_path_factory.mktemp("camera") / "line.y4m")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1300", "--disable-background-networking",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--use-fake-device-for-media-stream",
-                "--use-fake-ui-for-media-stream", f"--use-file-for-fake-video-capture={camera}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1000,1300",
+        "--disable-background-networking",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -85,8 +93,12 @@ def fake_camera(project: Path, path: Path, fps: int = 10) -> Path:
         out.write(f"YUV4MPEG2 W{size} H{size} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for frame in frames:
             y, cb, cr = Image.open(frame).convert("RGB").resize((size, size), Image.BICUBIC).convert("YCbCr").split()
-            out.write(b"FRAME\n" + y.tobytes() + cb.resize((size // 2, size // 2), Image.BOX).tobytes()
-                      + cr.resize((size // 2, size // 2), Image.BOX).tobytes())
+            out.write(
+                b"FRAME\n"
+                + y.tobytes()
+                + cb.resize((size // 2, size // 2), Image.BOX).tobytes()
+                + cr.resize((size // 2, size // 2), Image.BOX).tobytes()
+            )
     return path
 
 
@@ -97,8 +109,9 @@ def upload(browser, url: str, model: str, path: Path):
     browser.get(url)
     WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, f"#model option[value='{model}']"))
     Select(browser.find_element(By.ID, "model")).select_by_value(model)
-    browser.execute_script("document.getElementById('score').textContent = ''; "
-                           "document.getElementById('error').textContent = '';")
+    browser.execute_script(
+        "document.getElementById('score').textContent = ''; document.getElementById('error').textContent = '';"
+    )
     browser.find_element(By.ID, "file").send_keys(str(path))
     WebDriverWait(browser, 30).until(
         lambda b: b.find_element(By.ID, "score").text or b.find_element(By.ID, "error").text
@@ -200,7 +213,9 @@ def test_a_corrupt_model_file_is_a_json_error(fitted, tmp_path):
     process, url = start_server(fitted)
     try:
         status, body = post(url, "carpet/ae", (fitted / "data/raw/carpet.dataset/test/good/000.png").read_bytes())
-        assert status == 503 and body["detail"].startswith("models/carpet.category/ae.export/model.onnx: not a readable ONNX model")
+        assert status == 503 and body["detail"].startswith(
+            "models/carpet.category/ae.export/model.onnx: not a readable ONNX model"
+        )
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -273,7 +288,9 @@ def test_live_mode_follows_the_camera(fitted, server, browser, tmp_path):
     Select(browser.find_element(By.ID, "model")).select_by_value("carpet/pc")
     browser.find_element(By.ID, "live-start").click()
     seen, deadline, scores = [], time.time() + 20, set()
-    while time.time() < deadline and not (seen and "normal" in seen and seen[-1] == "anomalous" and seen.index("normal") < len(seen) - 1):
+    while time.time() < deadline and not (
+        seen and "normal" in seen and seen[-1] == "anomalous" and seen.index("normal") < len(seen) - 1
+    ):
         verdict = browser.find_element(By.ID, "live-verdict").text
         if verdict and (not seen or seen[-1] != verdict):
             seen.append(verdict)
@@ -283,7 +300,7 @@ def test_live_mode_follows_the_camera(fitted, server, browser, tmp_path):
     latency = browser.find_element(By.ID, "live-latency").text
     browser.save_screenshot(str(tmp_path / "live.png"))
     print(f"live mode, tiny 'pc' model: verdicts {seen}, {fps} frames/s, latency {latency} ms, scores {sorted(scores)}")
-    assert "normal" in seen and "anomalous" in seen[seen.index("normal"):], seen
+    assert "normal" in seen and "anomalous" in seen[seen.index("normal") :], seen
     assert int(fps) >= 1 and int(latency) > 0
     assert browser.find_element(By.ID, "live-error").text == ""
     browser.find_element(By.ID, "live-stop").click()

@@ -133,7 +133,8 @@ def serve(files: dict[str, bytes]):
 
 def full_archive(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     """A small mvtec_anomaly_detection.tar.xz in the official layout (top folder, readme, categories)."""
-    sources = {name: make_category(tmp_path / "full-src" / name, seed=i * 10) for i, name in enumerate(("carpet", "grid"))}
+    sources = {name: make_category(tmp_path / "full-src" / name, seed=i * 10)
+               for i, name in enumerate(("carpet", "grid"))}
     readme = tmp_path / "full-src" / "readme.txt"
     readme.write_text("license\n")
     archive = tmp_path / "full" / "mvtec_anomaly_detection.tar.xz"
@@ -410,16 +411,21 @@ def test_full_archive_falls_back_to_the_next_url(monkeypatch, tmp_path, out, cap
     """A 404 and then a 200 with the wrong bytes are both failures; the third URL's verified archive is used."""
     archive, sources = full_archive(tmp_path)
     wrong = pack(tmp_path / "wrong.tar.xz", {"carpet": make_category(tmp_path / "wrong" / "carpet", seed=99)})
-    files = {"/moved/mvtec_anomaly_detection.tar.xz": wrong.read_bytes(),
-             "/current/mvtec_anomaly_detection.tar.xz": archive.read_bytes()}
+    files = {
+        "/moved/mvtec_anomaly_detection.tar.xz": wrong.read_bytes(),
+        "/current/mvtec_anomaly_detection.tar.xz": archive.read_bytes(),
+    }
     with serve(files) as (base, requested):
         urls = tuple(f"{base}/{folder}/mvtec_anomaly_detection.tar.xz" for folder in ("gone", "moved", "current"))
         monkeypatch.setattr(mvtec, "FULL_ARCHIVE_URLS", urls)
         monkeypatch.setattr(mvtec, "FULL_ARCHIVE_SHA256", sha(archive))
         cache = tmp_path / "cache"
         mvtec.download_category("carpet", out / "carpet", cache_dir=cache, timeout=10)
-        assert requested == ["/gone/mvtec_anomaly_detection.tar.xz", "/moved/mvtec_anomaly_detection.tar.xz",
-                             "/current/mvtec_anomaly_detection.tar.xz"]
+        assert requested == [
+            "/gone/mvtec_anomaly_detection.tar.xz",
+            "/moved/mvtec_anomaly_detection.tar.xz",
+            "/current/mvtec_anomaly_detection.tar.xz",
+        ]
         assert tree(out / "carpet") == tree(sources["carpet"])  # the verified archive's carpet, not the wrong one's
         warnings = capsys.readouterr().err
         assert f"warning: {urls[0]}: HTTP 404 Not Found; trying the next known URL" in warnings
@@ -484,13 +490,20 @@ def test_download_stage_defaults_to_the_full_archive_once(monkeypatch, tmp_path)
 
 
 PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)
-    "bottle": "79b4d46b8647d969e323afef8d8445ff", "cable": "2ba411739e8239e7558ead13f18b0ead",
-    "capsule": "380afc46701c99cb7b9a928edbe16eb5", "carpet": "5ce0a646d054d9e88195bd74c690de4b",
-    "grid": "37239e47f99673bb73393b67ca4cc418", "hazelnut": "5c30a9e574a762d845ca79cf2f241b01",
-    "leather": "e7971b60323840bfc36247e8d9c3598e", "metal_nut": "bfbc32e780827923f4b2c61923e364f7",
-    "pill": "834e2d57f62cd4d8d74cd0a5775cc48b", "screw": "2e817e865841f4947db4ded51c13bb23",
-    "tile": "d78d2c0f6d8bbe9cbe3b72a77bc3e328", "toothbrush": "53ba30bb7aeac103e28e1b83ae28ffb9",
-    "transistor": "4fe2681f0ce1793cbf71d762f926d564", "wood": "b2478b1c65e9a470f360cc6173299d58",
+    "bottle": "79b4d46b8647d969e323afef8d8445ff",
+    "cable": "2ba411739e8239e7558ead13f18b0ead",
+    "capsule": "380afc46701c99cb7b9a928edbe16eb5",
+    "carpet": "5ce0a646d054d9e88195bd74c690de4b",
+    "grid": "37239e47f99673bb73393b67ca4cc418",
+    "hazelnut": "5c30a9e574a762d845ca79cf2f241b01",
+    "leather": "e7971b60323840bfc36247e8d9c3598e",
+    "metal_nut": "bfbc32e780827923f4b2c61923e364f7",
+    "pill": "834e2d57f62cd4d8d74cd0a5775cc48b",
+    "screw": "2e817e865841f4947db4ded51c13bb23",
+    "tile": "d78d2c0f6d8bbe9cbe3b72a77bc3e328",
+    "toothbrush": "53ba30bb7aeac103e28e1b83ae28ffb9",
+    "transistor": "4fe2681f0ce1793cbf71d762f926d564",
+    "wood": "b2478b1c65e9a470f360cc6173299d58",
     "zipper": "015bfd289a1782abc77318aa015a728d",
 }
 

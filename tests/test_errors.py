@@ -146,7 +146,10 @@ def test_unknown_backbone(prepared):
 @pytest.mark.parametrize(
     "model, expected",
     [
-        ({"method": "magic", "backbone": "efficientnet_lite0"}, "error: models.m.method: unknown method 'magic' (known: " + ", ".join(sorted(REGISTRY)) + ")"),
+        (
+            {"method": "magic", "backbone": "efficientnet_lite0"},
+            "error: models.m.method: unknown method 'magic' (known: " + ", ".join(sorted(REGISTRY)) + ")",
+        ),
         (
             {"method": "patchcore", "backbone": "efficientnet_lite0", "fit": {"coreset_ratio": 1.5}},
             "error: models.m.fit.coreset_ratio: must be a finite number in (0, 1], got 1.5",
@@ -179,7 +182,9 @@ def test_stage_refuses_a_category_that_is_not_listed(project):
 
 def test_usage_line_names_the_arguments(project):
     tiny_params(project)
-    assert error_line(run_stage("fit", "carpet", cwd=project)) == "error: usage: python -m stages.fit <category> <model>"
+    assert (
+        error_line(run_stage("fit", "carpet", cwd=project)) == "error: usage: python -m stages.fit <category> <model>"
+    )
 
 
 def test_synthetic_data_under_an_mvtec_name_is_flagged(project):
@@ -222,8 +227,10 @@ def test_evaluate_refuses_stale_features(stale_features):
     """In-process (run_main turns the PipelineError into the one `error:` line, tests/test_runtime.py)."""
     with pytest.raises(PipelineError) as excinfo:
         call_stage("evaluate", "carpet", "knn", cwd=stale_features)
-    assert str(excinfo.value) == ("data/features/carpet.category/efficientnet_lite0.features: val features do not match "
-                                  "the prepared images; rerun extract")
+    assert str(excinfo.value) == (
+        "data/features/carpet.category/efficientnet_lite0.features: val features do not match "
+        "the prepared images; rerun extract"
+    )
     assert_no_output(stale_features, stale_features / "metrics" / "models" / "carpet.category" / "knn.metrics.json")
     assert_no_output(stale_features, stale_features / "models" / "carpet.category" / "knn.scoring.json")
     for curve in ("scores", "roc", "pr", "pixel_roc", "pro", "confusion"):
@@ -233,6 +240,8 @@ def test_evaluate_refuses_stale_features(stale_features):
 def test_tsne_refuses_stale_features(stale_features):
     with pytest.raises(PipelineError) as excinfo:
         call_stage("tsne", "carpet", "efficientnet_lite0", cwd=stale_features)
-    assert str(excinfo.value) == ("data/features/carpet.category/efficientnet_lite0.features: train features do not match "
-                                  "the prepared images; rerun extract")
+    assert str(excinfo.value) == (
+        "data/features/carpet.category/efficientnet_lite0.features: train features do not match "
+        "the prepared images; rerun extract"
+    )
     assert_no_output(stale_features, stale_features / "plots" / "carpet.category" / "efficientnet_lite0.tsne.csv")

@@ -59,8 +59,13 @@ def test_pr_rows_of_a_hand_made_case():
     highest threshold down, recall 0 (nothing flagged, threshold above the top score), then
     t=0.8: 1 of 1 right, t=0.4: 1 of 2, t=0.35: 2 of 3, t=0.1: 2 of 4."""
     rows = pr_rows([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    assert [(r["recall"], r["precision"]) for r in rows] == [(0.0, 1.0), (0.5, 1.0), (0.5, 0.5), (1.0, pytest.approx(2 / 3)),
-                                                             (1.0, 0.5)]
+    assert [(r["recall"], r["precision"]) for r in rows] == [
+        (0.0, 1.0),
+        (0.5, 1.0),
+        (0.5, 0.5),
+        (1.0, pytest.approx(2 / 3)),
+        (1.0, 0.5),
+    ]
     assert [r["threshold"] for r in rows] == [pytest.approx(1.8), 0.8, 0.4, 0.35, 0.1]
     assert rows[0]["threshold"] > 0.8  # the recall-0 point: above the top score
     assert [r["recall"] for r in rows] == sorted(r["recall"] for r in rows)
@@ -84,7 +89,10 @@ def test_pngs_are_reproducible(tmp_path):
     from stages.plotting.charts import summary_figure
     from stages.plotting.style import save_png
 
-    rows = {"a": {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None}, "b": {"image_auroc": 0.5, "pixel_auroc": 0.7, "aupro": 0.6}}
+    rows = {
+        "a": {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None},
+        "b": {"image_auroc": 0.5, "pixel_auroc": 0.7, "aupro": 0.6},
+    }
     digests = []
     for i in range(2):
         save_png(summary_figure(rows, "carpet"), tmp_path / f"{i}.png", panels=(1, 3))
@@ -93,4 +101,3 @@ def test_pngs_are_reproducible(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "0.png").text == {"Comment": "panels=1x3"}
-

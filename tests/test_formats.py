@@ -184,7 +184,8 @@ def test_48_bit_rgb_png_keeps_its_values(tmp_path, rgb):
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     path = tmp_path / "rgb48.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
     assert np.array_equal(np.asarray(read_image(path, "RGB")), rgb)
 
 

@@ -124,7 +124,8 @@ def test_too_many_pixels_is_refused_before_decoding(tmp_path):
     side = int(MAX_PIXELS**0.5) + 1
     path = tmp_path / "big.png"
     Image.new("1", (side, side)).save(path)  # 1 bit per pixel: a small file
-    with pytest.raises(PipelineError, match=rf"big\.png: {side}x{side} pixels is more than the limit of {MAX_PIXELS:,}"):
+    limit = rf"big\.png: {side}x{side} pixels is more than the limit of {MAX_PIXELS:,}"
+    with pytest.raises(PipelineError, match=limit):
         read_image(path)
 
 
@@ -164,7 +165,9 @@ def test_out_never_overwrites_or_deletes_what_predict_did_not_write(fitted, tmp_
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious\n")
-    with pytest.raises(PipelineError, match=r"--out .*mine: already holds 1 file\(s\) \(notes\.txt\); pass --overwrite"):
+    with pytest.raises(
+        PipelineError, match=r"--out .*mine: already holds 1 file\(s\) \(notes\.txt\); pass --overwrite"
+    ):
         predict(fitted, "pc", image, "--out", str(out))
     code, rows = predict(fitted, "pc", image, "--out", str(out), "--overwrite")
     assert code == 0 and (out / "notes.txt").read_text() == "precious\n"  # --overwrite touches only its own names
@@ -185,14 +188,25 @@ def test_out_never_overwrites_or_deletes_what_predict_did_not_write(fitted, tmp_
 def test_out_inside_the_pipeline_folders_is_refused(fitted, inside):
     image = str(fitted / "data/raw/carpet.dataset/test/hole/000.png")
     before = sorted(p.name for p in (fitted / inside.split("/")[0]).rglob("*"))
-    with pytest.raises(PipelineError, match=rf"--out {inside}: inside {inside.split('/')[0]}/, which the pipeline writes"):
+    with pytest.raises(
+        PipelineError, match=rf"--out {inside}: inside {inside.split('/')[0]}/, which the pipeline writes"
+    ):
         predict(fitted, "pc", image, "--out", inside)
     assert sorted(p.name for p in (fitted / inside.split("/")[0]).rglob("*")) == before
 
 
-BAD_DEVICES = [("bogus", "error: --device: unknown device 'bogus' (auto, cpu, cuda or cuda:N)"),
-               ("cuda:7", "error: --device: 'cuda:7' requested but " + (
-                   f"only {torch.cuda.device_count()} GPU(s) present" if torch.cuda.is_available() else "no CUDA GPU is available"))]
+BAD_DEVICES = [
+    ("bogus", "error: --device: unknown device 'bogus' (auto, cpu, cuda or cuda:N)"),
+    (
+        "cuda:7",
+        "error: --device: 'cuda:7' requested but "
+        + (
+            f"only {torch.cuda.device_count()} GPU(s) present"
+            if torch.cuda.is_available()
+            else "no CUDA GPU is available"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("device, message", BAD_DEVICES)
@@ -203,14 +217,23 @@ def test_a_bad_device_is_one_line(fitted, device, message):
 
 def test_few_shot_has_a_help_and_never_shrinks_the_table(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    shown = subprocess.run([sys.executable, "-m", "stages.few_shot", "--help"], cwd=REPO, env=env,
-                           capture_output=True, text=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "stages.few_shot", "--help"], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert shown.returncode == 0 and "--allow-fewer" in shown.stdout and "dvc exp run --queue" in shown.stdout
 
     from stages.few_shot import existing_rows, sweep_rows
 
-    rows = sweep_rows([{"metrics/models/carpet.category/m.metrics.json:n_train": 4,
-                        "metrics/models/carpet.category/m.metrics.json:image_auroc": 0.9}], "carpet", ["m"])
+    rows = sweep_rows(
+        [
+            {
+                "metrics/models/carpet.category/m.metrics.json:n_train": 4,
+                "metrics/models/carpet.category/m.metrics.json:image_auroc": 0.9,
+            }
+        ],
+        "carpet",
+        ["m"],
+    )
     assert rows == [{"model": "m", "n_train": 4, "image_auroc": 0.9, "pixel_auroc": None}]
     assert existing_rows(REPO / "plots" / "few_shot.csv") == 49
 
@@ -223,9 +246,19 @@ def test_few_shot_refuses_to_replace_a_longer_table(tmp_path, monkeypatch, capsy
     table = tmp_path / "few_shot.csv"
     table.write_text("model,n_train,image_auroc,pixel_auroc\n" + "m,1,0.5,\nm,2,0.6,\n")
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(dvc.api, "exp_show", lambda: [{"metrics/models/carpet.category/knn_effnet.metrics.json:n_train": 8,
-                                                        "metrics/models/carpet.category/knn_effnet.metrics.json:image_auroc": 0.9}])
-    with pytest.raises(PipelineError, match=r"few_shot\.csv: holds 2 rows, the experiments found give 1; left as it is"):
+    monkeypatch.setattr(
+        dvc.api,
+        "exp_show",
+        lambda: [
+            {
+                "metrics/models/carpet.category/knn_effnet.metrics.json:n_train": 8,
+                "metrics/models/carpet.category/knn_effnet.metrics.json:image_auroc": 0.9,
+            }
+        ],
+    )
+    with pytest.raises(
+        PipelineError, match=r"few_shot\.csv: holds 2 rows, the experiments found give 1; left as it is"
+    ):
         few_shot.main(["--out", str(table)])
     assert "give 1 row(s) for carpet: 1 size(s) (8)" in capsys.readouterr().out
     assert existing_rows_of(table) == 2
@@ -256,9 +289,11 @@ def test_one_validation_image_is_warned_about(project):
     params["preprocess"]["val_fraction"] = 0.05  # of 8 images: 1 held out
     write_params(project, params)
     result = run_stage("preprocess", "carpet", cwd=project, check=True)
-    assert (f"warning: preprocess.val_fraction=0.05 holds out 1 of {TINY['n_train']} good training images of carpet: "
-            "the mean + n_std * std threshold rests on 1 validation score(s) (with one, the threshold is that image's "
-            "score)") in result.stderr
+    assert (
+        f"warning: preprocess.val_fraction=0.05 holds out 1 of {TINY['n_train']} good training images of carpet: "
+        "the mean + n_std * std threshold rests on 1 validation score(s) (with one, the threshold is that image's "
+        "score)"
+    ) in result.stderr
 
 
 def test_a_string_where_dvc_expands_a_list_is_named(project):
@@ -267,4 +302,7 @@ def test_a_string_where_dvc_expands_a_list_is_named(project):
     text = (project / "params.yaml").read_text().replace("categories:\n  - carpet", "categories: carpet")
     assert "categories: carpet\n" in text
     (project / "params.yaml").write_text(text)
-    assert error_line(run_stage("check", cwd=project)) == "error: data.categories: must be a non-empty list of strings, got 'carpet'"
+    assert (
+        error_line(run_stage("check", cwd=project))
+        == "error: data.categories: must be a non-empty list of strings, got 'carpet'"
+    )

@@ -104,7 +104,9 @@ def test_greedy_rounds_select_what_the_plain_loop_selects(monkeypatch, candidate
     # up to 0.6: 188 of 248 distinct points, so no pick is left to rounding noise between duplicates
     for ratio in (0.05, 0.3, 0.6):
         selected = sampler.greedy_select(points, ratio, torch.Generator().manual_seed(2), progress=False)
-        assert torch.equal(selected, sampler.plain_greedy_select(points, ratio, torch.Generator().manual_seed(2))), ratio
+        assert torch.equal(selected, sampler.plain_greedy_select(points, ratio, torch.Generator().manual_seed(2))), (
+            ratio
+        )
 
 
 def test_greedy_round_ties(monkeypatch):
@@ -202,7 +204,9 @@ def test_patchcore_eq7_reweighting_on_a_hand_made_bank():
     patches = torch.tensor([[[0.1, 0.1], [3.0, 0.0]], [[0.0, 2.5], [5.0, 4.0]]])
     train = feature_set(maps={"layer": bank.t().reshape(1, 2, 2, 2)}, image_size=(8, 8))  # one image, 2 x 2 patches
     inputs = feature_set(maps={"layer": patches.permute(0, 2, 1).reshape(2, 2, 1, 2)}, image_size=(4, 8))
-    fit = dict(coreset_ratio=1.0, projection_dim=None, patch_size=1, pretrain_embed_dimension=2, target_embed_dimension=2)
+    fit = dict(
+        coreset_ratio=1.0, projection_dim=None, patch_size=1, pretrain_embed_dimension=2, target_embed_dimension=2
+    )
 
     def scores(**score):
         model = PatchCore(fit=fit, score={"smoothing_sigma": 0, **score}).fit(train)
@@ -216,17 +220,26 @@ def test_patchcore_eq7_reweighting_on_a_hand_made_bank():
     assert weighted[0] == pytest.approx(by_hand, rel=1e-5)
     np.testing.assert_allclose(weighted, [_eq7_reference(bank, image, b=3) for image in patches], rtol=1e-5)
     # a neighbourhood of 4 (the whole bank) adds (5, 5), sqrt(29) away from (3, 0)
-    np.testing.assert_allclose(scores(reweight=True, num_neighbors=4), [_eq7_reference(bank, image, b=4) for image in patches],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        scores(reweight=True, num_neighbors=4), [_eq7_reference(bank, image, b=4) for image in patches], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("batch_size, projection_dim", [(1, 8), (4, 8), (3, None)])
 def test_streamed_fit_keeps_the_one_shot_coreset(batch_size, projection_dim):
     """Embedding and projecting batch by batch selects the same patches as projecting all at once."""
     g = torch.Generator().manual_seed(8)
-    maps = {"layer2": torch.randn(7, 6, 8, 8, generator=g).half(), "layer3": torch.randn(7, 10, 4, 4, generator=g).half()}
-    fit = dict(coreset_ratio=0.2, pretrain_embed_dimension=16, target_embed_dimension=12, projection_dim=projection_dim,
-               batch_size=batch_size)
+    maps = {
+        "layer2": torch.randn(7, 6, 8, 8, generator=g).half(),
+        "layer3": torch.randn(7, 10, 4, 4, generator=g).half(),
+    }
+    fit = dict(
+        coreset_ratio=0.2,
+        pretrain_embed_dimension=16,
+        target_embed_dimension=12,
+        projection_dim=projection_dim,
+        batch_size=batch_size,
+    )
     model = PatchCore(fit=fit, seed=3).fit(feature_set(maps=maps))
     patches, _ = model.embed(list(maps.values()))
     expected = patches[greedy_coreset(patches, 0.2, projection_dim=projection_dim, seed=3, progress=False)]
@@ -237,7 +250,9 @@ def test_streamed_fit_keeps_the_one_shot_coreset(batch_size, projection_dim):
 def test_patchcore_is_deterministic():
     train = feature_set(maps=_texture_maps(4, seed=5))
     params = dict(coreset_ratio=0.25, pretrain_embed_dimension=8, target_embed_dimension=8)
-    fit = lambda: PatchCore(fit=params).fit(train).bank
+    def fit():
+        return PatchCore(fit=params).fit(train).bank
+
     assert torch.equal(fit(), fit())
 
 

@@ -20,7 +20,12 @@ import yaml
 
 from tests.conftest import MODELS_FITTED, REPO, call_stage, default_params, write_params
 
-CAPPED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+CAPPED = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
 NATIVE = {"ATEN_CPU_CAPABILITY": "", "ONEDNN_MAX_CPU_ISA": "ALL", "MKL_CBWR": "AUTO", "MKL_ENABLE_INSTRUCTIONS": ""}
 VARIANTS = {
     "native kernels, 2 threads": {**NATIVE, "OMP_NUM_THREADS": "2"},
@@ -30,19 +35,28 @@ VARIANTS = {
 }
 # One stage of each kind of arithmetic: convolutions forward (extract), a trained network (fit of
 # the pixel autoencoder), nearest neighbours, interpolation and smoothing (evaluate of PatchCore).
-STAGES = [("extract", "carpet", "efficientnet_lite0"), ("fit", "carpet", "ae"), ("fit", "carpet", "pc"),
-          ("evaluate", "carpet", "pc")]
-OUTPUTS = ("data/features/carpet.category/efficientnet_lite0.features", "models/carpet.category/ae.model",
-           "models/carpet.category/pc.model", "metrics/models/carpet.category/pc.metrics.json",
-           "plots/carpet.category/pc.model/scores.csv")
+STAGES = [
+    ("extract", "carpet", "efficientnet_lite0"),
+    ("fit", "carpet", "ae"),
+    ("fit", "carpet", "pc"),
+    ("evaluate", "carpet", "pc"),
+]
+OUTPUTS = (
+    "data/features/carpet.category/efficientnet_lite0.features",
+    "models/carpet.category/ae.model",
+    "models/carpet.category/pc.model",
+    "metrics/models/carpet.category/pc.metrics.json",
+    "plots/carpet.category/pc.model/scores.csv",
+)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("numerics")
     params = default_params()
-    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
-                                       defect_types=["color", "hole"])
+    params["data"]["synthetic"].update(
+        image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, defect_types=["color", "hole"]
+    )
     params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
     params.update(device="cpu", fit_seeds=[0])
     params["evaluate"]["bootstrap"]["resamples"] = 20
@@ -59,8 +73,10 @@ def run_variant(prepared: Path, folder: Path, mode: str, variant: dict) -> dict[
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["numerics"] = mode
     write_params(folder, params)
-    script = "; ".join(["import sys", "from tests.conftest import call_stage", "from pathlib import Path"]
-                       + [f"call_stage({s!r}, *{args!r}, cwd=Path.cwd())" for s, *args in STAGES])
+    script = "; ".join(
+        ["import sys", "from tests.conftest import call_stage", "from pathlib import Path"]
+        + [f"call_stage({s!r}, *{args!r}, cwd=Path.cwd())" for s, *args in STAGES]
+    )
     env = {k: v for k, v in os.environ.items() if k not in CAPPED and k != "OMP_NUM_THREADS"}
     env.update({k: v for k, v in variant.items() if k != "taskset" and v}, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
     command = [sys.executable, "-c", script]
@@ -68,8 +84,12 @@ def run_variant(prepared: Path, folder: Path, mode: str, variant: dict) -> dict[
         command = ["taskset", "-c", variant["taskset"], *command]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for output in OUTPUTS for p in sorted([folder / output, *(folder / output).rglob("*")]) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for output in OUTPUTS
+        for p in sorted([folder / output, *(folder / output).rglob("*")])
+        if p.is_file()
+    }
 
 
 def differing(runs: dict[str, dict[str, str]]) -> set[str]:
@@ -92,7 +112,9 @@ def test_strict_gives_the_same_bytes_with_any_kernels_and_threads(strict_runs):
 def native_capability() -> str:
     env = {k: v for k, v in os.environ.items() if k not in CAPPED}
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd="/").stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd="/"
+    ).stdout.strip()
 
 
 def test_fast_documents_what_differs(prepared, strict_runs, tmp_path):
@@ -102,7 +124,9 @@ def test_fast_documents_what_differs(prepared, strict_runs, tmp_path):
     extremes = {name: VARIANTS[name] for name in ("native kernels, 2 threads", "AVX2 kernels, 1 thread on 1 core")}
     runs = {name: run_variant(prepared, tmp_path / str(i), "fast", v) for i, (name, v) in enumerate(extremes.items())}
     changed = differing(runs)
-    print(f"numerics: fast on a {native_capability()} CPU: {len(changed)} of {len(next(iter(runs.values())))} "
-          f"output files differ between {' and '.join(extremes)}: {sorted(changed)}")
+    print(
+        f"numerics: fast on a {native_capability()} CPU: {len(changed)} of {len(next(iter(runs.values())))} "
+        f"output files differ between {' and '.join(extremes)}: {sorted(changed)}"
+    )
     if native_capability().startswith("AVX512"):
         assert "models/carpet.category/ae.model/seed-0/model.pt" in changed

@@ -31,7 +31,9 @@ def feature_set(n: int, seed: int, channels=CHANNELS, grid=(6, 8), spread: float
     for i, (c, stride) in enumerate(zip(channels, (1, 2))):
         sources = spread * torch.randn(n, 3, h // stride, w // stride, generator=g)
         mixing = torch.randn(c, 3, generator=torch.Generator().manual_seed(100 + i))
-        x = torch.einsum("ck,nkhw->nchw", mixing, sources) + 0.3 * torch.randn(n, c, h // stride, w // stride, generator=g)
+        x = torch.einsum("ck,nkhw->nchw", mixing, sources) + 0.3 * torch.randn(
+            n, c, h // stride, w // stride, generator=g
+        )
         layers[f"layer{i + 2}"] = (x + 20.0).half()
     return FeatureSet(torch.zeros(n, 4), layers, IMAGE_SIZE, [f"img{i}" for i in range(n)])
 
@@ -52,8 +54,9 @@ def concatenated(features: FeatureSet, upsample: str = "nearest") -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def paper_distances(train: FeatureSet, test: FeatureSet, dims: np.ndarray, eps: float = 0.01,
-                    upsample: str = "nearest") -> np.ndarray:
+def paper_distances(
+    train: FeatureSet, test: FeatureSet, dims: np.ndarray, eps: float = 0.01, upsample: str = "nearest"
+) -> np.ndarray:
     """Defard et al. eq. 1 and 2 per position (i, j): mu = mean of the N training vectors,
     Sigma = 1/(N-1) sum (x - mu)(x - mu)^T + eps I, M(x) = sqrt((x - mu)^T Sigma^-1 (x - mu))."""
     x_train = concatenated(train, upsample)[:, dims]
@@ -202,15 +205,18 @@ def _one_line_error(call) -> str:
 def test_impossible_fits_say_why_in_one_line():
     train = feature_set(6, seed=13)
     assert _one_line_error(lambda: PaDiM(fit={"dimensions": 13}).fit(train)) == (
-        "fit.dimensions=13 is more than the 12 channels of the cached feature maps (at most 12, or null for all)")
+        "fit.dimensions=13 is more than the 12 channels of the cached feature maps (at most 12, or null for all)"
+    )
     assert PaDiM(fit={"dimensions": 12}).fit(train).dims.tolist() == list(range(12))
     one = feature_set(1, seed=14)
     assert _one_line_error(lambda: PaDiM(fit={"dimensions": 4}).fit(one)) == (
-        "padim needs at least 2 training images to estimate a covariance per position, got 1")
+        "padim needs at least 2 training images to estimate a covariance per position, got 1"
+    )
     broken = feature_set(6, seed=15)
     broken.feature_maps["layer3"][2, :, 1, 2] = float("nan")
     assert "covariance at feature position (2, 4) is not positive definite" in _one_line_error(
-        lambda: PaDiM(fit={"dimensions": None}).fit(broken))
+        lambda: PaDiM(fit={"dimensions": None}).fit(broken)
+    )
 
 
 def test_two_images_are_enough():
@@ -223,14 +229,17 @@ def test_two_images_are_enough():
     np.testing.assert_allclose(distances, paper_distances(train, test, np.arange(12)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("block, params, message", [
-    ("fit", {"dimensions": 0}, "fit.dimensions: must be an integer >= 1 or null, got 0"),
-    ("fit", {"regularisation": 0}, "fit.regularisation: must be a finite number > 0, got 0"),
-    ("fit", {"upsample": "cubic"}, "fit.upsample: must be one of nearest, bilinear, got 'cubic'"),
-    ("fit", {"positions_per_pass": 0}, "fit.positions_per_pass: must be an integer >= 1 or null, got 0"),
-    ("fit", {"dimension": 100}, "fit.dimension: unknown parameter (did you mean 'dimensions'?"),
-    ("score", {"smoothing_sigma": -1}, "score.smoothing_sigma: must be a finite number >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "block, params, message",
+    [
+        ("fit", {"dimensions": 0}, "fit.dimensions: must be an integer >= 1 or null, got 0"),
+        ("fit", {"regularisation": 0}, "fit.regularisation: must be a finite number > 0, got 0"),
+        ("fit", {"upsample": "cubic"}, "fit.upsample: must be one of nearest, bilinear, got 'cubic'"),
+        ("fit", {"positions_per_pass": 0}, "fit.positions_per_pass: must be an integer >= 1 or null, got 0"),
+        ("fit", {"dimension": 100}, "fit.dimension: unknown parameter (did you mean 'dimensions'?"),
+        ("score", {"smoothing_sigma": -1}, "score.smoothing_sigma: must be a finite number >= 0, got -1"),
+    ],
+)
 def test_bad_params(block, params, message):
     assert _one_line_error(lambda: PaDiM(**{block: params})).startswith(message)
 
@@ -240,5 +249,6 @@ def test_scoring_other_features_than_the_fitted_ones_is_refused():
     other = feature_set(2, seed=19, channels=(5, 6))
     assert _one_line_error(lambda: model.predict(other)) == (
         "padim: the features have [5, 6] channels on a 6x8 grid, the model was fitted on [5, 7] on 6x8 "
-        "(re-run the fit stage)")
+        "(re-run the fit stage)"
+    )
     assert _one_line_error(lambda: PaDiM().predict(other)) == "padim: predict() called before fit() or load()"

@@ -73,58 +73,142 @@ def error_of(tmp_path: Path, text: str) -> str:
     "old, new, expected",
     [
         # misspelled keys: never a silent default, and the closest known key is named
-        ("    weights: null", "    weight: /my.pth",
-         "backbones.efficientnet_lite0.weight: unknown parameter (did you mean 'weights'?"),
-        ("    layers: [blocks.2, blocks.4]", "    layer: [blocks.2]",
-         "backbones.efficientnet_lite0.layer: unknown parameter (did you mean 'layers'?"),
-        ("      batch_size: 8\n      patience: 5", "      batchsize: 8\n      patience: 5",
-         "models.ae_l2.fit.batchsize: unknown parameter (did you mean 'batch_size'?"),
+        (
+            "    weights: null",
+            "    weight: /my.pth",
+            "backbones.efficientnet_lite0.weight: unknown parameter (did you mean 'weights'?",
+        ),
+        (
+            "    layers: [blocks.2, blocks.4]",
+            "    layer: [blocks.2]",
+            "backbones.efficientnet_lite0.layer: unknown parameter (did you mean 'layers'?",
+        ),
+        (
+            "      batch_size: 8\n      patience: 5",
+            "      batchsize: 8\n      patience: 5",
+            "models.ae_l2.fit.batchsize: unknown parameter (did you mean 'batch_size'?",
+        ),
         ("    sha256: null", "    sha265: null", "data.mvtec.sha265: unknown parameter (did you mean 'sha256'?"),
         ("  fpr_limit: 0.3", "  fpr_limt: 0.3", "evaluate.fpr_limt: unknown parameter (did you mean 'fpr_limit'?"),
         ("  resize: 256", "  resise: 256", "preprocess.resise: unknown parameter (did you mean 'resize'?"),
         ("evaluate:\n", "evaluation:\n", "evaluation: unknown parameter (did you mean 'evaluate'?"),
-        ("    n_train: 100", "    n_trains: 100", "data.synthetic.n_trains: unknown parameter (did you mean 'n_train'?"),
-        ("    score:\n      k: 50", "    scoring:\n      k: 50",
-         "models.knn_effnet.scoring: unknown parameter (did you mean 'score'?"),
+        (
+            "    n_train: 100",
+            "    n_trains: 100",
+            "data.synthetic.n_trains: unknown parameter (did you mean 'n_train'?",
+        ),
+        (
+            "    score:\n      k: 50",
+            "    scoring:\n      k: 50",
+            "models.knn_effnet.scoring: unknown parameter (did you mean 'score'?",
+        ),
         ("      k: 50", "      kk: 50", "models.knn_effnet.score.kk: unknown parameter (did you mean 'k'?"),
         # a fitting param in the scoring block is named as unknown there
-        ("      num_neighbors: 9", "      coreset_ratio: 0.1", "models.patchcore_effnet.score.coreset_ratio: unknown parameter"),
+        (
+            "      num_neighbors: 9",
+            "      coreset_ratio: 0.1",
+            "models.patchcore_effnet.score.coreset_ratio: unknown parameter",
+        ),
         # wrong types and ranges: the key, what was given and what is allowed
-        ("      patch_size: 3", '      patch_size: "3"',
-         "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got '3'"),
-        ("      patch_size: 3", "      patch_size: 4", "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got 4"),
-        ("      target_embed_dimension: 128\n      batch_size: 8", "      target_embed_dimension: 128\n      batch_size: 0",
-         "models.patchcore_effnet.fit.batch_size: must be an integer >= 1, got 0"),
-        ("      pretrain_embed_dimension: 128", '      pretrain_embed_dimension: "128"',
-         "models.patchcore_effnet.fit.pretrain_embed_dimension: must be an integer >= 1, got '128'"),
-        ("      coreset_ratio: 0.1", "      coreset_ratio: 1.5",
-         "models.patchcore_effnet.fit.coreset_ratio: must be a finite number in (0, 1], got 1.5"),
-        ("      reweight: false", "      reweight: 1", "models.patchcore_effnet.score.reweight: must be true or false, got 1"),
-        ("      image_score: max", "      image_score: median",
-         "models.ae_l2.score.image_score: must be one of max, mean, got 'median'"),
-        ("      image_size: 128", "      image_size: 100",
-         "models.ae_l2.fit.image_size: must be a multiple of 16 (2 ** len(channels)), got 100"),
+        (
+            "      patch_size: 3",
+            '      patch_size: "3"',
+            "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got '3'",
+        ),
+        (
+            "      patch_size: 3",
+            "      patch_size: 4",
+            "models.patchcore_effnet.fit.patch_size: must be an odd integer >= 1, got 4",
+        ),
+        (
+            "      target_embed_dimension: 128\n      batch_size: 8",
+            "      target_embed_dimension: 128\n      batch_size: 0",
+            "models.patchcore_effnet.fit.batch_size: must be an integer >= 1, got 0",
+        ),
+        (
+            "      pretrain_embed_dimension: 128",
+            '      pretrain_embed_dimension: "128"',
+            "models.patchcore_effnet.fit.pretrain_embed_dimension: must be an integer >= 1, got '128'",
+        ),
+        (
+            "      coreset_ratio: 0.1",
+            "      coreset_ratio: 1.5",
+            "models.patchcore_effnet.fit.coreset_ratio: must be a finite number in (0, 1], got 1.5",
+        ),
+        (
+            "      reweight: false",
+            "      reweight: 1",
+            "models.patchcore_effnet.score.reweight: must be true or false, got 1",
+        ),
+        (
+            "      image_score: max",
+            "      image_score: median",
+            "models.ae_l2.score.image_score: must be one of max, mean, got 'median'",
+        ),
+        (
+            "      image_size: 128",
+            "      image_size: 100",
+            "models.ae_l2.fit.image_size: must be a multiple of 16 (2 ** len(channels)), got 100",
+        ),
         ("      loss: mse", "      loss: l1", "models.skipae_mse.fit.loss: must be one of mse, ssim, got 'l1'"),
-        ("      channels: [32, 64, 128, 256]", "      channels: []",
-         "models.ae_l2.fit.channels: must be a non-empty list of integers each >= 1, got []"),
+        (
+            "      channels: [32, 64, 128, 256]",
+            "      channels: []",
+            "models.ae_l2.fit.channels: must be a non-empty list of integers each >= 1, got []",
+        ),
         ("device: auto", "device: gpu", "device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-        ("  threshold_n_std: 2", "  threshold_n_std: .nan", "evaluate.threshold_n_std: must be a finite number >= 0, got nan"),
-        ("  threshold_n_std: 2", "  threshold_n_std: .inf", "evaluate.threshold_n_std: must be a finite number >= 0, got inf"),
+        (
+            "  threshold_n_std: 2",
+            "  threshold_n_std: .nan",
+            "evaluate.threshold_n_std: must be a finite number >= 0, got nan",
+        ),
+        (
+            "  threshold_n_std: 2",
+            "  threshold_n_std: .inf",
+            "evaluate.threshold_n_std: must be a finite number >= 0, got inf",
+        ),
         ("  fpr_limit: 0.3", "  fpr_limit: .inf", "evaluate.fpr_limit: must be a finite number in (0, 1], got inf"),
-        ("  crop_size: 224", "  crop_size: 300", "preprocess.crop_size: must be at most preprocess.resize (256), got 300"),
-        ("  val_fraction: 0.1", "  val_fraction: 1", "preprocess.val_fraction: must be a finite number in (0, 1), got 1"),
+        (
+            "  crop_size: 224",
+            "  crop_size: 300",
+            "preprocess.crop_size: must be at most preprocess.resize (256), got 300",
+        ),
+        (
+            "  val_fraction: 0.1",
+            "  val_fraction: 1",
+            "preprocess.val_fraction: must be a finite number in (0, 1), got 1",
+        ),
         ("  curve_points: 2000", "  curve_points: 5", "figures.curve_points: must be an integer >= 10, got 5"),
-        ("  source: synthetic", "  source: ftp", "data.source: must be one of synthetic, mvtec, visa, folder, got 'ftp'"),
-        ("    sha256: null", "    sha256: abc", "data.mvtec.sha256: must be a SHA-256 hex digest (64 hex digits) or null, got 'abc'"),
+        (
+            "  source: synthetic",
+            "  source: ftp",
+            "data.source: must be one of synthetic, mvtec, visa, folder, got 'ftp'",
+        ),
+        (
+            "    sha256: null",
+            "    sha256: abc",
+            "data.mvtec.sha256: must be a SHA-256 hex digest (64 hex digits) or null, got 'abc'",
+        ),
         # names become folders: nothing that could climb or hide
-        ("  efficientnet_lite0:  #", "  ../x:  #", "backbones.../x: a backbone name must be letters, digits, '_' or '-'"),
+        (
+            "  efficientnet_lite0:  #",
+            "  ../x:  #",
+            "backbones.../x: a backbone name must be letters, digits, '_' or '-'",
+        ),
         ("  knn_effnet:  #", "  .hidden:  #", "models..hidden: a model name must be letters, digits, '_' or '-'"),
         # model entries
         ("    method: global_knn", "    method: magic", "models.knn_effnet.method: unknown method 'magic'"),
-        ("    backbone: efficientnet_lite0\n    fit:\n      top", "    backbone: resnet50\n    fit:\n      top",
-         "models.knn_effnet.backbone: 'resnet50' is not configured under `backbones:` (known: pixels, efficientnet_lite0)"),
-        ("    method: global_knn", "    method: autoencoder",
-         "models.knn_effnet.backbone: method autoencoder reads images; set backbone: pixels"),
+        (
+            "    backbone: efficientnet_lite0\n    fit:\n      top",
+            "    backbone: resnet50\n    fit:\n      top",
+            "models.knn_effnet.backbone: 'resnet50' is not configured under `backbones:` "
+            "(known: pixels, efficientnet_lite0)",
+        ),
+        (
+            "    method: global_knn",
+            "    method: autoencoder",
+            "models.knn_effnet.backbone: method autoencoder reads images; set backbone: pixels",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, old, new, expected):
@@ -168,8 +252,9 @@ def test_every_param_dvc_yaml_declares_exists_in_the_params_file(params_file):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     missing = []
     for name, stage in stages.items():
-        dims = {k: list(params[v.strip("${}").split(".")[0]]) for k, v in stage.get("matrix", {}).items()
-                if k != "category"}
+        dims = {
+            k: list(params[v.strip("${}").split(".")[0]]) for k, v in stage.get("matrix", {}).items() if k != "category"
+        }
         items = [{dim: key} for dim, keys in dims.items() for key in keys] or [{}]
         for item in items:
             for declared in stage.get("params", []):
@@ -185,14 +270,23 @@ def test_every_param_dvc_yaml_declares_exists_in_the_params_file(params_file):
     assert not missing, f"{params_file} lacks params that dvc.yaml declares: {missing}"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p["data"].update(sources={"carpt": "folder"}),
-     "data.sources.carpt: not a category of data.categories (carpet)"),
-    (lambda p: p["data"].update(categories=["carpet", "mean"]),
-     "data.categories: 'mean' is reserved (the report's row of means over categories)"),
-    (lambda p: p["backbones"].update(pixels={}),
-     "backbones.pixels: reserved (models with backbone: pixels read the prepared images)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: p["data"].update(sources={"carpt": "folder"}),
+            "data.sources.carpt: not a category of data.categories (carpet)",
+        ),
+        (
+            lambda p: p["data"].update(categories=["carpet", "mean"]),
+            "data.categories: 'mean' is reserved (the report's row of means over categories)",
+        ),
+        (
+            lambda p: p["backbones"].update(pixels={}),
+            "backbones.pixels: reserved (models with backbone: pixels read the prepared images)",
+        ),
+    ],
+)
 def test_names_that_would_silently_mislead_are_refused(tmp_path, edit, message):
     import yaml
 

@@ -63,9 +63,19 @@ def repo(tmp_path_factory) -> Path:
     subprocess.run(["git", *git_user, "commit", "-qm", "tiny"], cwd=root, check=True)
     dvc(root, "repro", "--glob", "fit@*")
     # (not inside data/features/carpet.category/: every model of the category depends on that folder)
-    for keep in ("keep.txt", "data/keep.txt", "data/raw/keep.txt", "data/features/keep.txt",
-                 "models/keep.txt", "models/carpet.category/keep.txt",
-                 "plots/keep.csv", "plots/carpet.category/keep.csv", "metrics/keep.json", "x/keep.txt", "train/keep.txt"):
+    for keep in (
+        "keep.txt",
+        "data/keep.txt",
+        "data/raw/keep.txt",
+        "data/features/keep.txt",
+        "models/keep.txt",
+        "models/carpet.category/keep.txt",
+        "plots/keep.csv",
+        "plots/carpet.category/keep.csv",
+        "metrics/keep.json",
+        "x/keep.txt",
+        "train/keep.txt",
+    ):
         (root / keep).parent.mkdir(parents=True, exist_ok=True)
         (root / keep).write_text("precious\n")
     return root
@@ -84,8 +94,13 @@ def test_bad_category_backbone_or_model_name_deletes_nothing(repo, bad):
     assert any(f.startswith("models/carpet.category/knn_effnet.model/") for f in before)
     try:
         env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-        result = subprocess.run([*DVC, "repro", "--single-item", "--keep-going", "--glob", "download@*", "extract@*",
-                                 "fit@*"], cwd=repo, env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            [*DVC, "repro", "--single-item", "--keep-going", "--glob", "download@*", "extract@*", "fit@*"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode != 0
         if bad and not bad.startswith("../"):  # (DVC refuses the whole pipeline for "" and for names climbing out)
             assert "invalid category name" in result.stderr, "the bad category's download stage never ran"
@@ -143,8 +158,9 @@ def test_fixed_folder_source_is_picked_up_without_force(repo, tmp_path):
     params["data"].update(source="folder", folder=str(tmp_path / "source"))
     write_params(repo, params)
     env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-    failed = subprocess.run([*DVC, "repro", "--single-item", "download@carpet"], cwd=repo, env=env,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [*DVC, "repro", "--single-item", "download@carpet"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert failed.returncode != 0 and str(victim) in failed.stdout + failed.stderr
     shutil.copy(tmp_path / "source" / "carpet" / "test" / "color" / "000.png", victim)  # the user fixes the file
     assert "Running stage 'download@carpet'" in dvc(repo, "repro", "--single-item", "download@carpet")
@@ -161,8 +177,9 @@ def test_a_name_never_reaches_a_shell(repo, name):
     write_params(repo, params)
     try:
         env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-        result = subprocess.run([*DVC, "repro", "--single-item", f"download@{name}"], cwd=repo, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [*DVC, "repro", "--single-item", f"download@{name}"], cwd=repo, env=env, capture_output=True, text=True
+        )
         assert result.returncode != 0
         assert f"error: data.categories: invalid category name {name!r}" in result.stderr + result.stdout
         assert not list(repo.rglob("MARK")) and not (Path.cwd() / "MARK").exists()

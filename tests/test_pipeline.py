@@ -61,7 +61,8 @@ def tiny_params() -> dict:
     params["data"]["synthetic"].update(image_size=64, n_train=16, n_test_good=4, n_test_per_defect=2)
     params["preprocess"].update(resize=64, crop_size=64, val_fraction=0.25)
     params["device"] = "cpu"
-    params["fit_seeds"] = [0]  # one seed: the per-seed fits, means and spreads run in tests/conftest.py's `fitted` (two seeds)
+    # one seed: the per-seed fits, means and spreads run in tests/conftest.py's `fitted` (two seeds)
+    params["fit_seeds"] = [0]
     params["evaluate"].update(bins=1024, bootstrap={**params["evaluate"]["bootstrap"], "resamples": 100})
     params["figures"]["overview"].update(per_defect=1)  # small figures: the stages rerun in every test below
     params["figures"]["heatmaps"].update(per_defect=1, good=1)
@@ -72,7 +73,7 @@ def tiny_params() -> dict:
     # fit and evaluate stages), and every method has its own unit tests; each model here costs three
     # stages in every run below.
     params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet", "skipae_ssim")}
-    for name, model in params["models"].items():
+    for model in params["models"].values():
         if model["method"] == "global_knn":
             model["score"]["k"] = 5
         if model["method"] == "patchcore":
@@ -165,14 +166,19 @@ def built(tmp_path_factory) -> Path:
     to get here builds it, the others wait) and never changed: each test works on its own copy."""
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    # the same folder for every xdist worker of this run (their basetemps are its popen-gw* folders); without
+    # xdist the run's own basetemp, never the folder every pytest run of this user shares
+    basetemp = tmp_path_factory.getbasetemp()
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
     root = shared / "pipeline-built"
     with FileLock(str(shared / "pipeline-built.lock")):
         if not (shared / "pipeline-built.done").exists():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
             output = dvc(make_project(root), "repro")
             models = yaml.safe_load((root / "params.yaml").read_text())["models"]
-            assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {"report"}
+            assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {
+                "report"
+            }
             (shared / "pipeline-built.done").touch()
     return root
 
@@ -182,7 +188,9 @@ def workspace(built, tmp_path) -> Path:
     """A copy of the built project for one test: a test that changes params or outputs changes only its
     own copy, so every test passes in any order (DVC's state database is per folder, left behind)."""
     copy = tmp_path / "workspace"
-    shutil.copytree(built, copy, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder.endswith("/.dvc") else [])
+    shutil.copytree(
+        built, copy, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder.endswith("/.dvc") else []
+    )
     return copy
 
 
@@ -220,7 +228,9 @@ def test_repro_writes_metrics_for_every_model(workspace, first_run):
     # each number once: the per-model files are the metrics, the summary is a plain output
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
-    assert {f for f in files if f.startswith("metrics/")} == {f"metrics/models/carpet.category/{name}.metrics.json" for name in models}
+    assert {f for f in files if f.startswith("metrics/")} == {
+        f"metrics/models/carpet.category/{name}.metrics.json" for name in models
+    }
 
 
 def png_panels(path: Path) -> tuple[int, int]:
@@ -260,7 +270,9 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     expected_images |= {f"{here}/{m}.model/figures/scores.png" for m in models}
     expected_images |= {f"{here}/{m}.model/figures/heatmaps.png" for m in with_maps}
     assert expected_vega | expected_images <= set(shown)
-    assert not {f"{here}/{m}.model/figures/heatmaps.png" for m in set(models) - set(with_maps)} & set(shown)  # no maps, no grid
+    assert not {f"{here}/{m}.model/figures/heatmaps.png" for m in set(models) - set(with_maps)} & set(
+        shown
+    )  # no maps, no grid
     for plot_id in expected_vega:
         assert shown[plot_id][0]["type"] == "vega", plot_id
         assert shown[plot_id][0]["content"]["data"]["values"], f"{plot_id}: no data"
@@ -286,7 +298,9 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     dvc(repo, "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
     assert "window.vegaEmbed=" in html.replace(" ", "")  # the inlined vega-embed bundle
-    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html), "the page loads something from the network"
+    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html), (
+        "the page loads something from the network"
+    )
     assert "cdn.jsdelivr" not in html
     assert html.count("vegaEmbed('#") == len(expected_vega | {k for k, v in shown.items() if v[0]["type"] == "vega"})
     images = re.findall(r'<img src="(static/[^"]+)"', html)
@@ -301,9 +315,16 @@ def test_forced_repro_is_deterministic(workspace, first_run):
     a heatmap grid with its reconstructions, the t-SNE."""
     hashes = output_hashes(repo)  # as dvc.lock recorded them in the first run
     # the stages with anything seeded: generator, split, coreset, training, image selection, t-SNE
-    stages = ["download@carpet", "preprocess@carpet", "extract@carpet-efficientnet_lite0", "fit@carpet-skipae_ssim",
-              "fit@carpet-patchcore_effnet", "evaluate@carpet-patchcore_effnet", "figures@carpet-skipae_ssim",
-              "tsne@carpet-efficientnet_lite0"]
+    stages = [
+        "download@carpet",
+        "preprocess@carpet",
+        "extract@carpet-efficientnet_lite0",
+        "fit@carpet-skipae_ssim",
+        "fit@carpet-patchcore_effnet",
+        "evaluate@carpet-patchcore_effnet",
+        "figures@carpet-skipae_ssim",
+        "tsne@carpet-efficientnet_lite0",
+    ]
     assert ran(dvc(repo, "repro", "--force", "--single-item", *stages)) == set(stages)
     assert read_metrics(repo) == first_run
     assert output_hashes(repo) == hashes
@@ -325,8 +346,12 @@ def test_fitting_param_and_scoring_param_rerun_only_their_readers(workspace, fir
     assert set(json.loads(dvc(repo, "status", "--json"))) == stale
     # the summary chart follows the report whenever the summary changed
     # and the ONNX export follows each changed fit or scoring.json
-    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"evaluate@carpet-knn_effnet", "figures@carpet-knn_effnet",
-                                                                    "export@carpet-knn_effnet", "export@carpet-skipae_ssim"}
+    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {
+        "evaluate@carpet-knn_effnet",
+        "figures@carpet-knn_effnet",
+        "export@carpet-knn_effnet",
+        "export@carpet-skipae_ssim",
+    }
     after = read_metrics(repo)
     metrics = "metrics/models/carpet.category/{}.metrics.json".format
     for model in ("knn_effnet", "skipae_ssim"):
@@ -368,8 +393,10 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
     output = dvc(repo, "repro", "report")  # the tables; the grid's figure stages are the first run's code paths
     assert {s for s in ran(output) if "carpet" in s} <= {"download@carpet"}
     grid_models = {f"{stage}@grid-{m}" for stage in ("fit", "evaluate") for m in params["models"]}
-    assert ran(output) - {"download@carpet"} == {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0",
-                                                 "compare", "report"} | grid_models
+    assert (
+        ran(output) - {"download@carpet"}
+        == {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0", "compare", "report"} | grid_models
+    )
 
     grid = json.loads((repo / "metrics/models/grid.category/patchcore_effnet.metrics.json").read_text())
     carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
@@ -380,8 +407,11 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
     assert summary["categories"]["grid"]["knn_effnet"]["image_auroc"] == grid_knn(repo)
     table = (repo / "metrics/categories.csv").read_text().splitlines()
     assert table[0] == "metric,category,knn_effnet,patchcore_effnet"
-    assert [row.split(",")[:2] for row in table[1:4]] == [["image_auroc", "carpet"], ["image_auroc", "grid"],
-                                                         ["image_auroc", "mean"]]
+    assert [row.split(",")[:2] for row in table[1:4]] == [
+        ["image_auroc", "carpet"],
+        ["image_auroc", "grid"],
+        ["image_auroc", "mean"],
+    ]
     markdown = (repo / "metrics/summary.md").read_text()
     assert "## Image AUROC" in markdown and "| **mean** |" in markdown and "| grid |" in markdown
     shown = dvc_json(repo, "plots", "show")["data"]
@@ -392,14 +422,24 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
     set_param(repo, "models.knn_effnet.score.k", 3)
     try:  # (the grid's figures@ stages have not run: they are stale anyway)
         assert set(json.loads(dvc(repo, "status", "--json"))) - not_run_yet(params) == {
-            "evaluate@carpet-knn_effnet", "evaluate@grid-knn_effnet", "figures@carpet-knn_effnet", "compare", "report"}
+            "evaluate@carpet-knn_effnet",
+            "evaluate@grid-knn_effnet",
+            "figures@carpet-knn_effnet",
+            "compare",
+            "report",
+        }
     finally:
         set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
 
     params["data"]["categories"].append("tile")  # synthetic, the default source
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tile = {"download@tile", "preprocess@tile", "extract@tile-efficientnet_lite0", "overview@tile",
-            "tsne@tile-efficientnet_lite0"}
+    tile = {
+        "download@tile",
+        "preprocess@tile",
+        "extract@tile-efficientnet_lite0",
+        "overview@tile",
+        "tsne@tile-efficientnet_lite0",
+    }
     tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures", "export") for m in params["models"]}
     assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"compare", "report"} | not_run_yet(params)
     params["data"]["categories"].remove("tile")
@@ -409,7 +449,8 @@ def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_r
 def not_run_yet(params: dict) -> set[str]:
     """The grid's figure stages, which the test above does not run (only up to the report)."""
     return {"overview@grid", "tsne@grid-efficientnet_lite0", "summary_figure"} | {
-        f"{stage}@grid-{m}" for stage in ("figures", "export") for m in params["models"]}
+        f"{stage}@grid-{m}" for stage in ("figures", "export") for m in params["models"]
+    }
 
 
 def grid_knn(repo: Path) -> float:
@@ -466,7 +507,9 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     # worker B: the tile
     worker = tmp_path / "b"
     git(tmp_path, "clone", "-q", str(origin), str(worker))
-    assert {s.split("@")[1].split("-")[0] for s in ran(dvc(worker, "repro", "--glob", "*@tile", "*@tile-*"))} == {"tile"}
+    assert {s.split("@")[1].split("-")[0] for s in ran(dvc(worker, "repro", "--glob", "*@tile", "*@tile-*"))} == {
+        "tile"
+    }
     dvc(worker, "push", "--run-cache")
     # the assembler
     assembler = tmp_path / "c"
@@ -474,11 +517,17 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     dvc(assembler, "pull", "--run-cache", "--allow-missing")
     output = dvc(assembler, "repro", "--pull")
     # the cross-category stages; the page template is a cached output, so worker A's run cache may hold it too
-    assert {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
+    assert (
+        {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
+    )
     restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
     per_category = {f"{stage}@{c}" for stage in ("download", "preprocess", "overview") for c in ("carpet", "tile")}
-    per_category |= {f"{stage}@{c}-{m}" for stage in ("fit", "evaluate", "figures", "export") for c in ("carpet", "tile")
-                     for m in params["models"]}
+    per_category |= {
+        f"{stage}@{c}-{m}"
+        for stage in ("fit", "evaluate", "figures", "export")
+        for c in ("carpet", "tile")
+        for m in params["models"]
+    }
     per_category |= {f"{stage}@{c}-efficientnet_lite0" for stage in ("extract", "tsne") for c in ("carpet", "tile")}
     assert per_category <= restored
     summary = json.loads((assembler / "metrics/summary.json").read_text())
@@ -517,8 +566,23 @@ def test_the_readme_scoring_commands_and_the_benchmark_run(workspace):
         assert rows and all((out / row["overlay"]).is_file() for row in rows), command
         holes = [row for row in rows if "/hole/" in row["image"]]
         assert all(row["anomalous"] == "1" for row in holes), command  # every hole flagged, on both runtimes
-    bench = subprocess.run([sys.executable, "-m", "stages.benchmark", "--models", "knn_effnet", "--repeats", "1",
-                            "--out", str(workspace / "cost")], cwd=workspace, env=env, capture_output=True, text=True)
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.benchmark",
+            "--models",
+            "knn_effnet",
+            "--repeats",
+            "1",
+            "--out",
+            str(workspace / "cost"),
+        ],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bench.returncode == 0, bench.stderr
     cost = json.loads((workspace / "cost.json").read_text())
     row = next(r for r in cost["models"] if r["model"] == "knn_effnet")

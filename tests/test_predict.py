@@ -57,7 +57,9 @@ def test_new_images_score_as_evaluate_scored_them(fitted, model, runtime, tmp_pa
     raw = fitted / "data" / "raw" / "carpet.dataset"
     expected = evaluate_scores(fitted, model)
     out = tmp_path / "out"
-    code, rows = predict(fitted, model, *(str(raw / name) for name in expected), "--out", str(out), "--runtime", runtime)
+    code, rows = predict(
+        fitted, model, *(str(raw / name) for name in expected), "--out", str(out), "--runtime", runtime
+    )
     assert code == 0 and len(rows) == len(expected)
     record = scoring_record(fitted, model)
     metrics = json.loads((fitted / "metrics/models/carpet.category" / f"{model}.metrics.json").read_text())
@@ -100,6 +102,7 @@ def test_the_overlay_uses_evaluates_colour_scale(fitted, tmp_path):
     predict(fitted, "pc", str(image_file), "--out", str(out))
     previous = Path.cwd()
     import os
+
     os.chdir(fitted)
     try:
         model = FittedModel.load("carpet", "pc")
@@ -149,7 +152,10 @@ def test_bad_files_are_named_and_skipped(fitted, tmp_path, capsys):
 def test_a_model_never_fitted_is_a_one_line_error(fitted):
     with pytest.raises(PipelineError, match=r"^models: model 'nope' was never fitted and evaluated"):
         predict(fitted, "nope", "x.png")
-    with pytest.raises(PipelineError, match=r"models/grid.category/pc.model: model 'pc' was never fitted for grid \(run `dvc repro fit@grid-pc`\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"models/grid.category/pc.model: model 'pc' was never fitted for grid \(run `dvc repro fit@grid-pc`\)",
+    ):
         predict(fitted, "pc", "x.png", "--category", "grid")
 
 
@@ -181,8 +187,13 @@ def test_watch_scores_images_as_they_appear(fitted, tmp_path):
     drop, out = tmp_path / "drop", tmp_path / "out"
     drop.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    process = subprocess.Popen([sys.executable, "-m", "stages.predict", "pc", "--watch", str(drop), "--out", str(out),
-                                "--interval", "0.2"], cwd=fitted, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.predict", "pc", "--watch", str(drop), "--out", str(out), "--interval", "0.2"],
+        cwd=fitted,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         raw = fitted / "data" / "raw" / "carpet.dataset" / "test"
         shutil.copy(raw / "good" / "000.png", drop / "first.png")
@@ -191,7 +202,7 @@ def test_watch_scores_images_as_they_appear(fitted, tmp_path):
             slow.write(half[: len(half) // 2])
             slow.flush()
             time.sleep(1.0)
-            slow.write(half[len(half) // 2:])
+            slow.write(half[len(half) // 2 :])
         deadline = time.time() + 60
         while time.time() < deadline:
             rows = list(csv.DictReader(open(out / "scores.csv"))) if (out / "scores.csv").exists() else []

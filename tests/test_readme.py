@@ -71,12 +71,14 @@ RUN_BY = {
     r"dvc remote add -d shared \S+": "tests/test_pipeline.py::test_fresh_clone_and_pull_recomputes_nothing",
     r"dvc repro && git add -A && git commit -m results && dvc push --run-cache":
         "tests/test_pipeline.py::test_fresh_clone_and_pull_recomputes_nothing",
-    r"git clone <repo> && cd <repo> && dvc pull && dvc status": "tests/test_pipeline.py::test_fresh_clone_and_pull_recomputes_nothing",
+    r"git clone <repo> && cd <repo> && dvc pull && dvc status":
+        "tests/test_pipeline.py::test_fresh_clone_and_pull_recomputes_nothing",
     r"dvc repro --glob '\*@\w+' '\*@\w+-\*' && dvc push --run-cache":
         "tests/test_pipeline.py::test_split_across_machines_restores_every_per_category_stage",
     r"dvc pull --run-cache --allow-missing && dvc repro --pull":
         "tests/test_pipeline.py::test_split_across_machines_restores_every_per_category_stage",
-    r"dvc exp run -S \S+|dvc metrics diff|dvc plots (show|diff)": "tests/test_pipeline.py::test_the_readme_comparing_runs_commands_run",
+    r"dvc exp run -S \S+|dvc metrics diff|dvc plots (show|diff)":
+        "tests/test_pipeline.py::test_the_readme_comparing_runs_commands_run",
     r"python -m stages\.predict .*": "tests/test_pipeline.py::test_the_readme_scoring_commands_and_the_benchmark_run",
     r"python -m stages\.demo": "tests/test_demo.py::test_demo_scores_an_upload_as_predict_does",
     r"python -m stages\.few_shot": "tests/test_hostile.py",

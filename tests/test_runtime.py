@@ -1,4 +1,6 @@
-"""How a stage starts and ends: the device it runs on (stages/core/device.py) and its exit codes (stages/core/cli.py)."""
+"""How a stage starts and ends: the device it runs on (stages/core/device.py) and its exit codes
+(stages/core/cli.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -83,7 +83,9 @@ def test_weights_are_multiplicities():
     weights = np.array([[2, 1, 0, 1]])
     copied = [0, 0, 1, 3]
     stats = PixelStats.from_maps(masks, maps, bins=8192)
-    assert stats.auroc(weights)[0] == pytest.approx(roc_auc_score(masks[copied].ravel(), maps[copied].ravel()), abs=1e-12)
+    assert stats.auroc(weights)[0] == pytest.approx(
+        roc_auc_score(masks[copied].ravel(), maps[copied].ravel()), abs=1e-12
+    )
     assert stats.aupro(0.3, weights)[0] == pytest.approx(_reference_aupro(masks[copied], maps[copied], 0.3), abs=1e-12)
     images = ImageStats.from_scores(labels, scores)
     assert images.auroc(weights)[0] == pytest.approx(roc_auc_score(labels[copied], scores[copied]))

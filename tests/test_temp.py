@@ -40,8 +40,15 @@ def test_stage_removes_temporaries_of_killed_runs_only(project):
     assert sorted(p.name for p in (project / ".tmp").iterdir()) == [live.name]
 
 
-@pytest.mark.parametrize("output", ["metrics/models/c.category/m.metrics.json", "data/features/c.category/pixels.features",
-                                    "models/c.category/m.model", "plots/c.category/m.model/train"])
+@pytest.mark.parametrize(
+    "output",
+    [
+        "metrics/models/c.category/m.metrics.json",
+        "data/features/c.category/pixels.features",
+        "models/c.category/m.model",
+        "plots/c.category/m.model/train",
+    ],
+)
 def test_temporaries_live_in_the_project_tmp_folder(project, monkeypatch, output):
     monkeypatch.chdir(project)
     (project / Path(output).parent).mkdir(parents=True)

@@ -44,7 +44,9 @@ def _mask(seed: int, palette=PALETTE, size=(40, 24)) -> tuple[bytes, np.ndarray]
     return buffer.getvalue(), indices
 
 
-def build_archive(path: Path, counts=SMALL, palette=PALETTE, csv_objects=None, extra_rows=(), extra_members=None) -> dict:
+def build_archive(
+    path: Path, counts=SMALL, palette=PALETTE, csv_objects=None, extra_rows=(), extra_members=None
+) -> dict:
     """Write a VisA-layout tar at `path`; returns {member name: bytes} and the mask indices."""
     members: dict[str, bytes] = {}
     indices: dict[str, np.ndarray] = {}
@@ -98,8 +100,10 @@ def test_category_in_mvtec_layout(archive, built, out):
     files = tree(dest)
     members = built["members"]
     assert sorted(files) == sorted(
-        [f"train/good/{i:04d}.JPG" for i in range(4)] + [f"test/good/{i:04d}.JPG" for i in (4, 5)]
-        + [f"test/anomaly/{i:03d}.JPG" for i in (0, 1)] + [f"ground_truth/anomaly/{i:03d}_mask.png" for i in (0, 1)]
+        [f"train/good/{i:04d}.JPG" for i in range(4)]
+        + [f"test/good/{i:04d}.JPG" for i in (4, 5)]
+        + [f"test/anomaly/{i:03d}.JPG" for i in (0, 1)]
+        + [f"ground_truth/anomaly/{i:03d}_mask.png" for i in (0, 1)]
     )
     assert files["train/good/0003.JPG"] == members["candle/Data/Images/Normal/0003.JPG"]  # bytes as shipped
     assert files["test/good/0004.JPG"] == members["candle/Data/Images/Normal/0004.JPG"]
@@ -124,7 +128,9 @@ def test_mask_is_read_by_index_not_colour(archive, out):
     assert 0 < (mask == 255).mean() < 0.5
 
 
-def test_official_archive_fetched_once_and_checked_against_the_official_counts(monkeypatch, tmp_path, archive, built, out):
+def test_official_archive_fetched_once_and_checked_against_the_official_counts(
+    monkeypatch, tmp_path, archive, built, out
+):
     """The official source (no url): one download into the cache for every category, verified by its
     SHA-256; an archive verified as the official one must hold the official counts (EXPECTED_COUNTS)."""
     with serve({"/VisA_20220922.tar": archive.read_bytes()}) as (base, requested):
@@ -133,8 +139,10 @@ def test_official_archive_fetched_once_and_checked_against_the_official_counts(m
         cache = tmp_path / "cache"
         with pytest.raises(PipelineError) as info:  # the small archive is not the official 900 / 100 / 100
             visa.download_category("candle", out / "candle", cache_dir=cache, timeout=10)
-        assert str(info.value) == (f"{base}/VisA_20220922.tar: candle has 4 / 2 / 2 images (train normal / test normal "
-                                   "/ test anomaly) in split_csv/1cls.csv, expected 900 / 100 / 100")
+        assert str(info.value) == (
+            f"{base}/VisA_20220922.tar: candle has 4 / 2 / 2 images (train normal / test normal "
+            "/ test anomaly) in split_csv/1cls.csv, expected 900 / 100 / 100"
+        )
         visa.download_category("candle", out / "candle", cache_dir=cache, timeout=10, counts=SMALL)
         visa.download_category("pcb1", out / "pcb1", cache_dir=cache, timeout=10, counts=SMALL)
     assert requested == ["/VisA_20220922.tar"]  # fetched once, then reused from the cache
@@ -148,10 +156,18 @@ def test_official_table():
     assert visa.ARCHIVE_SHA256 == "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
     assert visa.CATEGORIES == tuple(visa.EXPECTED_COUNTS)
     assert visa.EXPECTED_COUNTS == {
-        "candle": (900, 100, 100), "capsules": (542, 60, 100), "cashew": (450, 50, 100),
-        "chewinggum": (453, 50, 100), "fryum": (450, 50, 100), "macaroni1": (900, 100, 100),
-        "macaroni2": (900, 100, 100), "pcb1": (904, 100, 100), "pcb2": (901, 100, 100),
-        "pcb3": (905, 101, 100), "pcb4": (904, 101, 100), "pipe_fryum": (450, 50, 100),
+        "candle": (900, 100, 100),
+        "capsules": (542, 60, 100),
+        "cashew": (450, 50, 100),
+        "chewinggum": (453, 50, 100),
+        "fryum": (450, 50, 100),
+        "macaroni1": (900, 100, 100),
+        "macaroni2": (900, 100, 100),
+        "pcb1": (904, 100, 100),
+        "pcb2": (901, 100, 100),
+        "pcb3": (905, 101, 100),
+        "pcb4": (904, 101, 100),
+        "pipe_fryum": (450, 50, 100),
     }
 
 
@@ -180,8 +196,10 @@ def test_count_mismatch_is_one_line_and_keeps_the_old_copy(archive, built, out):
     before = tree(dest)
     with pytest.raises(PipelineError) as info:
         visa.download_category("candle", dest, url=archive.as_uri(), counts={"candle": (4, 2, 3)})
-    assert str(info.value) == (f"{archive.as_uri()}: candle has 4 / 2 / 2 images (train normal / test normal / "
-                               "test anomaly) in split_csv/1cls.csv, expected 4 / 2 / 3")
+    assert str(info.value) == (
+        f"{archive.as_uri()}: candle has 4 / 2 / 2 images (train normal / test normal / "
+        "test anomaly) in split_csv/1cls.csv, expected 4 / 2 / 3"
+    )
     assert tree(dest) == before and leftovers(out) == ["candle"]
 
 
@@ -189,22 +207,35 @@ def test_category_missing_from_the_csv(archive, out):
     build_archive(archive, csv_objects={"candle", "pcb1"}, counts={**SMALL, "capsules": (2, 1, 1)})
     with pytest.raises(PipelineError) as info:
         visa.download_category("capsules", out / "capsules", url=archive.as_uri())
-    assert str(info.value) == (f"{archive.as_uri()}: split_csv/1cls.csv: no rows for category 'capsules' "
-                               "(its objects: candle, pcb1)")
+    assert str(info.value) == (
+        f"{archive.as_uri()}: split_csv/1cls.csv: no rows for category 'capsules' (its objects: candle, pcb1)"
+    )
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("row, expected", [
-    ("candle,test,anomaly,candle/Data/Images/Anomaly/009.JPG,candle/Data/Masks/Anomaly/009.png",
-     "line 16: candle/Data/Images/Anomaly/009.JPG is not in the archive"),
-    ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,", "line 16: split must be train or test, got 'val'"),
-    ("candle,test,bad,candle/Data/Images/Normal/0000.JPG,", "line 16: label must be normal or anomaly, got 'bad'"),
-    ("candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,",
-     "line 16: anomaly image candle/Data/Images/Anomaly/000.JPG has no usable mask path ('')"),
-    ("candle,test,normal,candle/Data/Images/Normal/0000.JPG,", "line 16: candle/Data/Images/Normal/0000.JPG is "
-     "listed twice (also line 2)"),
-    ("candle,test,normal,../../etc/passwd,", "line 16: image path '../../etc/passwd' is empty or leaves the archive"),
-])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (
+            "candle,test,anomaly,candle/Data/Images/Anomaly/009.JPG,candle/Data/Masks/Anomaly/009.png",
+            "line 16: candle/Data/Images/Anomaly/009.JPG is not in the archive",
+        ),
+        ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,", "line 16: split must be train or test, got 'val'"),
+        ("candle,test,bad,candle/Data/Images/Normal/0000.JPG,", "line 16: label must be normal or anomaly, got 'bad'"),
+        (
+            "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,",
+            "line 16: anomaly image candle/Data/Images/Anomaly/000.JPG has no usable mask path ('')",
+        ),
+        (
+            "candle,test,normal,candle/Data/Images/Normal/0000.JPG,",
+            "line 16: candle/Data/Images/Normal/0000.JPG is listed twice (also line 2)",
+        ),
+        (
+            "candle,test,normal,../../etc/passwd,",
+            "line 16: image path '../../etc/passwd' is empty or leaves the archive",
+        ),
+    ],
+)
 def test_bad_csv_rows_are_one_line(archive, out, row, expected):
     build_archive(archive, extra_rows=[row])
     with pytest.raises(PipelineError) as info:
@@ -216,8 +247,11 @@ def test_bad_csv_rows_are_one_line(archive, out, row, expected):
 def test_training_anomalies_are_left_out(archive, out):
     """train/good holds defect-free images only: a defective image in the csv's train split is dropped."""
     image, mask = "candle/Data/Images/Anomaly/100.JPG", "candle/Data/Masks/Anomaly/100.png"
-    build_archive(archive, extra_rows=[f"candle,train,anomaly,{image},{mask}"],
-                  extra_members={image: _jpeg(100), mask: _mask(0)[0]})
+    build_archive(
+        archive,
+        extra_rows=[f"candle,train,anomaly,{image},{mask}"],
+        extra_members={image: _jpeg(100), mask: _mask(0)[0]},
+    )
     dest = visa.download_category("candle", out / "candle", url=archive.as_uri(), counts=SMALL)
     assert not any(name.startswith("100") for name in map(lambda p: p.name, dest.rglob("*")))
     assert len(list((dest / "train/good").iterdir())) == 4
@@ -284,5 +318,7 @@ def test_synthetic_data_under_a_visa_name_is_flagged(project):
     write_params(project, params)
     result = run_stage("download", "candle", cwd=project, check=True)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert warnings == ["warning: data.categories: 'candle' is generated by the synthetic source (a carpet-like "
-                        "texture), not VisA's candle; set data.source (or data.sources.candle) to visa for the real one"]
+    assert warnings == [
+        "warning: data.categories: 'candle' is generated by the synthetic source (a carpet-like "
+        "texture), not VisA's candle; set data.source (or data.sources.candle) to visa for the real one"
+    ]

@@ -76,11 +76,16 @@ class Data(Schema):
     categories: list[str] = option(["carpet"], "the categories to run, each through its own download, preprocess, "
                                                "extract, fit and evaluate stages (a DVC matrix)")
     sources: dict = option({}, "per-category source where it differs from `source`, e.g. {my_parts: folder}")
-    synthetic: dict = option({}, "the generator's settings (every synthetic category is the same generated carpet)")  # parsed into Synthetic below
+    synthetic: dict = option(
+        {}, "the generator's settings (every synthetic category is the same generated carpet)"
+    )  # parsed into Synthetic below
     mvtec: dict = option({}, "the MVTec AD archive's settings")
     visa: dict = option({}, "the VisA archive's settings")
-    folder: str | None = option(None, "source: folder -> a folder holding one MVTec-layout folder per category "
-                                      "(<folder>/<category>/train/good, ...), as the MVTec AD archive does")
+    folder: str | None = option(
+        None,
+        "source: folder -> a folder holding one MVTec-layout folder per category "
+        "(<folder>/<category>/train/good, ...), as the MVTec AD archive does",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +94,12 @@ class Preprocess(Schema):
     crop_size: int = option(224, "side of the centre crop", ge=16)
     val_fraction: float = option(0.1, "held-out good training images (early stopping, threshold)", gt=0, lt=1)
     seed: int = option(0, "seed of the validation split (and of the few-shot subset)")
-    max_train: int | None = option(None, "few-shot: fit on at most this many good images, a seeded subset of "
-                                         "those left after the validation split (null: all)", ge=1)
+    max_train: int | None = option(
+        None,
+        "few-shot: fit on at most this many good images, a seeded subset of "
+        "those left after the validation split (null: all)",
+        ge=1,
+    )
 
     def validate_block(self) -> None:
         if self.crop_size > self.resize:
@@ -109,15 +118,21 @@ class Backbone(Schema):
 class Evaluate(Schema):
     fpr_limit: float = option(0.3, "AUPRO integrated up to this false-positive rate", gt=0, le=1)
     threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
-    bins: int = option(8192, "pixel scores are counted on this many quantile bins (pixel AUROC, PRO curve and their "
-                             "intervals; within 1e-4 of the exact values)", ge=16, le=2**20)
+    bins: int = option(
+        8192,
+        "pixel scores are counted on this many quantile bins (pixel AUROC, PRO curve and their "
+        "intervals; within 1e-4 of the exact values)",
+        ge=16,
+        le=2**20,
+    )
     bootstrap: dict = option({}, "confidence intervals over resampled test sets")
 
 
 @dataclasses.dataclass(frozen=True)
 class Bootstrap(Schema):
-    resamples: int = option(1000, "stratified bootstrap resamples of the test images (good and defective apart)",
-                            ge=10, le=100000)
+    resamples: int = option(
+        1000, "stratified bootstrap resamples of the test images (good and defective apart)", ge=10, le=100000
+    )
     confidence: float = option(0.95, "level of the percentile intervals", gt=0, lt=1)
     seed: int = option(0, "seed of the resamples (the same for every model of a category: paired comparisons)", ge=0)
 
@@ -170,22 +185,35 @@ def param(params: dict, dotted: str, default: Any = ...) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Top(Schema):
-    device: str = option("auto", "where extract, fit, evaluate and figures run: auto (a CUDA GPU when present), cpu, cuda or cuda:N", check=valid_device,
-                         allowed="auto, cpu, cuda or cuda:N")
-    fit_seeds: list[int] = option([0, 1, 2], "seeds of every fit that draws random numbers (each such model is "
-                                             "fitted once per seed; the others once); results: mean and std over them",
-                                  ge=0, check=lambda v: len(set(v)) == len(v), allowed="a non-empty list of distinct integers >= 0")
-    numerics: str = option(numerics.DEFAULT, "strict: the same bytes on every x86-64 CPU with AVX2, Intel or AMD (fixed kernels "
-                                             "and threads, README 'Same numbers on every machine'); fast: native "
-                                             "kernels, every core",
-                           choices=numerics.MODES)
+    device: str = option(
+        "auto",
+        "where extract, fit, evaluate and figures run: auto (a CUDA GPU when present), cpu, cuda or cuda:N",
+        check=valid_device,
+        allowed="auto, cpu, cuda or cuda:N",
+    )
+    fit_seeds: list[int] = option(
+        [0, 1, 2],
+        "seeds of every fit that draws random numbers (each such model is "
+        "fitted once per seed; the others once); results: mean and std over them",
+        ge=0,
+        check=lambda v: len(set(v)) == len(v),
+        allowed="a non-empty list of distinct integers >= 0",
+    )
+    numerics: str = option(
+        numerics.DEFAULT,
+        "strict: the same bytes on every x86-64 CPU with AVX2, Intel or AMD (fixed kernels "
+        "and threads, README 'Same numbers on every machine'); fast: native "
+        "kernels, every core",
+        choices=numerics.MODES,
+    )
     data: dict = option({}, "stage download")
     preprocess: dict = option({}, "stage preprocess")
     backbones: dict = option({}, "one extract@<category>-<name> stage per category each")
     models: dict = option({}, "one fit@<category>-<name> and evaluate@<category>-<name> stage per category each")
     evaluate: dict = option({}, "stage evaluate")
-    figures: dict = option({}, "stages overview@<category>, figures@<category>-<model>, tsne@<category>-<backbone>; "
-                                "curve_points: evaluate")
+    figures: dict = option(
+        {}, "stages overview@<category>, figures@<category>-<model>, tsne@<category>-<backbone>; curve_points: evaluate"
+    )
 
 
 MODEL_KEYS = ["method", "backbone", "fit", "score"]
@@ -194,8 +222,10 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # category, model and backbone 
 
 def check_name(section: str, name: object) -> None:
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise PipelineError(f"{section}.{name}: a {section[:-1]} name must be letters, digits, '_' or '-' "
-                            f"(it names folders such as models/<category>.category/<name>.model), got {name!r}")
+        raise PipelineError(
+            f"{section}.{name}: a {section[:-1]} name must be letters, digits, '_' or '-' "
+            f"(it names folders such as models/<category>.category/<name>.model), got {name!r}"
+        )
 
 
 def check_categories(categories: list) -> None:
@@ -203,8 +233,10 @@ def check_categories(categories: list) -> None:
         raise PipelineError("data.categories: empty (list at least one category, e.g. [carpet])")
     for category in categories:
         if not isinstance(category, str) or not NAME.fullmatch(category):
-            raise PipelineError(f"data.categories: invalid category name {category!r} (a plain folder name such as "
-                                "'carpet': letters, digits, '_' or '-')")
+            raise PipelineError(
+                f"data.categories: invalid category name {category!r} (a plain folder name such as "
+                "'carpet': letters, digits, '_' or '-')"
+            )
     if "mean" in categories:
         raise PipelineError("data.categories: 'mean' is reserved (the report's row of means over categories)")
     repeated = sorted({c for c in categories if categories.count(c) > 1})
@@ -261,8 +293,9 @@ def validate(raw: object, path: Path) -> dict:
     check_categories(data.categories)
     for category, source in (data.sources or {}).items():
         if category not in data.categories:
-            raise PipelineError(f"data.sources.{category}: not a category of data.categories "
-                                f"({', '.join(data.categories)})")
+            raise PipelineError(
+                f"data.sources.{category}: not a category of data.categories ({', '.join(data.categories)})"
+            )
         if source not in SOURCES:
             raise PipelineError(f"data.sources.{category}: unknown source {source!r} (known: {', '.join(SOURCES)})")
     backbones = top.backbones or {}
@@ -302,8 +335,10 @@ def _evaluate(raw: dict) -> dict:
 def _figures(raw: dict) -> dict:
     figures = parse(Figures, raw, "figures")
     blocks = {"overview": Overview, "heatmaps": Heatmaps, "distribution": Distribution, "tsne": Tsne}
-    return {**figures.as_dict(), **{key: parse(schema, getattr(figures, key), f"figures.{key}").as_dict()
-                                    for key, schema in blocks.items()}}
+    return {
+        **figures.as_dict(),
+        **{key: parse(schema, getattr(figures, key), f"figures.{key}").as_dict() for key, schema in blocks.items()},
+    }
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -312,4 +347,3 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     if not path.is_file():
         raise PipelineError(f"{path}: params file not found (run from the project root)")
     return validate(read_yaml(path), path)
-

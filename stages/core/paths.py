@@ -13,7 +13,9 @@ from pathlib import Path
 RAW_ROOT = Path("data/raw")  # data/raw/<category>.dataset, MVTec layout (train/good, test/<type>, ground_truth)
 FEATURES_ROOT = Path("data/features")  # data/features/<category>.category/<backbone>.features/{train,val,test}.pt
 PIXELS = "pixels"  # the `backbone` of models that read the prepared images themselves (written by preprocess)
-MODELS_ROOT = Path("models")  # models/<category>.category/<model>.model/seed-<s>/model.pt, <model>.scoring.json, <model>.export/
+MODELS_ROOT = Path(
+    "models"
+)  # models/<category>.category/<model>.model/seed-<s>/model.pt, <model>.scoring.json, <model>.export/
 METRICS_ROOT = Path("metrics/models")  # metrics/models/<category>.category/<model>.metrics.json
 EVALUATIONS_ROOT = Path("data/evaluations")  # data/evaluations/<category>.category/<model>.resamples.npz
 SUMMARY_ROOT = Path("metrics")  # metrics/summary.{json,md,csv}: every category x model
@@ -21,7 +23,9 @@ WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.w
 PLOTS_ROOT = Path("plots")  # plots/<category>.category/<model>.model/{roc,scores,...}.csv, train/, figures/
 TMP_ROOT = Path(".tmp")  # every stage's temporary files (git- and dvc-ignored), see stages/core/outputs.py atomic_path
 
-DOWNLOADS = Path("data/downloads")  # verified MVTec AD and VisA archives, reused by later downloads (git- and dvc-ignored)
+DOWNLOADS = Path(
+    "data/downloads"
+)  # verified MVTec AD and VisA archives, reused by later downloads (git- and dvc-ignored)
 
 RAW_SUFFIX = ".dataset"
 CATEGORY_SUFFIX = ".category"

@@ -71,7 +71,9 @@ def onnx_session(path: Path):
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-        raise PipelineError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:120]}; rerun the export stage)") from None
+        raise PipelineError(
+            f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:120]}; rerun the export stage)"
+        ) from None
 
 
 class OnnxModel(PreparesInputs):
@@ -83,8 +85,9 @@ class OnnxModel(PreparesInputs):
     def load(cls, category: str, name: str) -> "OnnxModel":
         path = onnx_file(category, name)
         if not path.is_file():
-            raise PipelineError(f"{path}: model '{name}' was never exported for {category} "
-                                f"(run `dvc repro export@{category}-{name}`)")
+            raise PipelineError(
+                f"{path}: model '{name}' was never exported for {category} (run `dvc repro export@{category}-{name}`)"
+            )
         return cls(path, category, name)
 
     def __init__(self, path: Path, category: str, name: str):
@@ -98,7 +101,9 @@ class OnnxModel(PreparesInputs):
             self.preprocess = {"resize": int(recipe["resize"]), "crop_size": int(recipe["crop_size"])}
             self.seed = int(meta["seed"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise PipelineError(f"{path}: its metadata lacks the threshold or input recipe ({exc}); rerun the export stage") from None
+            raise PipelineError(
+                f"{path}: its metadata lacks the threshold or input recipe ({exc}); rerun the export stage"
+            ) from None
         self.has_map = len(self.session.get_outputs()) > 1
 
     def score(self, images: np.ndarray, names: list[str]) -> Prediction:

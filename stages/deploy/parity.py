@@ -17,7 +17,10 @@ def parity(torch_model: FittedModel, onnx_model: OnnxModel, images: np.ndarray, 
     """Largest relative score difference and absolute map difference over `images`."""
     reference, exported = torch_model.score(images, names), onnx_model.score(images, names)
     scale = np.maximum(np.abs(reference.image_scores), 1e-12)
-    result = {"images": len(images), "score_rel": float(np.max(np.abs(exported.image_scores - reference.image_scores) / scale))}
+    result = {
+        "images": len(images),
+        "score_rel": float(np.max(np.abs(exported.image_scores - reference.image_scores) / scale)),
+    }
     if reference.anomaly_maps is not None:
         difference = np.abs(exported.anomaly_maps - reference.anomaly_maps)
         result["map_abs"] = float(difference.max())

@@ -32,15 +32,26 @@ def read_scoring(path: Path, stage: str) -> dict:
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: not readable JSON ({exc.__class__.__name__}: {str(exc)[:80]}; {remedy})") from None
+        raise PipelineError(
+            f"{path}: not readable JSON ({exc.__class__.__name__}: {str(exc)[:80]}; {remedy})"
+        ) from None
     scale = record.get("colour_scale") if isinstance(record, dict) else None
     scores = record.get("validation_scores") if isinstance(record, dict) else None
-    if not (isinstance(record, dict) and isinstance(record.get("seed"), int) and isinstance(record.get("score"), dict)
-            and _finite(record.get("threshold"))
-            and isinstance(scale, dict) and set(scale) == {"low", "high"} and all(map(_finite, scale.values()))
-            and isinstance(scores, list) and all(map(_finite, scores))):
-        raise PipelineError(f"{path}: not a scoring record of this version (seed, score, threshold, colour_scale, "
-                            f"validation_scores; {remedy})")
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("seed"), int)
+        and isinstance(record.get("score"), dict)
+        and _finite(record.get("threshold"))
+        and isinstance(scale, dict)
+        and set(scale) == {"low", "high"}
+        and all(map(_finite, scale.values()))
+        and isinstance(scores, list)
+        and all(map(_finite, scores))
+    ):
+        raise PipelineError(
+            f"{path}: not a scoring record of this version (seed, score, threshold, colour_scale, "
+            f"validation_scores; {remedy})"
+        )
     return record
 
 

@@ -41,17 +41,28 @@ class FittedModel(PreparesInputs):
     def load(cls, category: str, name: str, device: str = "cpu") -> "FittedModel":
         folder, scoring, stage = model_dir(category, name), scoring_file(category, name), f"{category}-{name}"
         if not folder.is_dir():
-            raise PipelineError(f"{folder}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)")
+            raise PipelineError(
+                f"{folder}: model '{name}' was never fitted for {category} (run `dvc repro fit@{stage}`)"
+            )
         if not scoring.is_file():
-            raise PipelineError(f"{scoring}: model '{name}' was never evaluated for {category} "
-                                f"(run `dvc repro evaluate@{stage}`)")
+            raise PipelineError(
+                f"{scoring}: model '{name}' was never evaluated for {category} (run `dvc repro evaluate@{stage}`)"
+            )
         record = read_scoring(scoring, stage)  # the fit of the first seed: the one evaluate's threshold is for
         state = seed_dir(category, name, record["seed"]) / STATE_FILE
         detector = load_fitted(state.parent, score=record["score"], device=device)
         if not detector.inputs:
             raise PipelineError(f"{state}: fitted before models recorded their inputs; rerun `dvc repro fit@{stage}`")
-        return cls(category, name, detector, detector.inputs["preprocess"], detector.inputs["backbone"],
-                   float(record["threshold"]), ColourScale(**record["colour_scale"]), int(record["seed"]))
+        return cls(
+            category,
+            name,
+            detector,
+            detector.inputs["preprocess"],
+            detector.inputs["backbone"],
+            float(record["threshold"]),
+            ColourScale(**record["colour_scale"]),
+            int(record["seed"]),
+        )
 
     def __post_init__(self) -> None:
         self.extractor = None
@@ -60,8 +71,14 @@ class FittedModel(PreparesInputs):
 
             arch = self.backbone["arch"]
             uses_global = self.detector.uses_global_embedding
-            self.extractor = FeatureExtractor(arch, load_backbone(arch, self.backbone["weights"]), self.backbone["layers"],
-                                              self.detector.device, with_global=uses_global, with_maps=not uses_global)
+            self.extractor = FeatureExtractor(
+                arch,
+                load_backbone(arch, self.backbone["weights"]),
+                self.backbone["layers"],
+                self.detector.device,
+                with_global=uses_global,
+                with_maps=not uses_global,
+            )
 
     def score(self, images: np.ndarray, names: list[str]) -> Prediction:
         """(N, H, W, 3) uint8 prepared images -> image scores and anomaly maps."""
@@ -71,8 +88,9 @@ class FittedModel(PreparesInputs):
         from stages.features.cache import FeatureSet
 
         extracted = self.extractor(images, batch_size=16, desc=f"{self.backbone['name']} features")
-        return self.detector.predict(FeatureSet(extracted.global_embeddings, extracted.feature_maps,
-                                                tuple(images.shape[1:3]), names))
+        return self.detector.predict(
+            FeatureSet(extracted.global_embeddings, extracted.feature_maps, tuple(images.shape[1:3]), names)
+        )
 
 
 class DeployedModule(nn.Module):

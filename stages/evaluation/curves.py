@@ -78,7 +78,10 @@ def confusion_rows(names, labels, scores, threshold: float) -> list[dict]:
     """Actual vs predicted at the threshold, by the one threshold rule (threshold.flagged: score >= threshold)."""
     word = {0: "good", 1: "anomalous"}
     predicted = flagged(scores, threshold)
-    return [{"image": n, "actual": word[int(l)], "predicted": word[int(p)]} for n, l, p in zip(names, labels, predicted)]
+    return [
+        {"image": n, "actual": word[int(label)], "predicted": word[int(p)]}
+        for n, label, p in zip(names, labels, predicted)
+    ]
 
 
 def write_curves(plot_dir: Path, test, scores, pixels: PixelStats | None, threshold: float, max_points: int) -> None:

@@ -147,7 +147,8 @@ def per_defect_auroc(labels, scores, defect_types) -> dict[str, float]:
     return result
 
 
-def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3, n_std=2.0) -> dict:
+def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3,
+             n_std=2.0) -> dict:
     """All metrics of one fit in one JSON-serialisable dict (plain floats/ints, None where undefined).
     `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks."""
     checked, _ = _labels_scores(labels, scores)
@@ -187,7 +188,9 @@ def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 
 
-def resampled(labels, scores, pixels: PixelStats | None, weights: np.ndarray, fpr_limit: float) -> dict[str, np.ndarray | None]:
+def resampled(
+    labels, scores, pixels: PixelStats | None, weights: np.ndarray, fpr_limit: float
+) -> dict[str, np.ndarray | None]:
     """Each interval metric on every resample (a row of weights); None where the metric is undefined."""
     labels, scores = _labels_scores(labels, scores)
     images = ImageStats.from_scores(labels, scores)
@@ -201,8 +204,15 @@ def resampled(labels, scores, pixels: PixelStats | None, weights: np.ndarray, fp
 
 
 # The metrics reported as a mean over seeds (with their spread); the others stay per seed.
-SEED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold_precision", "threshold_recall",
-                "threshold_f1")
+SEED_METRICS = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "threshold_precision",
+    "threshold_recall",
+    "threshold_f1",
+)
 
 
 def _mean(values: list) -> float | None:
@@ -211,8 +221,10 @@ def _mean(values: list) -> float | None:
 
 def mean_over_seeds(resampled: list[dict]) -> dict[str, np.ndarray | None]:
     """The seed mean of each metric on every resample (None where a seed has it undefined)."""
-    return {name: None if any(r[name] is None for r in resampled) else np.mean([r[name] for r in resampled], axis=0)
-            for name in resampled[0]}
+    return {
+        name: None if any(r[name] is None for r in resampled) else np.mean([r[name] for r in resampled], axis=0)
+        for name in resampled[0]
+    }
 
 
 def summarise_seeds(per_seed: dict[int, dict], resampled: dict, confidence: float, resamples: int) -> dict:
@@ -232,9 +244,14 @@ def summarise_seeds(per_seed: dict[int, dict], resampled: dict, confidence: floa
     types = results[0]["per_defect_auroc"]
     summary["per_defect_auroc"] = {t: _mean([r["per_defect_auroc"][t] for r in results]) for t in types}
     summary["seed_std"] = spread
-    summary["interval"] = {"confidence": confidence, "resamples": resamples, **{
-        name: None if resampled.get(name) is None else list(interval(resampled[name], confidence))
-        for name in INTERVAL_METRICS if name in summary
-    }}
+    summary["interval"] = {
+        "confidence": confidence,
+        "resamples": resamples,
+        **{
+            name: None if resampled.get(name) is None else list(interval(resampled[name], confidence))
+            for name in INTERVAL_METRICS
+            if name in summary
+        },
+    }
     summary["per_seed"] = {str(s): r for s, r in zip(seeds, results)}
     return summary

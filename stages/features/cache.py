@@ -57,4 +57,6 @@ def load_features(path: str | Path) -> FeatureSet:
             names=list(blob["names"]),
         )
     except (KeyError, TypeError) as exc:
-        raise PipelineError(f"{path}: not a feature cache of this version (no {exc}; rerun the extract stage)") from None
+        raise PipelineError(
+            f"{path}: not a feature cache of this version (no {exc}; rerun the extract stage)"
+        ) from None

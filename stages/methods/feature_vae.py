@@ -54,8 +54,11 @@ class Fit(FeatureFit):
 
 @dataclasses.dataclass(frozen=True)
 class Score(MapScore):
-    anomaly_map: str = option("reconstruction", "reconstruction: squared error of the decoded mean; elbo: plus beta * KL",
-                              choices=ANOMALY_MAPS)
+    anomaly_map: str = option(
+        "reconstruction",
+        "reconstruction: squared error of the decoded mean; elbo: plus beta * KL",
+        choices=ANOMALY_MAPS,
+    )
 
 
 class FeatureVariationalAE(FeatureReconstructionDetector):

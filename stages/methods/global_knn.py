@@ -20,7 +20,9 @@ from stages.methods.neighbours import exact_sqrt
 
 @dataclasses.dataclass(frozen=True)
 class Fit(Schema):
-    top_variance_dims: int | None = option(None, "keep only this many highest-variance embedding dimensions (null: all)", ge=1)
+    top_variance_dims: int | None = option(
+        None, "keep only this many highest-variance embedding dimensions (null: all)", ge=1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,9 @@ class KNNScorer(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, None]:
         queries = embeddings.float().index_select(1, self.dims)
-        squared = torch.addmm(self.bank_norms, queries, self.bank.t(), alpha=-2.0) + (queries * queries).sum(1, keepdim=True)
+        squared = torch.addmm(self.bank_norms, queries, self.bank.t(), alpha=-2.0) + (queries * queries).sum(
+            1, keepdim=True
+        )
         nearest = torch.topk(squared, self.k, dim=1, largest=False).values
         return exact_sqrt(nearest.clamp_min(0.0)).mean(dim=1), None
 

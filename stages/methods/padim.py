@@ -46,14 +46,19 @@ class Fit(Schema):
     upsample: str = option("nearest", "how coarser layers reach the finest grid before concatenation "
                                       "(nearest: anomalib and the reference code)", choices=UPSAMPLING)
     batch_size: int = option(8, "training images accumulated at once", ge=1)
-    positions_per_pass: int | None = option(None, "positions whose covariances one pass over the training images "
-                                                  "accumulates (null: all in one pass; fewer: less memory, more passes)",
-                                            ge=1)
+    positions_per_pass: int | None = option(
+        None,
+        "positions whose covariances one pass over the training images "
+        "accumulates (null: all in one pass; fewer: less memory, more passes)",
+        ge=1,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Score(Schema):
-    image_score: str = option("max", "how the anomaly map becomes the image score (the paper: max)", choices=IMAGE_SCORES)
+    image_score: str = option(
+        "max", "how the anomaly map becomes the image score (the paper: max)", choices=IMAGE_SCORES
+    )
     smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
     batch_size: int = option(8, "images scored at once", ge=1)
 
@@ -102,8 +107,10 @@ class PaDiMScorer(nn.Module):
         channels = [m.shape[1] for m in maps]
         if channels != self.layer_channels or tuple(finest_grid(list(maps))) != self.grid:
             grid = finest_grid(list(maps))
-            raise PipelineError(f"padim: the features have {channels} channels on a {grid[0]}x{grid[1]} grid, the model "
-                                f"was fitted on {self.layer_channels} on {self.grid[0]}x{self.grid[1]} (re-run the fit stage)")
+            raise PipelineError(
+                f"padim: the features have {channels} channels on a {grid[0]}x{grid[1]} grid, the model "
+                f"was fitted on {self.layer_channels} on {self.grid[0]}x{self.grid[1]} (re-run the fit stage)"
+            )
         keep = [getattr(self, f"keep{i}") for i in range(len(maps))]
         delta = (embed(list(maps), keep, self.mode) - self.mean).permute(1, 2, 0)  # (positions, d, N)
         # ||W (x - mu)||: a batched matrix product, a sum of squares (never negative)
@@ -136,8 +143,10 @@ class PaDiM(AnomalyDetector):
         if d is None:
             return torch.arange(channels)
         if d > channels:
-            raise PipelineError(f"fit.dimensions={d} is more than the {channels} channels of the cached feature maps "
-                                f"(at most {channels}, or null for all)")
+            raise PipelineError(
+                f"fit.dimensions={d} is more than the {channels} channels of the cached feature maps "
+                f"(at most {channels}, or null for all)"
+            )
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(channels, generator=generator)[:d].sort().values
 
@@ -145,7 +154,9 @@ class PaDiM(AnomalyDetector):
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PaDiM":
         n = len(train)
         if n < 2:
-            raise PipelineError(f"padim needs at least 2 training images to estimate a covariance per position, got {n}")
+            raise PipelineError(
+                f"padim needs at least 2 training images to estimate a covariance per position, got {n}"
+            )
         maps = list(train.feature_maps.values())
         if not maps:
             raise PipelineError("padim: the feature cache holds no feature maps")
@@ -162,11 +173,26 @@ class PaDiM(AnomalyDetector):
             hi = min(lo + per_pass, positions)
             desc = "fit gaussians" if passes == 1 else f"fit gaussians {number}/{passes}"
             self._gaussians(maps, keep, lo, hi, mean[lo:hi], whitening[lo:hi], grid[1], desc)
-        self.dims, self.mean, self.whitening, self.grid, self.layer_channels = dims, mean, whitening, grid, layer_channels
+        self.dims, self.mean, self.whitening, self.grid, self.layer_channels = (
+            dims,
+            mean,
+            whitening,
+            grid,
+            layer_channels,
+        )
         return self
 
-    def _gaussians(self, maps: list[Tensor], keep: list[Tensor], lo: int, hi: int, mean: Tensor, whitening: Tensor,
-                   width: int, desc: str) -> None:
+    def _gaussians(
+        self,
+        maps: list[Tensor],
+        keep: list[Tensor],
+        lo: int,
+        hi: int,
+        mean: Tensor,
+        whitening: Tensor,
+        width: int,
+        desc: str,
+    ) -> None:
         """Mean and whitening matrix of positions lo..hi-1, written into `mean` and `whitening`, from one
         streamed pass over the training images."""
         fit, n = self.fit_params, len(maps[0])
@@ -196,8 +222,10 @@ class PaDiM(AnomalyDetector):
             lower, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):
                 row, col = divmod(lo + start + int(torch.nonzero(info)[0]), width)
-                raise PipelineError(f"the covariance at feature position ({row}, {col}) is not positive definite "
-                                    "(non-finite features? raise fit.regularisation)")
+                raise PipelineError(
+                    f"the covariance at feature position ({row}, {col}) is not positive definite "
+                    "(non-finite features? raise fit.regularisation)"
+                )
             whitening[block] = torch.linalg.solve_triangular(lower, eye.expand_as(cov), upper=False)
 
     def scorer(self, image_size: tuple[int, int]) -> nn.Module:
@@ -209,15 +237,22 @@ class PaDiM(AnomalyDetector):
     def distance_maps(self, inputs: FeatureSet) -> Tensor:
         """(N, h, w) Mahalanobis distances at the feature grid, before upsampling and smoothing."""
         scorer, step = self.scorer(tuple(inputs.image_size)).to(self.device), self.batch_size()
-        out = [scorer.distances(*[t.to(self.device) for t in self.scorer_inputs(inputs, start, start + step)]).cpu()
-               for start in range(0, len(inputs), step)]
+        out = [
+            scorer.distances(*[t.to(self.device) for t in self.scorer_inputs(inputs, start, start + step)]).cpu()
+            for start in range(0, len(inputs), step)
+        ]
         return torch.cat(out) if out else torch.zeros(0, *self.grid)
 
     def get_state(self) -> dict:
         if self.whitening is None:
             raise PipelineError("padim: nothing to save, the model was not fitted")
-        return {"dims": self.dims, "mean": self.mean, "whitening": self.whitening, "grid": list(self.grid),
-                "layer_channels": list(self.layer_channels)}
+        return {
+            "dims": self.dims,
+            "mean": self.mean,
+            "whitening": self.whitening,
+            "grid": list(self.grid),
+            "layer_channels": list(self.layer_channels),
+        }
 
     def set_state(self, state: dict) -> None:
         self.dims, self.mean, self.whitening = state["dims"], state["mean"], state["whitening"]

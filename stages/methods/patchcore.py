@@ -125,7 +125,9 @@ def _odd(value: int) -> bool:
 class Fit(Schema):
     coreset_ratio: float = option(0.1, "fraction of the training patches kept in the memory bank", gt=0, le=1)
     projection_dim: int | None = option(128, "random projection for the approximate greedy coreset (null: none)", ge=1)
-    patch_size: int = option(3, "neighbourhood of a locally aware patch feature", ge=1, check=_odd, allowed="an odd integer >= 1")
+    patch_size: int = option(
+        3, "neighbourhood of a locally aware patch feature", ge=1, check=_odd, allowed="an odd integer >= 1"
+    )
     pretrain_embed_dimension: int = option(1024, "per-layer feature size after average pooling (MeanMapper)", ge=1)
     target_embed_dimension: int = option(1024, "patch feature size after the Aggregator", ge=1)
     batch_size: int = option(8, "images embedded at once while fitting", ge=1)
@@ -170,6 +172,7 @@ class PatchCore(AnomalyDetector):
     # -- estimator API ------------------------------------------------------------------------
     def draws_random_numbers(self) -> bool:
         return self.fit_params.coreset_ratio < 1  # the coreset's projection and starting points
+
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "PatchCore":
         """Streamed: pass 1 keeps only the coreset's random projection of every patch (128-d by
         default), the greedy selection runs on that, pass 2 re-embeds and gathers the selected
@@ -183,8 +186,9 @@ class PatchCore(AnomalyDetector):
             if projection is None:
                 projection = RandomProjection(embeddings.shape[1], fit.projection_dim, self.seed)
                 # filled in place: a list of batches plus their concatenation would hold it twice
-                reduced = torch.empty(len(train) * grid[0] * grid[1], projection.out_dim or embeddings.shape[1],
-                                      device=embeddings.device)
+                reduced = torch.empty(
+                    len(train) * grid[0] * grid[1], projection.out_dim or embeddings.shape[1], device=embeddings.device
+                )
             reduced[offset : offset + len(embeddings)] = projection(embeddings)
             offset += len(embeddings)
         if offset != len(reduced):
@@ -194,7 +198,9 @@ class PatchCore(AnomalyDetector):
         bank, offset, filled = None, 0, 0
         for embeddings, _ in self._batches(train, fit.batch_size, "gather bank"):
             # `selected` is sorted: the rows of this batch are one slice of it
-            lo, hi = torch.searchsorted(selected, torch.tensor([offset, offset + len(embeddings)], device=self.device)).tolist()
+            lo, hi = torch.searchsorted(
+                selected, torch.tensor([offset, offset + len(embeddings)], device=self.device)
+            ).tolist()
             if bank is None:
                 bank = torch.empty(len(selected), embeddings.shape[1])  # filled in place, held once
             bank[filled : filled + hi - lo] = embeddings[selected[lo:hi] - offset].cpu()
@@ -208,7 +214,9 @@ class PatchCore(AnomalyDetector):
             raise PipelineError("patchcore: predict() called before fit() or load()")
         score = self.score_params
         if score.reweight and score.num_neighbors > len(self.bank):
-            raise PipelineError(f"num_neighbors={score.num_neighbors} is larger than the memory bank ({len(self.bank)})")
+            raise PipelineError(
+                f"num_neighbors={score.num_neighbors} is larger than the memory bank ({len(self.bank)})"
+            )
         return PatchCoreScorer(self.embedder(self.channels), self.bank, score, image_size)
 
     def get_state(self) -> dict:
@@ -216,5 +224,7 @@ class PatchCore(AnomalyDetector):
 
     def set_state(self, state: dict) -> None:
         if "channels" not in state:
-            raise PipelineError("patchcore: fitted before models recorded their layers' channels (run the fit stage again)")
+            raise PipelineError(
+                "patchcore: fitted before models recorded their layers' channels (run the fit stage again)"
+            )
         self.bank, self.channels = state["bank"], [int(c) for c in state["channels"]]

@@ -39,7 +39,9 @@ class TrainingFit(Schema):
     lr: float = option(1e-3, "Adam learning rate", gt=0)
     epochs: int = option(30, "maximum training epochs", ge=1)
     batch_size: int = option(8, "training mini-batch size", ge=1)
-    patience: int | None = option(5, "early stopping: epochs without validation improvement (0 or null: never stop early)", ge=0)
+    patience: int | None = option(
+        5, "early stopping: epochs without validation improvement (0 or null: never stop early)", ge=0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,15 +140,25 @@ def train(
     return history
 
 
-def fit_network(detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x_train: Tensor, x_val: Tensor | None) -> None:
+def fit_network(
+    detector, build_net: Callable[[], nn.Module], loss_fn: LossFn, x_train: Tensor, x_val: Tensor | None
+) -> None:
     """Seed, build and train a trained detector's network; set detector.net/history only on success."""
     fit = detector.fit_params
     seed_everything(detector.seed)  # weight initialisation (and the VAE's samples)
     net = build_net()
     history = train(
-        net, loss_fn, x_train, x_val,
-        lr=fit.lr, epochs=fit.epochs, batch_size=fit.batch_size, patience=fit.patience,
-        seed=detector.seed, device=detector.device, desc=detector.method,
+        net,
+        loss_fn,
+        x_train,
+        x_val,
+        lr=fit.lr,
+        epochs=fit.epochs,
+        batch_size=fit.batch_size,
+        patience=fit.patience,
+        seed=detector.seed,
+        device=detector.device,
+        desc=detector.method,
     )
     detector.net, detector.history = net, history
 
@@ -155,7 +167,9 @@ class ReconstructionScorer(nn.Module):
     """The method's inputs -> (image scores, maps): the network's reconstruction error as a raw map
     (`error_maps`), upsampled, smoothed and reduced to a score by the MapHead."""
 
-    def __init__(self, inputs: nn.Module, net: nn.Module, error_maps: Callable[[Tensor, Tensor], Tensor], head: nn.Module):
+    def __init__(
+        self, inputs: nn.Module, net: nn.Module, error_maps: Callable[[Tensor, Tensor], Tensor], head: nn.Module
+    ):
         super().__init__()
         self.inputs, self.net, self.head = inputs, net, head
         self.error_maps = error_maps  # the detector's: uses the same network (the VAE's posterior)
@@ -215,15 +229,20 @@ def _positive_ints(values: list) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PixelFit(TrainingFit):
-    image_size: int = option(128, "training / scoring resolution, a multiple of 2 ** len(channels); maps are "
-                                  "upsampled to the prepared size", ge=1)
+    image_size: int = option(
+        128,
+        "training / scoring resolution, a multiple of 2 ** len(channels); maps are upsampled to the prepared size",
+        ge=1,
+    )
     channels: list[int] = option([32, 64, 128, 256], "encoder widths, one stride-2 level each", ge=1)
     latent: int = option(16, "bottleneck channels at 1 / 2**len(channels) of the resolution", ge=1)
 
     def validate_block(self) -> None:
         factor = 2 ** len(self.channels)
         if self.image_size % factor:
-            raise SchemaError("image_size", f"must be a multiple of {factor} (2 ** len(channels)), got {self.image_size}")
+            raise SchemaError(
+                "image_size", f"must be a multiple of {factor} (2 ** len(channels)), got {self.image_size}"
+            )
 
 
 class UnitImages(nn.Module):
@@ -290,8 +309,9 @@ def _odd(value: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureFit(TrainingFit):
-    neighbourhood: int = option(3, "average each feature over this window first (1: off)", ge=1, check=_odd,
-                                allowed="an odd integer >= 1")
+    neighbourhood: int = option(
+        3, "average each feature over this window first (1: off)", ge=1, check=_odd, allowed="an odd integer >= 1"
+    )
 
 
 def combine_layers(maps: list[Tensor], neighbourhood: int) -> Tensor:
@@ -321,8 +341,10 @@ class FeatureInputs(nn.Module):
     def forward(self, *maps: Tensor) -> Tensor:
         x = combine_layers(list(maps), self.neighbourhood)
         if x.shape[1] != self.mean.shape[1]:
-            raise PipelineError(f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
-                                f"{self.mean.shape[1]} (re-run the fit stage)")
+            raise PipelineError(
+                f"{self.method}: features have {x.shape[1]} channels but the model was fitted on "
+                f"{self.mean.shape[1]} (re-run the fit stage)"
+            )
         return (x - self.mean) / self.std
 
 

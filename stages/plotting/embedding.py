@@ -6,7 +6,9 @@ import numpy as np
 from stages.core.errors import PipelineError
 
 
-def embed_2d(embeddings: np.ndarray, perplexity: float, seed: int, iterations: int = 1000, pca_dims: int = 50) -> np.ndarray:
+def embed_2d(
+    embeddings: np.ndarray, perplexity: float, seed: int, iterations: int = 1000, pca_dims: int = 50
+) -> np.ndarray:
     """(N, D) -> (N, 2): standardise, PCA to at most `pca_dims` (speed, less noise), then t-SNE.
 
     Perplexity is capped at (N - 1) / 3 so tiny runs still work; same inputs and seed -> same points.

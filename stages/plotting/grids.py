@@ -76,7 +76,9 @@ def overview_figure(rows: list[dict], title: str):
             ax.imshow(image, interpolation="antialiased")
             outline(ax, mask)
             size = item["raw_size"] if which == 0 else image.shape[:2]
-            ax.set_title(f"{'raw' if which == 0 else 'model input'} {size[1]}×{size[0]}\n{_short(item['name'])}", fontsize=8)
+            ax.set_title(
+                f"{'raw' if which == 0 else 'model input'} {size[1]}×{size[0]}\n{_short(item['name'])}", fontsize=8
+            )
         axes[r, 0].set_ylabel(row["type"], fontsize=10, fontweight="bold")
     fig.suptitle(title)
     fig.text(0.5, 0.005, "green outline: ground-truth defect region", ha="center", va="bottom", fontsize=8, color=TRUTH)
@@ -106,9 +108,7 @@ def heatmap_figure(
     if n_rows == 0:
         raise PipelineError(f"figures@{model}: no test images selected for the heatmap grid")
     cmap = plt.get_cmap(HEATMAP_CMAP)
-    fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(1.75 * n_cols + 0.6, 1.75 * n_rows + 1.6), squeeze=False
-    )
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.75 * n_cols + 0.6, 1.75 * n_rows + 1.6), squeeze=False)
     for r in range(n_rows):
         image, amap = images[r], maps[r]
         mask = masks[r] if masks is not None else None
