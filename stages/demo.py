@@ -39,6 +39,7 @@ from stages.data.raw import ImageTooLarge
 from stages.deploy.overlay import overlay
 from stages.deploy.runtimes import RUNTIMES, load_model
 from stages.deploy.runtimes import fitted_models as fitted_pairs
+from stages.evaluation.threshold import flagged
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
@@ -101,7 +102,7 @@ def score_bytes(model, name: str, data: bytes, label: str, fmt: str) -> dict:
     if prediction.anomaly_maps is not None:
         heatmap = data_url(overlay(image, prediction.anomaly_maps[0], model.colour_scale), fmt)
     return {"model": name, "image": label, "score": score, "threshold": model.threshold,
-            "anomalous": score >= model.threshold, "overlay": heatmap, "input": data_url(image, fmt),
+            "anomalous": bool(flagged(score, model.threshold)), "overlay": heatmap, "input": data_url(image, fmt),
             "ms": round(1000 * (time.perf_counter() - start), 1), "runtime": model.runtime}
 
 

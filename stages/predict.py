@@ -33,6 +33,7 @@ from stages.core.paths import MODELS_ROOT
 from stages.data.raw import IMAGE_SUFFIXES
 from stages.deploy.overlay import overlay
 from stages.deploy.runtimes import RUNTIMES, fitted_models, load_model
+from stages.evaluation.threshold import flagged
 from stages.methods.base import Prediction
 
 DEFAULT_OUT = Path("predictions")
@@ -163,12 +164,11 @@ class Run:
         if result.anomaly_maps is not None:
             name = unique_name(path, self.used)
             write_png(self.out / name, overlay(image, result.anomaly_maps[0], self.model.colour_scale))
-        # the threshold rule of the metrics: score >= threshold is anomalous
         self.rows.append(
             {
                 "image": str(path),
                 "score": score,
-                "anomalous": int(score >= self.model.threshold),
+                "anomalous": int(flagged(score, self.model.threshold)),
                 "threshold": self.model.threshold,
                 "overlay": name,
             }

@@ -7,6 +7,7 @@ import numpy as np
 
 from stages.core.errors import PipelineError
 from stages.deploy.overlay import HEATMAP_CMAP, ColourScale, overlay
+from stages.evaluation.threshold import flagged
 from stages.plotting.style import TRUTH, blank, plt
 
 
@@ -127,12 +128,12 @@ def heatmap_figure(
             elif column == "overlay":  # the overlay predict and the demo show
                 ax.imshow(overlay(image, amap, scale))
             else:
-                ax.imshow(amap >= threshold, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(flagged(amap, threshold), cmap="gray", vmin=0, vmax=1)
                 outline(ax, mask)
             if r == 0:
                 ax.set_title(column, fontsize=10, fontweight="bold")
-        flagged = "flagged" if scores[r] >= threshold else "not flagged"  # the metrics' rule
-        axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.4g}\n{flagged}", fontsize=8)
+        verdict = "flagged" if flagged(scores[r], threshold) else "not flagged"
+        axes[r, 0].set_ylabel(f"{defect_types[r]}\n{_short(names[r])}\nscore {scores[r]:.4g}\n{verdict}", fontsize=8)
     height = fig.get_figheight()
     fig.suptitle(f"{model}: anomaly maps of selected test images (threshold {threshold:.4g})", y=1 - 0.15 / height)
     fig.tight_layout(rect=(0, 1.35 / height, 1, 1 - 0.42 / height))
