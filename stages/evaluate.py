@@ -87,15 +87,19 @@ def main() -> None:
     plot_dir = config.plots
     threshold = per_seed[seed]["threshold"]
     # the threshold and its decision on every row, as predict's scores.csv has them: the score chart draws both
+    decided = flagged(prediction.image_scores, threshold)
     write_csv(
         plot_dir / "scores.csv",
         [
-            {"image": n, "defect_type": d, "label": int(label), "score": float(s), "anomalous": int(a),
-             "threshold": threshold}
-            for n, d, label, s, a in zip(
-                test.names, test.defect_types, test.labels, prediction.image_scores,
-                flagged(prediction.image_scores, threshold),
-            )
+            {
+                "image": n,
+                "defect_type": d,
+                "label": int(label),
+                "score": float(s),
+                "anomalous": int(a),
+                "threshold": threshold,
+            }
+            for n, d, label, s, a in zip(test.names, test.defect_types, test.labels, prediction.image_scores, decided)
         ],
     )
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
