@@ -363,3 +363,23 @@ def test_the_overview_outlines_what_the_model_sees(elongated):
     assert crop["view"] == pytest.approx(tuple(v * 2 / 3 for v in (170, 10, 310, 150)))
     pad = panel_item(train, 0, item, {**preprocess, "mode": "pad"})
     assert pad["view"] == pytest.approx((0, 0, 320, 320 / 3)) and pad["valid"] == (0, 37, 112, 74)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_the_demo_scores_an_uploaded_frame_with_the_mode(elongated, runtime, monkeypatch):
+    """The demo's scoring of an upload (stages/demo.py score_bytes, what /api/predict and the camera call)
+    prepares the bytes by the model's own recipe: a padded frame's model input, evaluate's score."""
+    from stages.demo import score_bytes
+    from stages.deploy.runtimes import load_model
+    from tests.test_demo import decoded
+    from tests.test_predict import TOLERANCE
+
+    project = elongated["pad"]
+    monkeypatch.chdir(project)
+    model = load_model("long", PATCHCORE, runtime)
+    name, score = next((n, s) for n, s in scores_csv(project, PATCHCORE).items() if n.startswith("test/spot"))
+    answer = score_bytes(model, f"long/{PATCHCORE}", (project / "data/raw/long.dataset" / name).read_bytes(), name,
+                         "PNG")
+    assert answer["score"] == pytest.approx(score, rel=TOLERANCE[runtime])
+    shown = decoded(answer["input"])
+    assert shown.shape == (112, 112, 3) and (shown[:37] == FILL).all() and (shown[74:] == FILL).all()
