@@ -82,7 +82,7 @@ def main() -> None:
         for i in chosen:
             rows.setdefault(label(i), []).append(panel_item(split, i, raw_by_name.get(split.names[i]), preprocess))
     ordered = [{"type": t, "items": items} for t, items in rows.items()]
-    fig, panels = overview_figure(ordered, f"{category}: training and test images, raw and as the model sees them "
+    fig, panels = overview_figure(ordered, f"{category}: raw images and what the model sees "
                                            f"(preprocess.mode: {preprocess['mode']})")
     output = category_plots_dir(category) / "overview.png"
     save_png(fig, output, panels, colours=256)

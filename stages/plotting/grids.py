@@ -96,10 +96,12 @@ def overview_figure(rows: list[dict], title: str):
             )
         axes[r, 0].set_ylabel(row["type"], fontsize=10, fontweight="bold")
     fig.suptitle(title)
-    fig.text(0.5, 0.005, "green outline: ground-truth defect region; dashed box: the part of the raw image the model "
-             "sees (on a model input: the image within its padding)", ha="center", va="bottom", fontsize=8,
+    height = fig.get_figheight()
+    fig.text(0.5, 0.05 / height, "green outline: ground-truth defect region", ha="center", va="bottom", fontsize=8,
              color=TRUTH)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.text(0.5, 0.2 / height, "dashed box: the part of the raw image the model sees; on a model input, the image "
+             "within its padding", ha="center", va="bottom", fontsize=8, color=VIEW)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
     return fig, (n_rows, n_cols)
 
 
