@@ -55,7 +55,8 @@ def main() -> None:
             raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
         pixels = None
         if prediction.anomaly_maps is not None and test.masks is not None:
-            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"])
+            # padding (preprocess.mode pad) is in no pixel metric nor curve: test.valid marks the image's pixels
+            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"], test.valid)
         per_seed[seed] = metrics.evaluate(
             test.labels,
             prediction.image_scores,

@@ -15,7 +15,7 @@ import torch
 from stages.core import numerics
 from stages.core.errors import PipelineError
 from stages.core.paths import onnx_file
-from stages.deploy.inputs import PreparesInputs
+from stages.deploy.inputs import PreparesInputs, exported_recipe, input_recipe
 from stages.deploy.overlay import ColourScale
 from stages.deploy.torch_model import DeployedModule, FittedModel
 from stages.methods.base import Prediction
@@ -29,8 +29,7 @@ def metadata(fitted: FittedModel) -> dict[str, str]:
         "threshold": repr(fitted.threshold),
         "threshold_rule": "anomalous when score >= threshold",
         "colour_scale": json.dumps({"low": fitted.colour_scale.low, "high": fitted.colour_scale.high}),
-        "preprocess": json.dumps({**fitted.preprocess, "resample": "bilinear",
-                                  "steps": "shorter side resized to `resize`, then the centre `crop_size` square"}),
+        "preprocess": json.dumps(exported_recipe(fitted.preprocess)),
         "normalisation": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "of": "RGB / 255"}
                                     if spec is not None else {"of": "RGB / 255 (in the graph)"}),
         "backbone": json.dumps(fitted.backbone),
@@ -98,7 +97,7 @@ class OnnxModel(PreparesInputs):
             self.threshold = float(meta["threshold"])
             self.colour_scale = ColourScale(**json.loads(meta["colour_scale"]))
             recipe = json.loads(meta["preprocess"])
-            self.preprocess = {"resize": int(recipe["resize"]), "crop_size": int(recipe["crop_size"])}
+            self.preprocess = input_recipe(recipe)  # without a mode (an older export): crop
             self.seed = int(meta["seed"])
         except (KeyError, ValueError, TypeError) as exc:
             raise PipelineError(
