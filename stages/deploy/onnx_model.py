@@ -41,7 +41,17 @@ def metadata(fitted: FittedModel) -> dict[str, str]:
 
 def export_onnx(fitted: FittedModel, path: Path) -> None:
     """The graph of DeployedModule, batch 1, with the metadata, at `path` (in a folder of its own: over
-    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there)."""
+    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there).
+
+    The exporter computes nothing, so the file is the same bytes on every CPU: every initializer is a
+    tensor of the module, bit for bit. torch's constant folding would merge each BatchNorm into the
+    convolution before it with torch's float32 sqrt, which is MKL's vector sqrt (not correctly rounded;
+    its kernel depends on the CPU), and EfficientNet-Lite0's exports had other bytes on an Intel CPU.
+    The BatchNorms stay in the graph and onnxruntime folds them when it loads the file (its basic
+    optimisations, on by default): it runs the same graph at the same speed, from a file 2-4% larger
+    that takes a few ms longer to load (bench/export_folding.py; bench/cross_cpu_check.py checks the
+    bytes under emulated Intel and AMD CPUs, tests/test_predict.py the initializers on any CPU).
+    """
     import onnx
 
     module = DeployedModule(fitted).eval()
@@ -49,12 +59,13 @@ def export_onnx(fitted: FittedModel, path: Path) -> None:
     has_map = not fitted.detector.uses_global_embedding
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns of every shape it turns into a constant (the graph is for this input size only)
-        # and the exporter of its own deprecation and constant folding: none of it changes the graph
+        # and the exporter of its own deprecation: none of it changes the graph
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=18, input_names=["image"],
-                          output_names=["score", "anomaly_map"] if has_map else ["score"])
+                          output_names=["score", "anomaly_map"] if has_map else ["score"],
+                          do_constant_folding=False)
     graph = onnx.load(str(path), load_external_data=False)  # the graph alone: external weights stay in their files
     for key, value in metadata(fitted).items():
         graph.metadata_props.add(key=key, value=value)
