@@ -243,8 +243,8 @@ def test_tail_truncation_detected(tmp_path, carpet_archive, out):
 def test_interrupt_leaves_nothing(monkeypatch, carpet_archive, out):
     real_fetch = archives._fetch
 
-    def fetch_then_interrupt(url, target, timeout):
-        real_fetch(url, target, timeout)
+    def fetch_then_interrupt(url, target, timeout, *limits):
+        real_fetch(url, target, timeout, *limits)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(archives, "_fetch", fetch_then_interrupt)
