@@ -385,7 +385,7 @@ def fetched_urls(monkeypatch) -> list[str]:
     """No network: every fetch 'downloads' one byte whose digests match no published checksum."""
     seen = []
 
-    def fake_fetch(url, target, timeout):
+    def fake_fetch(url, target, timeout, limits=None):
         seen.append(url)
         target.write_bytes(b"x")
         return {"sha256": "b" * 64, "md5": "c" * 32}

@@ -4,6 +4,7 @@ export; tests/test_hostile_data.py: archives and folder sources)."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import time
@@ -135,7 +136,8 @@ def test_a_state_that_fails_to_score_is_one_line(fitted, tmp_path, monkeypatch):
     project = model_copy(fitted, tmp_path)
     alter_state(project, lambda blob: blob["state"].update(bank=torch.zeros(5, 3)))
     model = load(project, monkeypatch)
-    with pytest.raises(PipelineError, match=r"^a\.png, b\.png: .*model\.pt could not score it \(RuntimeError: "):
+    with pytest.raises(PipelineError, match=r"^2 images \(a\.png, b\.png\): models/carpet\.category/pc\.model/seed-3/"
+                                            r"model\.pt could not score it \(RuntimeError: mat1 and mat2 shapes"):
         model.score(np.zeros((2, 48, 48, 3), np.uint8), ["a.png", "b.png"])
 
 
@@ -147,7 +149,8 @@ def test_a_huge_smoothing_sigma_in_scoring_json_is_refused_with_its_bound(fitted
     for sigma in (1e6, 1e308):
         record["score"]["smoothing_sigma"] = sigma
         path.write_text(json.dumps(record))
-        with pytest.raises(PipelineError, match=rf"smoothing_sigma: must be a finite number in \[0, 64\], got {sigma}"):
+        expected = f"score.smoothing_sigma: must be a finite number in [0, 64], got {sigma}"
+        with pytest.raises(PipelineError, match=re.escape(expected)):
             load(project, monkeypatch)
 
 
@@ -243,3 +246,112 @@ def test_few_shot_never_replaces_a_file_that_is_not_its_table(tmp_path, monkeypa
     fresh = tmp_path / "new.csv"
     few_shot.main(["--out", str(fresh)])
     assert fresh.read_text().startswith("model,n_train,image_auroc,pixel_auroc\n")
+
+
+# ---------------------------------------------------------------------------------- report and compare
+
+
+@pytest.fixture
+def evaluated(tmp_path):
+    """Two categories x two models of metrics and resamples, as evaluate writes them (tests/test_report.py)."""
+    from tests.test_report import write_metrics
+
+    params = default_params()
+    params["data"]["categories"] = ["bottle", "grid"]
+    params["models"] = {name: params["models"][name] for name in ("knn_effnet", "patchcore_effnet")}
+    write_params(tmp_path, params)
+    for category, model, values in [("bottle", "knn_effnet", {"image_auroc": 0.8}),
+                                     ("grid", "knn_effnet", {"image_auroc": 0.6}),
+                                     ("bottle", "patchcore_effnet", {"image_auroc": 1.0, "pixel_auroc": 0.98}),
+                                     ("grid", "patchcore_effnet", {"image_auroc": 0.9, "pixel_auroc": 0.96})]:
+        write_metrics(tmp_path, category, model, **values)
+    return tmp_path
+
+
+METRICS = "metrics/models/bottle.category/knn_effnet.metrics.json"
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "not readable JSON (JSONDecodeError"),
+    ("[]", "not a metrics file of the evaluate stage (holds a list, not a mapping"),
+    ("{}", "not a metrics file of the evaluate stage (method is not a string"),
+    ("[" * 200_000 + "]" * 200_000, "not readable JSON (RecursionError"),
+    ("NaN", "not a metrics file of the evaluate stage (NaN is not a number JSON allows"),
+])
+@pytest.mark.parametrize("stage", ["report", "compare"])
+def test_report_and_compare_refuse_a_broken_metrics_file_in_one_line(evaluated, stage, content, reason):
+    """These gave JSONDecodeError, KeyError, AttributeError, TypeError and RecursionError tracebacks."""
+    from tests.conftest import call_stage
+
+    call_stage("compare", cwd=evaluated)
+    (evaluated / METRICS).write_text(content)
+    with pytest.raises(PipelineError) as caught:
+        call_stage(stage, cwd=evaluated)
+    message = str(caught.value)
+    assert message.startswith(f"{METRICS}: {reason}") and "\n" not in message, message
+    assert message.endswith("rerun evaluate@bottle-knn_effnet)")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda r: r.update(image_auroc="abc"), "image_auroc is not a number or null"),
+    (lambda r: r.update(per_seed=[1, 2]), "per_seed is not a mapping of each seed's metrics"),
+    (lambda r: r["interval"].update(image_auroc=[0.1]), "interval's image_auroc is not [low, high]"),
+    (lambda r: r.update(seed_std="x"), "seed_std is not a mapping of numbers"),
+])
+def test_report_refuses_a_metrics_file_of_the_wrong_shape(evaluated, change, reason):
+    from tests.conftest import call_stage
+
+    call_stage("compare", cwd=evaluated)
+    record = json.loads((evaluated / METRICS).read_text())
+    change(record)
+    (evaluated / METRICS).write_text(json.dumps(record))
+    expected = f"{METRICS}: not a metrics file of the evaluate stage ({reason}"
+    with pytest.raises(PipelineError, match=re.escape(expected)):
+        call_stage("report", cwd=evaluated)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_never_reaches_summary_json(evaluated, value):
+    """image_auroc: NaN went into metrics/summary.json as `NaN`, which strict JSON parsers refuse."""
+    from tests.conftest import call_stage
+
+    call_stage("compare", cwd=evaluated)
+    text = (evaluated / METRICS).read_text()
+    (evaluated / METRICS).write_text(re.sub(r'"image_auroc": [0-9.e-]+', f'"image_auroc": {value}', text, count=1))
+    line = error_line(run_stage("report", cwd=evaluated))
+    assert line.startswith(f"error: {METRICS}: not a metrics file of the evaluate stage (") and value[:8] in line
+    assert not (evaluated / "metrics" / "summary.json").exists()
+    (evaluated / METRICS).write_text(text)
+    call_stage("report", cwd=evaluated)
+    json.loads((evaluated / "metrics" / "summary.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+
+
+def test_compare_refuses_a_compressed_or_broken_resamples_file(evaluated):
+    from tests.conftest import call_stage
+
+    samples = evaluated / "data/evaluations/bottle.category/knn_effnet.resamples.npz"
+    deflate(samples)
+    with pytest.raises(PipelineError, match=r"knn_effnet\.resamples\.npz: refused to load this resamples file of the "
+                                            r"evaluate stage: its member 'image_auroc\.npy' is compressed"):
+        call_stage("compare", cwd=evaluated)
+    samples.write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match=r"knn_effnet\.resamples\.npz: not a readable resamples file of the "
+                                            r"evaluate stage \(corrupt or not a zip archive"):
+        call_stage("compare", cwd=evaluated)
+
+
+def test_the_security_page_commands_run(project):
+    """docs/explanation/security.md shows one command; it runs as written (python: this interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    page = (REPO / "docs" / "explanation" / "security.md").read_text()
+    commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", page, re.S)
+                for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert commands == ["python -m stages.check"]
+    for command in commands:
+        result = subprocess.run([sys.executable, *command.split()[1:]], cwd=project, capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert result.returncode == 0 and result.stdout.startswith("params.yaml: ok ("), result.stderr

@@ -23,7 +23,8 @@ _BLOCKED = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")  # the object
 
 
 def check_stored(path: Path, what: str, remedy: str) -> None:
-    """Refuse a torch file whose zip members are compressed, or declare more bytes than the file holds."""
+    """Refuse a torch file (or an .npz: np.savez stores too) whose zip members are compressed, or declare
+    more bytes than the file holds."""
     if not path.is_file():  # a FIFO would block the read; a folder or device is no torch file either
         what_is = "not found" if not path.exists() else "not a regular file (a folder, FIFO or device)"
         raise PipelineError(f"{path}: {what} {what_is} ({remedy})")
@@ -33,7 +34,7 @@ def check_stored(path: Path, what: str, remedy: str) -> None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise PipelineError(
-            f"{path}: not a readable {what} (corrupt or not a torch file: {reason}; {remedy})"
+            f"{path}: not a readable {what} (corrupt or not a zip archive: {reason}; {remedy})"
         ) from None
     size = path.stat().st_size
     for member in members:

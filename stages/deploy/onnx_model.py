@@ -69,7 +69,7 @@ def onnx_session(path: Path):
     import onnxruntime
 
     onnxruntime.disable_telemetry_events()  # onnxruntime would queue usage events under ~/.cache otherwise
-    checked = read_checked(path)  # before onnxruntime sees the file: a graph that could hang or allocate is refused
+    graph = read_checked(path)  # before onnxruntime sees the file: a graph that could hang or allocate is refused
     options = onnxruntime.SessionOptions()
     # No memory arena: what an image needs goes back to the system after it (an arena keeps its peak for the
     # process's life, the demo's included). The graph check bounded that peak.
@@ -82,7 +82,7 @@ def onnx_session(path: Path):
         raise PipelineError(
             f"{path}: not a readable ONNX model ({' '.join(str(exc).split())[:200]}; rerun the export stage)"
         ) from None
-    return session, checked
+    return session, graph
 
 
 class OnnxModel(PreparesInputs):
