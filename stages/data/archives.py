@@ -261,9 +261,9 @@ def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[
                     break
                 except _READ_ERRORS as exc:
                     raise corrupt(exc) from exc
-                name = member.name
-                parts = [p for p in name.split("/") if p not in ("", ".")]
-                if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                name = member.name if len(member.name) <= 200 else member.name[:197] + "..."  # as messages show it
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                if member.name.startswith("/") or re.match(r"^[A-Za-z]:", member.name) or ".." in parts:
                     raise PipelineError(f"{url}: unsafe member path '{name}' in archive")
                 rel = select(parts)
                 if not rel:

@@ -109,6 +109,10 @@ def read_checked(path: Path) -> CheckedGraph:
     except Refused as exc:
         raise PipelineError(f"{path}: refused before onnxruntime runs it: {exc}; the export stage writes "
                             "no such graph (rerun it)") from None
+    except Exception as exc:  # a malformed field the checks above did not foresee: refused all the same
+        reason = " ".join(str(exc).split())[:120]
+        raise PipelineError(f"{path}: refused before onnxruntime runs it: it could not be checked "
+                            f"({type(exc).__name__}: {reason}); rerun the export stage") from None
     return CheckedGraph(side, outputs, peak, work, **read_metadata(model, path, side))
 
 
