@@ -28,6 +28,7 @@ from stages.core.paths import SUMMARY_ROOT as OUTPUT
 from stages.core.paths import metrics_file
 from stages.evaluation.metrics import INTERVAL_METRICS
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
+from stages.evaluation.results import read_comparison, read_metrics
 
 HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (
@@ -60,7 +61,7 @@ def summary_rows(categories: list[str], names: list[str]) -> tuple[list[dict], d
             path = metrics_file(category, name)
             if not path.is_file():
                 raise PipelineError(f"{path}: metrics missing (run evaluate@{category}-{name})")
-            result = json.loads(path.read_text())
+            result = read_metrics(path, f"rerun evaluate@{category}-{name}", (*COLUMNS, *INTERVAL_METRICS))
             row = {"category": category, "model": name, "method": result["method"], "backbone": result["backbone"],
                    "seeds": len(result["seeds"])}
             row.update({column: result.get(column) for column in COLUMNS})
@@ -181,7 +182,7 @@ def main() -> None:
     if not comparison_file.is_file():
         raise PipelineError(f"{comparison_file}: missing (run the compare stage)")
     groups = mean_groups(categories, lambda category: category_source(params, category))
-    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()), groups)
+    means = mean_rows(rows, names, per_seed, read_comparison(comparison_file, "rerun the compare stage"), groups)
     tables = metric_tables(rows, means, table_rows(groups), names)
     interval_keys = [key for key in means[0] if key.endswith(("_low", "_high", "_seed_std"))]
 
@@ -203,6 +204,10 @@ def main() -> None:
         summary["groups"] = {
             label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
         }
+    try:  # the inputs are finite (stages/evaluation/results.py); strict JSON refuses NaN if a mean were not
+        json.dumps(summary, allow_nan=False)
+    except ValueError as exc:
+        raise PipelineError(f"{OUTPUT / 'summary.json'}: a value is not finite ({exc}); not written") from None
     write_json(OUTPUT / "summary.json", summary)
     text = markdown(
         rows,

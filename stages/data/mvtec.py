@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stages.core.errors import PipelineError
 from stages.core.outputs import remove_path as _remove
-from stages.data.archives import Remote, _sibling_tmpdir, check_sha256, extract_members, fetched, install_dir
+from stages.data.archives import Limits, Remote, _sibling_tmpdir, check_sha256, extract_members, fetched, install_dir
 from stages.data.raw import check_layout
 
 CATEGORIES = (
@@ -90,7 +90,7 @@ CATEGORY_PLACEHOLDER = "{category}"  # in data.mvtec.url: replaced by each categ
 ARCHIVES = ("full", "category")
 
 
-def _extract_category(archive: Path, category: str, into: Path, url: str) -> int:
+def _extract_category(archive: Path, category: str, into: Path, url: str, limits: Limits | None = None) -> int:
     """Extract only the members below the archive's `<category>/` folder (at any depth) into `into`."""
     prefix: tuple[str, ...] | None = None
 
@@ -104,7 +104,7 @@ def _extract_category(archive: Path, category: str, into: Path, url: str) -> int
             return None
         return parts[len(prefix):] or None
 
-    written = extract_members(archive, into, url, below_category)
+    written = extract_members(archive, into, url, below_category, limits)
     if prefix is None:
         raise PipelineError(f"{url}: no '{category}/' folder in the archive")
     return written
@@ -157,6 +157,7 @@ def download_category(
     archive: str = "full",
     cache_dir: Path | None = None,
     timeout: float = 60,
+    max_gb: float = 10.0,
 ) -> Path:
     """Download an MVTec AD archive, verify it, and install only `category` at `dest`.
 
@@ -165,15 +166,17 @@ def download_category(
     CATEGORY_URLS[category], checked against its published MD5. A given `url` is the only one tried
     (it may hold "{category}"), checked against `sha256` when given. With `cache_dir`, the verified
     archive is kept there and reused by later calls: the full one is fetched once for every
-    category. Returns dest.
+    category. Neither the download nor what it unpacks to may pass `max_gb` (data.mvtec.max_gb).
+    Returns dest.
     """
     dest = Path(dest)
     remote = _resolve_source(category, url, sha256, archive)
+    limits = Limits(total=int(max_gb * 1e9), param="data.mvtec.max_gb")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with fetched(remote, dest, cache_dir, timeout) as (archive_path, used):
+    with fetched(remote, dest, cache_dir, timeout, limits) as (archive_path, used):
         staging = _sibling_tmpdir(dest, "tmp")
         try:
-            _extract_category(archive_path, category, staging, used)
+            _extract_category(archive_path, category, staging, used, limits)
             check_layout(staging, f"{used}: {category}")
             install_dir(staging, dest)
             staging = None

@@ -16,8 +16,9 @@ from stages.core import numerics
 from stages.core.errors import PipelineError
 from stages.core.paths import onnx_file
 from stages.deploy.inputs import PreparesInputs, exported_recipe, input_recipe
+from stages.deploy.onnx_graph import read_checked
 from stages.deploy.overlay import ColourScale
-from stages.deploy.torch_model import DeployedModule, FittedModel
+from stages.deploy.torch_model import DeployedModule, FittedModel, checked, scoring_failed
 from stages.methods.base import Prediction
 
 
@@ -73,17 +74,25 @@ def export_onnx(fitted: FittedModel, path: Path) -> None:
 
 
 def onnx_session(path: Path):
+    """An onnxruntime session of `path`, after its graph and metadata passed stages/deploy/onnx_graph.py:
+    (session, CheckedGraph). Nothing else opens an export."""
     import onnxruntime
 
+    onnxruntime.disable_telemetry_events()  # onnxruntime would queue usage events under ~/.cache otherwise
+    graph = read_checked(path)  # before onnxruntime sees the file: a graph that could hang or allocate is refused
     options = onnxruntime.SessionOptions()
+    # No memory arena: what an image needs goes back to the system after it (an arena keeps its peak for the
+    # process's life, the demo's included). The graph check bounded that peak.
+    options.enable_cpu_mem_arena = False
     if numerics.active_mode() == "strict":  # the pipeline's thread count (results still depend on the CPU's kernels)
         options.intra_op_num_threads, options.inter_op_num_threads = numerics.STRICT_THREADS, 1
     try:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise PipelineError(
-            f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:120]}; rerun the export stage)"
+            f"{path}: not a readable ONNX model ({' '.join(str(exc).split())[:200]}; rerun the export stage)"
         ) from None
+    return session, graph
 
 
 class OnnxModel(PreparesInputs):
@@ -102,25 +111,27 @@ class OnnxModel(PreparesInputs):
 
     def __init__(self, path: Path, category: str, name: str):
         self.category, self.name, self.path = category, name, path
-        self.session = onnx_session(path)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.threshold = float(meta["threshold"])
-            self.colour_scale = ColourScale(**json.loads(meta["colour_scale"]))
-            recipe = json.loads(meta["preprocess"])
-            self.preprocess = input_recipe(recipe)  # without a mode (an older export): crop
-            self.seed = int(meta["seed"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise PipelineError(
-                f"{path}: its metadata lacks the threshold or input recipe ({exc}); rerun the export stage"
-            ) from None
-        self.has_map = len(self.session.get_outputs()) > 1
+        self.session, graph = onnx_session(path)
+        self.threshold = graph.threshold
+        self.colour_scale = ColourScale(**graph.colour_scale)
+        self.preprocess = input_recipe(graph.preprocess)  # without a mode (an older export): crop
+        self.seed = graph.seed
+        self.has_map = "anomaly_map" in graph.outputs
 
     def score(self, images: np.ndarray, names: list[str]) -> Prediction:
+        """Like FittedModel.score; a failure is one PipelineError naming the image and the file."""
         scores, maps = [], []
-        for image in images:  # the graph takes one image
-            outputs = self.session.run(None, {"image": np.ascontiguousarray(image[None])})
+        side = self.preprocess["crop_size"]
+        for image, name in zip(images, names):  # the graph takes one image
+            try:
+                outputs = self.session.run(None, {"image": np.ascontiguousarray(image[None])})
+            except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException, ...
+                raise scoring_failed(exc, [name], self.path) from None
+            if outputs[0].shape != (1,) or (self.has_map and outputs[1].shape != (1, side, side)):
+                raise PipelineError(f"{name}: {self.path} gave outputs of shapes {[o.shape for o in outputs]}, "
+                                    f"not (1,) and (1, {side}, {side}) (rerun the export stage)")
             scores.append(float(outputs[0][0]))
             if self.has_map:
                 maps.append(outputs[1][0].astype(np.float32))
-        return Prediction(np.array(scores, dtype=np.float64), np.stack(maps) if maps else None)
+        prediction = Prediction(np.array(scores, dtype=np.float64), np.stack(maps) if maps else None)
+        return checked(prediction, names, self.path)
