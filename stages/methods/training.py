@@ -176,8 +176,7 @@ class ReconstructionScorer(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         x = self.inputs(*inputs)
-        maps, scores = self.head(self.error_maps(self.net(x), x))
-        return scores, maps
+        return self.head(self.error_maps(self.net(x), x))
 
 
 class ReconstructionDetector(AnomalyDetector):
@@ -190,6 +189,7 @@ class ReconstructionDetector(AnomalyDetector):
 
     Score = MapScore
     net: nn.Module | None = None
+    fitted_attributes = ("net",)
 
     def draws_random_numbers(self) -> bool:
         return True  # weight initialisation and shuffling
@@ -206,25 +206,18 @@ class ReconstructionDetector(AnomalyDetector):
         return (recon - x).pow(2).sum(1)
 
     def scorer(self, image_size: tuple[int, int]) -> ReconstructionScorer:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
+        self._require_fitted()
         score = self.score_params
         head = MapHead(image_size, float(score.smoothing_sigma), score.image_score)
         return ReconstructionScorer(self.input_module(image_size), self.net.eval(), self.error_maps, head)
 
     def get_state(self) -> dict:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
 
     def set_state(self, state: dict) -> None:
         net = self.build_net()
         net.load_state_dict(state["net"])
         self.net = net.to(self.device).eval()
-
-
-def _positive_ints(values: list) -> bool:
-    return all(v > 0 for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +279,7 @@ class PixelReconstructionDetector(ReconstructionDetector):
     @torch.no_grad()
     def reconstruct(self, split) -> np.ndarray:
         """(N, H, W, 3) float32 in [0, 1]: the network's output at the prepared size (for figures)."""
-        if self.net is None:
-            raise PipelineError(f"{self.method}: reconstruct() called before fit() or load()")
+        self._require_fitted()
         x, size, out = self.model_inputs(split), split.image_size, []
         net, batch = self.net.to(self.device).eval(), self.score_params.batch_size
         for start in range(0, len(x), batch):
@@ -361,6 +353,7 @@ class FeatureReconstructionDetector(ReconstructionDetector):
     Fit = FeatureFit
     mean: Tensor | None = None
     std: Tensor | None = None
+    fitted_attributes = ("net", "mean", "std")
 
     def loss(self, net: nn.Module, x: Tensor) -> Tensor:
         return F.mse_loss(net(x), x)
