@@ -11,9 +11,13 @@ load(directory, score=...) restores them with scoring params of the caller's cho
 methods take a FeatureSet (cached by the extract stage), pixel methods a prepared Split.
 
 Scoring is one torch module per fitted model, `scorer(image_size)`: from the method's inputs
-(the prepared uint8 images, the backbone's feature maps, or its global embeddings) to image scores
-and anomaly maps at the image size. predict() runs it batch by batch; the export stage puts the
-same module, behind the backbone, into an ONNX graph, so both runtimes compute one definition.
+(the prepared uint8 images, the backbone's feature maps, or its global embeddings) to
+(image scores, anomaly maps at the image size or None), in that order for every method (MapHead
+too). predict() runs it batch by batch; the export stage puts the same module, behind the
+backbone, into an ONNX graph, so both runtimes compute one definition.
+
+Fitted or not (scikit-learn's check_is_fitted): a method names what fit() learns in
+`fitted_attributes`; `_require_fitted()` refuses, in one line, to score or save while any is None.
 """
 from __future__ import annotations
 

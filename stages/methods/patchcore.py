@@ -138,7 +138,6 @@ class PatchCore(AnomalyDetector):
     channels: list[int] | None = None  # channels of each cached layer, for the embedder
     fitted_attributes = ("bank", "channels")
 
-    # -- features -----------------------------------------------------------------------------
     def embedder(self, channels: list[int]) -> PatchEmbedder:
         fit = self.fit_params
         return PatchEmbedder(channels, fit.patch_size, fit.pretrain_embed_dimension, fit.target_embed_dimension)
@@ -152,7 +151,6 @@ class PatchCore(AnomalyDetector):
             with torch.no_grad():
                 yield embedder([m[start : start + size].float().to(self.device) for m in maps])
 
-    # -- estimator API ------------------------------------------------------------------------
     def draws_random_numbers(self) -> bool:
         return self.fit_params.coreset_ratio < 1  # the coreset's projection and starting points
 

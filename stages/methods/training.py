@@ -1,9 +1,10 @@
-"""What the trained methods (autoencoder, skip_autoencoder, feature_ae) share.
+"""What the trained methods (autoencoder, skip_autoencoder, feature_ae, feature_vae) share.
 
 - `TrainingFit` / `MapScore`: the fitting and scoring params every trained method accepts;
 - `train`: one generic Adam loop with early stopping on the validation loss, the best epoch's
   weights kept in memory, a tqdm bar, a per-epoch history and a NaN/inf guard;
-- `ReconstructionDetector`: predict (reconstruction error -> maps -> scores) and save/load;
+- `ReconstructionDetector`: the scorer (reconstruction error -> maps -> scores, through the MapHead)
+  and the network's state (predict, save and load are the base class's, stages/methods/base.py);
 - `PixelFit` / `PixelReconstructionDetector`: what the two pixel autoencoders add on top;
 - `FeatureFit` / `FeatureReconstructionDetector`: the same for the feature (V)AEs on cached maps.
 
