@@ -26,11 +26,10 @@ from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
 from stages.core.paths import metrics_file
-from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation.metrics import HEADLINE_METRICS, INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
 from stages.evaluation.results import read_comparison, read_metrics
 
-HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (
     "image_auroc",
     "pixel_auroc",
@@ -136,7 +135,7 @@ def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: 
     value = {(row["category"], row["model"]): row for row in [*rows, *means]}
     return [
         {"metric": metric, "category": category, **{name: value[category, name][metric] for name in names}}
-        for metric in HEADLINE
+        for metric in HEADLINE_METRICS
         for category in order
     ]
 
@@ -151,7 +150,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
         f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
         "over the categories above it, resampled within each category.\n"
     ]
-    for metric, title in HEADLINE.items():
+    for metric in HEADLINE_METRICS:
         table = [
             {
                 "category": f"**{category}**" if category in groups else category,
@@ -159,7 +158,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
             }
             for category in table_rows(groups)
         ]
-        parts.append(f"## {title}\n\n" + markdown_table(table, ["category", *names]))
+        parts.append(f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, ["category", *names]))
     columns = [
         key
         for key in dict.fromkeys(key for row in rows for key in row)
