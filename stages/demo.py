@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import base64
 import io
+import logging
 import os
 import ssl
 import struct
@@ -338,6 +339,18 @@ def create_app(device: str = "cpu", runtime: str = "onnx") -> FastAPI:
     return app
 
 
+class CancelledAtShutdown(logging.Filter):
+    """uvicorn logs a request it cancels at the end of the graceful shutdown (an upload stalled halfway)
+    with the traceback of the CancelledError: one line says the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "demo: a request still open %s s after the stop signal was cancelled", (GRACEFUL_SHUTDOWN_S,), None,
+                None)
+        return True
+
+
 class Server:
     """uvicorn with a bounded stop: after SIGTERM or Ctrl-C, open requests and sockets get
     GRACEFUL_SHUTDOWN_S to finish, and the process exits by EXIT_DEADLINE_S even if a scoring thread
@@ -345,6 +358,8 @@ class Server:
 
     def __init__(self, config):
         import uvicorn
+
+        logging.getLogger("uvicorn.error").addFilter(CancelledAtShutdown())
 
         outer = self
 

@@ -121,9 +121,9 @@ class Evaluate(Schema):
                                          "scores", ge=0)
     threshold_rule: str = option(
         "mean_std",
-        "mean_std: mean + threshold_n_std * std of the validation (good) scores (the study's rule); quantile: the "
-        "order statistic of the validation scores that keeps false alarms at most threshold_false_alarms with "
-        "threshold_confidence, whatever their distribution (needs enough validation images: 299 for 1% at 95%)",
+        "mean_std: mean + threshold_n_std * std of the validation (good) scores (the study's rule); quantile: just "
+        "above the order statistic of the validation scores that keeps false alarms at most threshold_false_alarms "
+        "with threshold_confidence, whatever their distribution (needs enough validation images: 299 for 1% at 95%)",
         choices=("mean_std", "quantile"),
     )
     threshold_false_alarms: float = option(0.01, "threshold_rule quantile: the false-alarm rate on good images the "
