@@ -9,7 +9,9 @@ false-alarm rate on new good images at or below --false-alarms with --confidence
 scores' distribution (stages/evaluation/threshold.py): with n images it lies just above the m-th
 highest score, m the largest count with P(Binomial(n, false_alarms) >= m) >= confidence. No threshold has that
 guarantee with fewer than n_min = ceil(log(1 - confidence) / log(1 - false_alarms)) images (299 for
-1 % at 95 %, 59 for 5 %, 29 for 10 %): then it is an error naming both numbers, and nothing is written.
+1 % at 95 %, 59 for 5 %, 29 for 10 %): then it is an error naming both numbers and the lowest target
+the images can vouch for, and nothing is written. An error, not a warning: the file would be trusted
+on the line as keeping the target, and with too few images no threshold does.
 
 Writes deployments/<category>.category/<model>.deployment.json (stages/deploy/deployment.py): the
 threshold, the rule, the target, the confidence, the number of images, their score quantiles and the

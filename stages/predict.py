@@ -10,7 +10,8 @@ today; the scoring params are the ones its evaluate stage used (models/<category
 The threshold is the one `python -m stages.calibrate` set on your own good images
 (deployments/<category>.category/<model>.deployment.json) when there is one, else evaluate's; the
 first line says which and where it came from (--threshold-from evaluate ignores the deployment file;
-one calibrated for another fit of the model is refused, never used silently).
+one calibrated for another fit of the model is refused, never used silently). `--watch` reads it
+once, at its start: restart it after calibrating (it resumes where it stopped).
 Writes DIR/scores.csv (image, score, anomalous, threshold, overlay) and one heatmap overlay PNG per
 image (DIR/<name>_overlay.png). An image that cannot be read or scored is reported on one line
 naming it and skipped; the others are still scored (exit code 1 if any was skipped).

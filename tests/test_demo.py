@@ -531,3 +531,68 @@ def test_tls_options_are_checked_before_serving(tmp_path):
                            "unencrypted key (SSLError")
     missing = run_stage("demo", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "missing.pem", cwd=tmp_path)
     assert error_line(missing) == "error: --ssl-keyfile missing.pem: not a file"
+
+
+HUNG_SERVER = """
+import sys, time
+import anyio, uvicorn
+from fastapi import FastAPI
+from stages.demo import Server
+
+app = FastAPI()
+
+@app.get("/hang")
+async def hang():  # a scoring thread that never returns (a graph that loops, a stuck kernel)
+    await anyio.to_thread.run_sync(time.sleep, 600)
+
+@app.get("/up")
+def up():
+    return "up"
+
+try:
+    Server(uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+                          timeout_graceful_shutdown=2)).run()
+except KeyboardInterrupt:  # as stages.core.cli.run_main ends on Ctrl-C
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_the_demo_stops_even_when_a_scoring_thread_never_returns(stop):
+    """SIGTERM: uvicorn cancels the request after its grace period and the signal ends the process.
+    Ctrl-C (SIGINT): the same, but then Python waits for the stuck worker thread at exit, forever: the
+    demo's deadline ends the process anyway, with one line saying why."""
+    import signal
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-c", HUNG_SERVER, str(port)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/up", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.1)
+        threading.Thread(target=lambda: urllib.request.urlopen(url + "/hang", timeout=30), daemon=True).start()
+        time.sleep(1.0)
+        start = time.time()
+        process.send_signal(getattr(signal, stop))
+        output, _ = process.communicate(timeout=30)
+        stopped = time.time() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+    from stages.demo import EXIT_DEADLINE_S
+
+    assert stopped < EXIT_DEADLINE_S + 2, f"{stopped:.1f} s"
+    assert "Traceback" not in output, output
+    if stop == "SIGTERM":
+        assert process.returncode == -signal.SIGTERM, output
+    else:
+        assert "interrupted" in output and "still busy 5 s after the stop signal" in output, output
+        assert process.returncode == 128 + signal.SIGINT
