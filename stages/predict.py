@@ -148,21 +148,23 @@ class Run:
         `defer_read_errors` (--watch) the files that could not be read are returned for it to decide."""
         deferred, unsaved = [], 0
         begin = time.perf_counter()
-        for outcome in score_files(self.model, files):
-            bar.update()
-            if outcome.error is None:
-                self.record(outcome)
-                unsaved += 1
-            elif outcome.stage == "read" and defer_read_errors:
-                deferred.append(outcome)
-            else:
-                self.fail(outcome.error)
-            if unsaved >= CHUNK:
+        try:
+            for outcome in score_files(self.model, files):
+                bar.update()
+                if outcome.error is None:
+                    self.record(outcome)
+                    unsaved += 1
+                elif outcome.stage == "read" and defer_read_errors:
+                    deferred.append(outcome)
+                else:
+                    self.fail(outcome.error)
+                if unsaved >= CHUNK:
+                    self.save()
+                    unsaved = 0
+        finally:  # stopped midway (Ctrl-C, SIGTERM): the rows of the overlays already written are kept
+            self.seconds += time.perf_counter() - begin
+            if unsaved:
                 self.save()
-                unsaved = 0
-        self.seconds += time.perf_counter() - begin
-        if unsaved:
-            self.save()
         return deferred
 
     def save(self) -> None:
