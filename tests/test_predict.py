@@ -410,3 +410,26 @@ def test_watch_resumes_survives_vanishing_and_retries_half_written_files(fitted,
     assert log.count("the watched folder is gone") == 1 and "the watched folder is back" in log
     assert sorted(p.name for p in out.glob("*_overlay.png")) == [
         "first_overlay.png", "second_overlay.png", "slow_overlay.png", "third_overlay.png"]
+
+
+@pytest.mark.parametrize("model", list(EVERY_METHOD))
+def test_an_export_holds_the_module_tensors_bit_for_bit(fitted, model, monkeypatch):
+    """Every method's model.onnx is the same bytes on every CPU because the exporter computes nothing:
+    every initializer is a parameter or buffer of the deployed module, bit for bit. torch's constant
+    folding folded each BatchNorm into its convolution with a float32 square root whose last bit differs
+    between Intel and AMD CPUs (the five EfficientNet-Lite0 exports had other bytes on an Intel CPU;
+    bench/cross_cpu_check.py shows it under emulation, this test on any CPU)."""
+    from onnx import load, numpy_helper
+
+    from stages.deploy.torch_model import DeployedModule, FittedModel
+
+    monkeypatch.chdir(fitted)
+    module = DeployedModule(FittedModel.load("carpet", model))
+    held = {(array.dtype, array.tobytes())
+            for array in (t.detach().contiguous().numpy() for t in [*module.parameters(), *module.buffers()])}
+    graph = load(str(fitted / "models" / "carpet.category" / f"{model}.export" / "model.onnx")).graph
+    weights = [(init.name, numpy_helper.to_array(init)) for init in graph.initializer]
+    assert weights  # the module's weights travel as initializers
+    computed = [f"{name} {array.shape}" for name, array in weights
+                if (array.dtype, array.tobytes()) not in held]
+    assert not computed, f"{len(computed)} of {len(weights)} initializers were computed at export: {computed[:5]}"

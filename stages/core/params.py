@@ -20,6 +20,15 @@ from stages.core.paths import PIXELS
 from stages.core.schema import Schema, SchemaError, check_keys, option, parse
 
 SOURCES = ("synthetic", "mvtec", "visa", "folder")
+# preprocess.mode: what the model sees of each frame (stages/data/raw.py applies it). A fit recorded
+# without a mode was cropped, the only mode there was.
+PREPROCESS_MODES = ("crop", "resize", "pad")
+DEFAULT_MODE = "crop"
+# The ImageNet mean in 0..255: the normalisation of torchvision's ResNets (the PatchCore and PaDiM papers'
+# backbones) maps it to 0, the value their convolutions' own zero padding shows at every frame border, and
+# EfficientNet-Lite0's (x - 127) / 128 to within 0.2 of 0; a black or white band would be an edge the
+# backbone answers strongly to, at a place that depends on each frame's aspect.
+DEFAULT_PAD_FILL = [124, 116, 104]
 
 
 # Upper bounds of the generator: a typo (n_train: 1000000000) must not write until the disk is full.
@@ -99,6 +108,22 @@ class Preprocess(Schema):
         "few-shot: fit on at most this many good images, a seeded subset of "
         "those left after the validation split (null: all)",
         ge=1,
+    )
+    mode: str = option(
+        DEFAULT_MODE,
+        "what the model sees of each image: crop (shorter side to `resize`, then the centre `crop_size` square: "
+        "the MVTec AD and VisA papers' setting; the rest of a non-square image is never seen), resize (the whole "
+        "image to crop_size x crop_size, aspect not kept) or pad (the whole image, aspect kept, centred on a "
+        "crop_size square of `pad_fill`; padded pixels count in no pixel metric). resize and pad ignore `resize`",
+        choices=PREPROCESS_MODES,
+    )
+    pad_fill: list[int] = option(
+        DEFAULT_PAD_FILL,
+        "mode pad: the padding's RGB colour (the ImageNet mean, which the backbones normalise to about 0)",
+        ge=0,
+        le=255,
+        check=lambda v: len(v) == 3,
+        allowed="three integers in [0, 255] (R, G, B)",
     )
 
     def validate_block(self) -> None:

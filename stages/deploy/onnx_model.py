@@ -15,7 +15,7 @@ import torch
 from stages.core import numerics
 from stages.core.errors import PipelineError
 from stages.core.paths import onnx_file
-from stages.deploy.inputs import PreparesInputs
+from stages.deploy.inputs import PreparesInputs, exported_recipe, input_recipe
 from stages.deploy.overlay import ColourScale
 from stages.deploy.torch_model import DeployedModule, FittedModel
 from stages.methods.base import Prediction
@@ -29,8 +29,7 @@ def metadata(fitted: FittedModel) -> dict[str, str]:
         "threshold": repr(fitted.threshold),
         "threshold_rule": "anomalous when score >= threshold",
         "colour_scale": json.dumps({"low": fitted.colour_scale.low, "high": fitted.colour_scale.high}),
-        "preprocess": json.dumps({**fitted.preprocess, "resample": "bilinear",
-                                  "steps": "shorter side resized to `resize`, then the centre `crop_size` square"}),
+        "preprocess": json.dumps(exported_recipe(fitted.preprocess)),
         "normalisation": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "of": "RGB / 255"}
                                     if spec is not None else {"of": "RGB / 255 (in the graph)"}),
         "backbone": json.dumps(fitted.backbone),
@@ -42,7 +41,17 @@ def metadata(fitted: FittedModel) -> dict[str, str]:
 
 def export_onnx(fitted: FittedModel, path: Path) -> None:
     """The graph of DeployedModule, batch 1, with the metadata, at `path` (in a folder of its own: over
-    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there)."""
+    ONNX's 2 GiB limit of one file, torch writes the weights to files beside it, which stay there).
+
+    The exporter computes nothing, so the file is the same bytes on every CPU: every initializer is a
+    tensor of the module, bit for bit. torch's constant folding would merge each BatchNorm into the
+    convolution before it with torch's float32 sqrt, which is MKL's vector sqrt (not correctly rounded;
+    its kernel depends on the CPU), and EfficientNet-Lite0's exports had other bytes on an Intel CPU.
+    The BatchNorms stay in the graph and onnxruntime folds them when it loads the file (its basic
+    optimisations, on by default): it runs the same graph at the same speed, from a file 2-4% larger
+    that takes a few ms longer to load (bench/export_folding.py; bench/cross_cpu_check.py checks the
+    bytes under emulated Intel and AMD CPUs, tests/test_predict.py the initializers on any CPU).
+    """
     import onnx
 
     module = DeployedModule(fitted).eval()
@@ -50,12 +59,13 @@ def export_onnx(fitted: FittedModel, path: Path) -> None:
     has_map = not fitted.detector.uses_global_embedding
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns of every shape it turns into a constant (the graph is for this input size only)
-        # and the exporter of its own deprecation and constant folding: none of it changes the graph
+        # and the exporter of its own deprecation: none of it changes the graph
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=18, input_names=["image"],
-                          output_names=["score", "anomaly_map"] if has_map else ["score"])
+                          output_names=["score", "anomaly_map"] if has_map else ["score"],
+                          do_constant_folding=False)
     graph = onnx.load(str(path), load_external_data=False)  # the graph alone: external weights stay in their files
     for key, value in metadata(fitted).items():
         graph.metadata_props.add(key=key, value=value)
@@ -98,7 +108,7 @@ class OnnxModel(PreparesInputs):
             self.threshold = float(meta["threshold"])
             self.colour_scale = ColourScale(**json.loads(meta["colour_scale"]))
             recipe = json.loads(meta["preprocess"])
-            self.preprocess = {"resize": int(recipe["resize"]), "crop_size": int(recipe["crop_size"])}
+            self.preprocess = input_recipe(recipe)  # without a mode (an older export): crop
             self.seed = int(meta["seed"])
         except (KeyError, ValueError, TypeError) as exc:
             raise PipelineError(
