@@ -2,7 +2,7 @@
 
 For each seed the model was fitted with (params.yaml fit_seeds; one fit for a deterministic
 method), the test and validation images are scored, the metrics computed (image AUROC, pixel
-AUROC, AUPRO, F1-max, the mean + n_std·sigma threshold of the validation images with its confusion
+AUROC, AUPRO, F1-max, the threshold of the validation images (evaluate.threshold_rule) with its confusion
 counts, per-defect AUROC) and the four headline metrics recomputed on `evaluate.bootstrap.resamples`
 stratified resamples of the test images (stages/evaluation/bootstrap.py), the same resamples for every model
 of the category. Writes
@@ -29,7 +29,7 @@ from stages.deploy.record import write_scoring
 from stages.evaluation import curves, metrics
 from stages.evaluation.bootstrap import stratified_weights
 from stages.evaluation.statistics import PixelStats
-from stages.evaluation.threshold import flagged
+from stages.evaluation.threshold import flagged, validation_threshold
 from stages.methods.entries import model_from_argv
 
 
@@ -53,6 +53,7 @@ def main() -> None:
             prediction, validation = detector.predict(inputs["test"]), detector.predict(inputs["val"])
         except PipelineError as exc:
             raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
+        threshold, threshold_rule = validation_threshold(validation.image_scores, settings)  # evaluate.threshold_rule
         pixels = None
         if prediction.anomaly_maps is not None and test.masks is not None:
             # padding (preprocess.mode pad) is in no pixel metric nor curve: test.valid marks the image's pixels
@@ -65,17 +66,18 @@ def main() -> None:
             pixels,
             settings["fpr_limit"],
             settings["threshold_n_std"],
+            threshold,
         )
         on_resamples.append(
             metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"])
         )
         if first is None:
-            first = (seed, detector, prediction, validation, pixels)
+            first = (seed, detector, prediction, validation, pixels, threshold_rule)
         del prediction, validation, pixels  # one seed's maps at a time
 
     resampled = metrics.mean_over_seeds(on_resamples)
     summary = metrics.summarise_seeds(per_seed, resampled, bootstrap["confidence"], bootstrap["resamples"])
-    seed, detector, prediction, validation, pixels = first
+    seed, detector, prediction, validation, pixels, threshold_rule = first
     result = {
         "category": config.category,
         "model": config.name,
@@ -115,7 +117,7 @@ def main() -> None:
         scoring_file(config.category, config.name),
         config.score.as_dict(),
         threshold,
-        settings["threshold_n_std"],
+        threshold_rule,
         scale,
         validation.image_scores,
         seed,

@@ -156,7 +156,18 @@ class Backbone(Schema):
 @dataclasses.dataclass(frozen=True)
 class Evaluate(Schema):
     fpr_limit: float = option(0.3, "AUPRO integrated up to this false-positive rate", gt=0, le=1)
-    threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
+    threshold_n_std: float = option(2.0, "threshold_rule mean_std: threshold = mean + n_std * std of the validation "
+                                         "scores", ge=0)
+    threshold_rule: str = option(
+        "mean_std",
+        "mean_std: mean + threshold_n_std * std of the validation (good) scores (the study's rule); quantile: just "
+        "above the order statistic of the validation scores that keeps false alarms at most threshold_false_alarms "
+        "with threshold_confidence, whatever their distribution (needs enough validation images: 299 for 1% at 95%)",
+        choices=("mean_std", "quantile"),
+    )
+    threshold_false_alarms: float = option(0.01, "threshold_rule quantile: the false-alarm rate on good images the "
+                                                 "threshold keeps to", gt=0, lt=1)
+    threshold_confidence: float = option(0.95, "threshold_rule quantile: the confidence of that bound", gt=0, lt=1)
     bins: int = option(
         8192,
         "pixel scores are counted on this many quantile bins (pixel AUROC, PRO curve and their "

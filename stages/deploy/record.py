@@ -1,8 +1,8 @@
 """models/<category>.category/<model>.scoring.json: how evaluate scored and decided, for figures, predict and the demo.
 
 Written by evaluate@<category>-<model> beside the fitted model, for the fit of the first seed: which
-seed that is, the scoring params it used, the mean +
-n·sigma threshold of the validation (good) images ('anomalous when score >= threshold'), the colour
+seed that is, the scoring params it used, the threshold evaluate.threshold_rule set on the validation
+(good) images ('anomalous when score >= threshold', the rule in words), the colour
 scale of the maps (stages/deploy/overlay.py) and the validation image scores themselves.
 
 The same decision (threshold, colour scale) and input recipe travel in an exported model.onnx's
@@ -23,12 +23,14 @@ from stages.core.params import Preprocess
 from stages.core.schema import parse
 
 
-def write_scoring(path: Path, score: dict, threshold: float, n_std: float, scale, validation_scores, seed: int) -> None:
+def write_scoring(path: Path, score: dict, threshold: float, threshold_rule: str, scale, validation_scores,
+                  seed: int) -> None:
+    """`threshold_rule`: the rule in words (stages/evaluation/threshold.py validation_threshold)."""
     write_json(path, {
         "seed": int(seed),  # the fit it describes: models/<category>.category/<model>.model/seed-<seed>
         "score": score,
         "threshold": threshold,
-        "threshold_rule": f"anomalous when score >= mean + {n_std} std of the validation (good) image scores",
+        "threshold_rule": threshold_rule,
         "colour_scale": {"low": scale.low, "high": scale.high},
         "validation_scores": [float(v) for v in validation_scores],
     })

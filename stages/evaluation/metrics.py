@@ -150,9 +150,10 @@ def per_defect_auroc(labels, scores, defect_types) -> dict[str, float]:
 
 
 def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3,
-             n_std=2.0) -> dict:
+             n_std=2.0, threshold: float | None = None) -> dict:
     """All metrics of one fit in one JSON-serialisable dict (plain floats/ints, None where undefined).
-    `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks."""
+    `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks.
+    `threshold`: the one evaluate.threshold_rule set (threshold.validation_threshold); None: mean + n_std·σ."""
     checked, _ = _labels_scores(labels, scores)
     check_fpr_limit(fpr_limit)
     if checked.size and not _both_classes(checked):
@@ -164,7 +165,7 @@ def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None
         )
         warn(f"the test set has only {has} images: {undefined} are undefined and reported as null")
     best = f1_max(labels, scores)
-    threshold = mean_std_threshold(val_scores, n_std)
+    threshold = mean_std_threshold(val_scores, n_std) if threshold is None else float(threshold)
     report = threshold_report(labels, scores, threshold)
     result = {
         "image_auroc": image_auroc(labels, scores),
