@@ -218,7 +218,7 @@ def test_bad_params_name_the_key(tmp_path, old, new, expected):
 def test_old_flat_model_layout_is_refused_with_the_new_keys(tmp_path):
     text = edited("    fit:\n      top_variance_dims: null  # the study kept 500 for ResNet50\n", "    k: 5\n")
     message = error_of(tmp_path, text)
-    assert message == "models.knn_effnet.k: unknown parameter (known: method, backbone, fit, score)"
+    assert message == "models.knn_effnet.k: unknown parameter (known: method, backbone, fit, score, reference)"
 
 
 def test_defaults_fill_absent_keys(tmp_path):

@@ -51,7 +51,9 @@ class Mvtec(Schema):
                                   "(each answer checked against its SHA-256); category: the per-category archives "
                                   "(their links may be gone)", choices=("full", "category"))
     url: str | None = option(None, "null: the official URLs; or one mirror / file:// URL, the only one tried "
-                                   "('{category}' in it is replaced by each category's name when archive is category)")
+                                   "('{category}' in it is replaced by each category's name when archive is category); "
+                                   "a file:// archive is read in place, and file:///path/to/mvtec_anomaly_detection "
+                                   "(unpacked) is read from there, checked against the official image counts")
     sha256: str | None = option(
         None, "null: the published checksum of the official archive (MD5 per category, SHA-256 of the full one); "
               "or the SHA-256 of the one archive `url` names",
@@ -61,7 +63,8 @@ class Mvtec(Schema):
 
 @dataclasses.dataclass(frozen=True)
 class Visa(Schema):
-    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive")
+    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive "
+                                   "(read in place), or file:///path/to/VisA (the archive unpacked, read from there)")
     sha256: str | None = option(
         None, "null: the official archive's published SHA-256 (when url is null); or the SHA-256 of the archive "
               "`url` names (the official one's also enables the per-category count check)",
