@@ -242,7 +242,10 @@ def test_shipped_configurations_are_valid(tmp_path, config):
     assert params["data"]["source"] == "mvtec" and params["models"]
 
 
-@pytest.mark.parametrize("params_file", ["params.yaml", "configs/study_carpet.yaml", "configs/patchcore_paper.yaml"])
+SHIPPED = ["params.yaml", *sorted(f"configs/{p.name}" for p in REPO.glob("configs/*.yaml"))]
+
+
+@pytest.mark.parametrize("params_file", SHIPPED)
 def test_every_param_dvc_yaml_declares_exists_in_the_params_file(params_file):
     """DVC refuses to run a stage whose declared param is missing from params.yaml (MissingParamsError),
     whatever the schema's defaults: each shipped params file must spell out every declared key."""
