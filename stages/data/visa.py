@@ -4,10 +4,11 @@ VisA (Zou et al. 2022, "SPot-the-Difference") is one uncompressed tar for its 12
 <category>/Data/Images/{Normal,Anomaly}/*.JPG, <category>/Data/Masks/Anomaly/*.png (palette PNGs
 whose indices 0..3 label the pixels, 0 = good) and split_csv/1cls.csv, the one-class split
 (columns object,split,label,image,mask; paths relative to the archive root). The archive is fetched
-and verified once into data/downloads/ by stages/data/archives.py; each download stage reads
-its category from it and lays it out as preprocess expects: train/good (the csv's normal training
-images), test/good, test/anomaly, ground_truth/anomaly/<stem>_mask.png. All-or-nothing like
-mvtec.py: a failure leaves the destination as it was.
+and verified once into data.download_dir by stages/data/archives.py (or read where it is, from a
+file:// URL, or unpacked: a file:// URL naming the folder); each download stage reads its category
+from it and lays it out as preprocess expects: train/good (the csv's normal training images),
+test/good, test/anomaly, ground_truth/anomaly/<stem>_mask.png. All-or-nothing like mvtec.py: a
+failure leaves the destination as it was.
 """
 from __future__ import annotations
 
