@@ -7,6 +7,7 @@ released before the next, so a three-seed fit peaks at one fit's memory (bench/f
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import time
 from pathlib import Path
@@ -23,8 +24,14 @@ CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metri
 
 def release_memory(device: str) -> None:
     """Give a released detector's memory back before the next seed: Python's cycle collector for any
-    reference cycle holding tensors, and PyTorch's CUDA cache (freed blocks it keeps for reuse)."""
+    reference cycle holding tensors; glibc's malloc_trim, since glibc keeps freed blocks below its
+    (self-raising) mmap threshold in its heaps, where the next seed's differently placed blocks do not
+    always fit, so the peak would creep up seed by seed; and PyTorch's CUDA cache."""
     gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
     if str(device).startswith("cuda"):
         import torch
 
