@@ -11,10 +11,6 @@ scored on the same resamples of each category's test images, and writes
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
-
 from stages.core.cli import run_main
 from stages.core.errors import PipelineError
 from stages.core.outputs import atomic_path, write_csv, write_json
@@ -22,6 +18,7 @@ from stages.core.params import category_source, load_params, param
 from stages.core.paths import PLOTS_ROOT, SUMMARY_ROOT, metrics_file, resamples_file
 from stages.evaluation.metrics import INTERVAL_METRICS
 from stages.evaluation.paired import MEAN, differences, mean_groups, model_intervals, table_rows, with_means
+from stages.evaluation.results import read_metrics, read_resamples
 
 TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_f1_max": "Image F1-max"}
 
@@ -31,8 +28,8 @@ def read(category: str, model: str) -> tuple[dict, dict]:
     for needed in (path, samples):
         if not needed.is_file():
             raise PipelineError(f"{needed}: missing (run evaluate@{category}-{model})")
-    with np.load(samples, allow_pickle=False) as data:
-        return json.loads(path.read_text()), {name: data[name] for name in data.files}
+    remedy = f"rerun evaluate@{category}-{model}"
+    return read_metrics(path, remedy, INTERVAL_METRICS), read_resamples(samples, remedy)
 
 
 def markdown(results: dict, models: list[str], groups: dict[str, list[str]], confidence: float, resamples: int) -> str:

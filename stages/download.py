@@ -20,7 +20,6 @@ from stages.core.paths import raw_category_dir
 from stages.data import mvtec, visa
 from stages.data.archives import check_writable, download_dir
 from stages.data.folder import copy_folder
-from stages.data.raw import verify_category
 from stages.data.synthetic import generate_category
 
 
@@ -50,9 +49,9 @@ def main() -> None:
             raise PipelineError("data.folder: set it to a folder holding one MVTec-layout folder per category "
                                 "when data.source is 'folder'")
         folder = Path(folder).expanduser() / category
-        # Decode every image and mask of the user's folder first: errors name the user's files, and a
-        # broken folder is never copied, so once it is fixed `dvc repro` reruns this (failed) stage.
-        verify_category(folder)
+        # copy_folder refuses links that leave the folder, then decodes every image and mask of the user's
+        # folder before copying: errors name the user's files, and a broken folder is never copied, so once
+        # it is fixed `dvc repro` reruns this (failed) stage. Only those files are copied.
         copy_folder(folder, dest)
     print(f"{source}/{category} -> {dest}")
 
@@ -66,6 +65,7 @@ def fetch(source: str, category: str, dest: Path, params: dict, cache: Path) -> 
             sha256=param(params, "data.mvtec.sha256", None),
             archive=param(params, "data.mvtec.archive", "full"),
             cache_dir=cache,  # verified archives are kept: the full one serves every category once
+            max_gb=param(params, "data.mvtec.max_gb"),
         )
     else:
         visa.download_category(
@@ -74,6 +74,7 @@ def fetch(source: str, category: str, dest: Path, params: dict, cache: Path) -> 
             url=param(params, "data.visa.url", None),
             sha256=param(params, "data.visa.sha256", None),
             cache_dir=cache,  # one archive for the 12 categories, fetched once
+            max_gb=param(params, "data.visa.max_gb"),
         )
 
 

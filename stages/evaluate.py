@@ -29,6 +29,7 @@ from stages.deploy.record import write_scoring
 from stages.evaluation import curves, metrics
 from stages.evaluation.bootstrap import stratified_weights
 from stages.evaluation.statistics import PixelStats
+from stages.evaluation.threshold import flagged
 from stages.methods.entries import model_from_argv
 
 
@@ -54,7 +55,8 @@ def main() -> None:
             raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
         pixels = None
         if prediction.anomaly_maps is not None and test.masks is not None:
-            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"])
+            # padding (preprocess.mode pad) is in no pixel metric nor curve: test.valid marks the image's pixels
+            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"], test.valid)
         per_seed[seed] = metrics.evaluate(
             test.labels,
             prediction.image_scores,
@@ -84,14 +86,23 @@ def main() -> None:
     }
 
     plot_dir = config.plots
+    threshold = per_seed[seed]["threshold"]
+    # the threshold and its decision on every row, as predict's scores.csv has them: the score chart draws both
+    decided = flagged(prediction.image_scores, threshold)
     write_csv(
         plot_dir / "scores.csv",
         [
-            {"image": n, "defect_type": d, "label": int(label), "score": float(s)}
-            for n, d, label, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
+            {
+                "image": n,
+                "defect_type": d,
+                "label": int(label),
+                "score": float(s),
+                "anomalous": int(a),
+                "threshold": threshold,
+            }
+            for n, d, label, s, a in zip(test.names, test.defect_types, test.labels, prediction.image_scores, decided)
         ],
     )
-    threshold = per_seed[seed]["threshold"]
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
     curves.write_curves(plot_dir, test, prediction.image_scores, pixels, threshold, curve_points)

@@ -19,7 +19,8 @@ from stages.core.outputs import atomic_path
 from stages.data.prepared import read_inputs
 from stages.methods.entries import model_from_argv
 
-CURVES = Path("plots/metrics")  # where dvclive writes one .tsv per logged metric, under its folder
+CURVES = Path("plots/custom")  # where dvclive writes losses.json, under its folder
+SPLITS = {"train_loss": "train", "val_loss": "validation"}
 
 
 def release_memory(device: str) -> None:
@@ -39,19 +40,29 @@ def release_memory(device: str) -> None:
 
 
 def log_history(history: list[dict], directory: Path) -> None:
-    """Per-epoch losses as DVC plots, so `dvc plots show` draws the learning curves.
+    """Per-epoch losses as one DVC plot, so `dvc plots show` draws each model's learning curve.
 
-    dvclive also writes metrics.json (the last epoch's losses; `{}` for methods that do not train).
-    The curve folder always exists, empty for kNN and PatchCore: DVC needs the declared output.
+    One long-form file (epoch, split, loss) puts the training and validation loss on one chart (its
+    template is .dvc/plots/learning_curve.json). dvclive also writes metrics.json (the last epoch's
+    losses; `{}` for methods that do not train). The curve folder always exists, empty for kNN and
+    PatchCore: DVC needs the declared output.
     """
     from dvclive import Live
 
     with Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         for row in history:
-            for key in ("train_loss", "val_loss"):
+            for key in SPLITS:
                 if row.get(key) is not None:
-                    live.log_metric(key, row[key])
+                    live.log_metric(key, row[key], plot=False)
             live.next_step()
+        losses = [
+            {"epoch": row["epoch"], "split": split, "loss": row[key]}
+            for row in history
+            for key, split in SPLITS.items()
+            if row.get(key) is not None
+        ]
+        if losses:
+            live.log_plot("losses", losses, x="epoch", y="loss")
     (directory / CURVES).mkdir(parents=True, exist_ok=True)
 
 

@@ -30,10 +30,10 @@ from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
 from stages.core.paths import metrics_file, reference_file
-from stages.data import mvtec, visa
 from stages.evaluation import references as published
 from stages.evaluation.metrics import INTERVAL_METRICS
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
+from stages.evaluation.results import read_comparison, read_metrics
 
 HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (
@@ -66,7 +66,7 @@ def summary_rows(categories: list[str], names: list[str]) -> tuple[list[dict], d
             path = metrics_file(category, name)
             if not path.is_file():
                 raise PipelineError(f"{path}: metrics missing (run evaluate@{category}-{name})")
-            result = json.loads(path.read_text())
+            result = read_metrics(path, f"rerun evaluate@{category}-{name}", (*COLUMNS, *INTERVAL_METRICS))
             row = {"category": category, "model": name, "method": result["method"], "backbone": result["backbone"],
                    "seeds": len(result["seeds"])}
             row.update({column: result.get(column) for column in COLUMNS})
@@ -148,9 +148,6 @@ def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: 
 
 # ------------------------------------------------------------------ published values beside ours
 
-DATASET_CATEGORIES = {"mvtec": mvtec.CATEGORIES, "visa": visa.CATEGORIES}  # a published mean is over all of them
-
-
 def _dataset_of(label: str, groups: dict[str, list[str]], source_of) -> str | None:
     """The dataset whose published value a row compares with: a category's data source; for a mean row,
     the source of its categories when they are every category of that dataset (else None)."""
@@ -159,7 +156,7 @@ def _dataset_of(label: str, groups: dict[str, list[str]], source_of) -> str | No
     sources = {source_of(c) for c in groups[label]}
     if len(sources) == 1:
         source = sources.pop()
-        if set(groups[label]) == set(DATASET_CATEGORIES.get(source, ())):
+        if set(groups[label]) == set(published.DATASET_CATEGORIES.get(source, ())):
             return source
     return None
 
@@ -255,7 +252,7 @@ def main() -> None:
     if not comparison_file.is_file():
         raise PipelineError(f"{comparison_file}: missing (run the compare stage)")
     groups = mean_groups(categories, lambda category: category_source(params, category))
-    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()), groups)
+    means = mean_rows(rows, names, per_seed, read_comparison(comparison_file, "rerun the compare stage"), groups)
     tables = metric_tables(rows, means, table_rows(groups), names)
     models = param(params, "models")
     referenced = {name: models[name]["reference"] for name in names if models[name].get("reference")}
@@ -287,6 +284,10 @@ def main() -> None:
         summary["groups"] = {
             label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
         }
+    try:  # the inputs are finite (stages/evaluation/results.py); strict JSON refuses NaN if a mean were not
+        json.dumps(summary, allow_nan=False)
+    except ValueError as exc:
+        raise PipelineError(f"{OUTPUT / 'summary.json'}: a value is not finite ({exc}); not written") from None
     write_json(OUTPUT / "summary.json", summary)
     text = markdown(
         rows,

@@ -189,10 +189,13 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
         metrics = json.loads((project / f"metrics/models/carpet.category/{name}.metrics.json").read_text())
         assert metrics["backbone"] == params["models"][name]["backbone"]
         assert (metrics.get("pixel_auroc") is not None) == (params["models"][name]["method"] != "global_knn"), name
-    resize, crop = params["preprocess"]["resize"], params["preprocess"]["crop_size"]
     recipe = json.loads((project / "data/features/carpet.category" / f"{next(iter(params['backbones']))}.features"
                          / "inputs.json").read_text())
-    assert recipe["preprocess"] == {"resize": resize, "crop_size": crop}
+    from stages.core.params import load_params
+
+    expected = load_params(project / "params.yaml")["preprocess"]  # a config without a mode: crop, the default
+    assert recipe["preprocess"] == {key: expected[key] for key in ("resize", "crop_size", "mode", "pad_fill")}
+    assert recipe["preprocess"]["mode"] == "crop"
 
 
 def test_weights_file_must_lie_under_weights(tmp_path, monkeypatch):

@@ -243,8 +243,8 @@ def test_tail_truncation_detected(tmp_path, carpet_archive, out):
 def test_interrupt_leaves_nothing(monkeypatch, tmp_path, carpet_archive, out, http_root):
     real_fetch = archives._fetch
 
-    def fetch_then_interrupt(url, target, timeout):
-        real_fetch(url, target, timeout)
+    def fetch_then_interrupt(url, target, timeout, *limits):
+        real_fetch(url, target, timeout, *limits)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(archives, "_fetch", fetch_then_interrupt)
@@ -481,7 +481,7 @@ def fetched_urls(monkeypatch) -> list[str]:
     """No network: every fetch 'downloads' one byte whose digests match no published checksum."""
     seen = []
 
-    def fake_fetch(url, target, timeout):
+    def fake_fetch(url, target, timeout, limits=None):
         seen.append(url)
         target.write_bytes(b"x")
         return {"sha256": "b" * 64, "md5": "c" * 32}

@@ -245,3 +245,26 @@ def test_a_bank_scored_in_blocks_exports_whole(fitted, tmp_path, monkeypatch):
     onnx_scores = OnnxModel(path, "carpet", "pc").score(test.images, test.names)
     np.testing.assert_allclose(onnx_scores.image_scores, torch_scores.image_scores, rtol=1e-4)
     np.testing.assert_allclose(onnx_scores.anomaly_maps, torch_scores.anomaly_maps, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", list(EVERY_METHOD))
+def test_an_export_holds_the_module_tensors_bit_for_bit(fitted, model, monkeypatch):
+    """Every method's model.onnx is the same bytes on every CPU because the exporter computes nothing:
+    every initializer is a parameter or buffer of the deployed module, bit for bit. torch's constant
+    folding folded each BatchNorm into its convolution with a float32 square root whose last bit differs
+    between Intel and AMD CPUs (the five EfficientNet-Lite0 exports had other bytes on an Intel CPU;
+    bench/cross_cpu_check.py shows it under emulation, this test on any CPU)."""
+    from onnx import load, numpy_helper
+
+    from stages.deploy.torch_model import DeployedModule, FittedModel
+
+    monkeypatch.chdir(fitted)
+    module = DeployedModule(FittedModel.load("carpet", model))
+    held = {(array.dtype, array.tobytes())
+            for array in (t.detach().contiguous().numpy() for t in [*module.parameters(), *module.buffers()])}
+    graph = load(str(fitted / "models" / "carpet.category" / f"{model}.export" / "model.onnx")).graph
+    weights = [(init.name, numpy_helper.to_array(init)) for init in graph.initializer]
+    assert weights  # the module's weights travel as initializers
+    computed = [f"{name} {array.shape}" for name, array in weights
+                if (array.dtype, array.tobytes()) not in held]
+    assert not computed, f"{len(computed)} of {len(weights)} initializers were computed at export: {computed[:5]}"

@@ -122,6 +122,12 @@ def test_a_malformed_table_is_one_line(tmp_path, row, message):
     assert not (project / "metrics/summary.json").exists()
 
 
+def test_dataset_categories_are_the_sources_own():
+    from stages.data import visa
+
+    assert references.DATASET_CATEGORIES == {"mvtec": mvtec.CATEGORIES, "visa": visa.CATEGORIES}
+
+
 def test_reference_must_be_a_name(tmp_path):
     project = project_with(tmp_path, ["bottle"], reference="../params")
     with pytest.raises(PipelineError, match=r"models\.patchcore_effnet\.reference: expected the name of a table"):

@@ -277,7 +277,7 @@ def test_unknown_category_without_url(out):
 
 def test_params_accept_visa_and_check_its_block(project):
     params = load_params(project / "params.yaml")
-    assert params["data"]["visa"] == {"url": None, "sha256": None}
+    assert params["data"]["visa"] == {"url": None, "sha256": None, "max_gb": 4.0}
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["data"].update(source="visa", categories=["candle"])
     raw["data"]["visa"]["sha256"] = "abc"

@@ -3,6 +3,15 @@ folder), install (all or nothing). Shared by the MVTec AD and VisA sources.
 
 Every path here is all-or-nothing: on any failure the destination is left as it was (an old,
 complete copy survives; a fresh one never appears half-written) and no temporary files remain.
+
+An archive from a mirror or a file:// URL is bytes from elsewhere (its SHA-256 only proves they are
+the bytes the user pinned), so sizes are bounded before they reach the disk: the download, and the
+whole decompressed stream, by the source's `max_gb` param (the datasets' own sizes with room to
+spare); each member by the largest image preprocess accepts (MAX_MEMBER_BYTES). Sparse members, which
+expand to any size, are refused; links and special files are never extracted, each said in one line;
+a file member where the archive also has a folder of that name (or the reverse) is one line.
+A download killed before it finished (SIGTERM, a CI timeout) leaves its partial file tagged with
+the dead process's id, and the next download in that folder removes it.
 """
 from __future__ import annotations
 
@@ -28,11 +37,43 @@ from typing import BinaryIO, Callable, ContextManager, Iterator
 from tqdm import tqdm
 
 from stages.core.errors import PipelineError, warn
+from stages.core.outputs import _pid_alive, temp_dir_for
 from stages.core.outputs import remove_path as _remove
-from stages.core.outputs import temp_dir_for
+from stages.data.raw import MAX_PIXELS
 
 CHUNK = 1 << 20
 USER_AGENT = "Mozilla/5.0 (compatible; mvtec-anomaly-pipeline)"
+
+# One member of a dataset archive is one image, mask or list. The real ones are a few MB at most
+# (MVTec AD's 1024 x 1024 PNGs, VisA's JPEGs); the largest image preprocess accepts (MAX_PIXELS, 64 MP)
+# stored uncompressed as 16-bit RGB is 384 MiB: no member that could be used is larger.
+MAX_MEMBER_BYTES = MAX_PIXELS * 6 + 2**20
+MAX_LINK_LINES = 20  # one line per dropped link, then a count
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one archive may take: `total` bytes downloaded and bytes decompressed (each), `member` bytes
+    per member; `param` names the setting that raises `total` in the error line."""
+
+    total: int
+    param: str
+    member: int = MAX_MEMBER_BYTES
+
+
+class _Bounded:
+    """A read-only stream that refuses to give more than `limit` bytes in all (the decompressed tar)."""
+
+    def __init__(self, stream: BinaryIO, limits: Limits, url: str):
+        self.stream, self.limits, self.url, self.count = stream, limits, url, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        self.count += len(chunk)
+        if self.count > self.limits.total:
+            raise PipelineError(f"{self.url}: unpacks to more than {self.limits.total / 1e9:g} GB, more than the "
+                                f"dataset itself; refused (raise {self.limits.param} for a larger archive)")
+        return chunk
 
 # What reading a damaged archive can raise (gzip/bz2 raise OSError subclasses). Only reads are
 # wrapped with these, so a full disk while writing is not mistaken for a corrupt archive.
@@ -48,8 +89,19 @@ def _tmp_prefix(dest: Path, tag: str) -> tuple[str, Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     folder = temp_dir_for(dest)
     if folder is None:
-        return f".{dest.name}.{tag}-", dest.parent
+        return f".{dest.name}.{tag}-{os.getpid()}-", dest.parent
     return f"{os.getpid()}-{tag}-{dest.name}-", folder
+
+
+_PART = re.compile(r"^\..+\.download-(\d+)-.*\.part$")  # .<dest>.download-<pid>-XXXX.part
+
+
+def _clean_stale_parts(folder: Path) -> None:
+    """Remove partial downloads of killed runs (their PID is gone) from `folder`; a live run's stay."""
+    for entry in folder.glob(".*.download-*.part"):
+        match = _PART.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove(entry)
 
 
 def _sibling_tmpdir(dest: Path, tag: str) -> Path:
@@ -106,8 +158,9 @@ def _download_failed(url: str, reason: str) -> DownloadError:
     return DownloadError(url, reason, f"could not download {url}: {reason}")
 
 
-def _fetch(url: str, target: Path, timeout: float) -> dict[str, str]:
-    """Stream `url` into the (already created) file `target`; return its {"sha256", "md5"} hex digests."""
+def _fetch(url: str, target: Path, timeout: float, limits: Limits | None = None) -> dict[str, str]:
+    """Stream `url` into the (already created) file `target`; return its {"sha256", "md5"} hex digests.
+    More than `limits.total` bytes (announced or received) is refused before they are all on disk."""
     digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
@@ -117,6 +170,9 @@ def _fetch(url: str, target: Path, timeout: float) -> dict[str, str]:
     with response, open(target, "wb") as out:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+        if limits is not None and total is not None and total > limits.total:
+            raise _download_failed(url, f"announces {total:,} bytes, more than the limit of {limits.total / 1e9:g} GB "
+                                        f"(raise {limits.param} for a larger archive)")
         received = 0
         name = url.rstrip("/").rsplit("/", 1)[-1] or url
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
@@ -129,6 +185,9 @@ def _fetch(url: str, target: Path, timeout: float) -> dict[str, str]:
                     raise _download_failed(url, f"{type(exc).__name__} {_reason(exc)}") from exc
                 if not chunk:
                     break
+                if limits is not None and received + len(chunk) > limits.total:
+                    raise _download_failed(url, f"sent more than the limit of {limits.total / 1e9:g} GB (raise "
+                                                f"{limits.param} for a larger archive)")
                 out.write(chunk)
                 for digest in digests.values():
                     digest.update(chunk)
@@ -161,20 +220,28 @@ def _decompressed(raw: BinaryIO) -> ContextManager[BinaryIO]:
     return contextlib.nullcontext(raw)
 
 
-def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[str]], list[str] | None]) -> int:
+def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[str]], list[str] | None],
+                    limits: Limits | None = None) -> int:
     """Read the archive once, writing each regular file that `select` maps to a path below `into`.
 
     `select` gets a member's path components and returns the components to write it at (None:
     skip). Member paths are checked first (no absolute paths, no '..'), links and special files are
-    skipped, and files are written with default permissions, so nothing can land outside `into`.
+    skipped (each said in one line), sparse and oversized members refused, and files are written with
+    default permissions, so nothing can land outside `into`, and no more than `limits` allow is read.
     Returns the number of files written.
     """
+    limits = limits or Limits(total=2**40, param="the source's max_gb")
 
     def corrupt(exc: BaseException) -> PipelineError:
         return PipelineError(f"{url}: archive is truncated or corrupt ({_reason(exc) or type(exc).__name__})")
 
-    written = 0
-    with open(archive, "rb") as raw, _decompressed(raw) as stream:
+    def collision(name: str) -> PipelineError:
+        return PipelineError(f"{url}: member '{name}' collides with another of the same path (a file where the "
+                             "archive also has a folder, or the reverse); not an archive of the dataset")
+
+    written, dropped = 0, 0
+    with open(archive, "rb") as raw, _decompressed(raw) as decompressed:
+        stream = _Bounded(decompressed, limits, url)
         try:
             tar = tarfile.open(fileobj=stream, mode="r|")  # one pass: no re-decompression to seek
         except _READ_ERRORS as exc:
@@ -188,27 +255,49 @@ def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[
                     break
                 except _READ_ERRORS as exc:
                     raise corrupt(exc) from exc
-                name = member.name
-                parts = [p for p in name.split("/") if p not in ("", ".")]
-                if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                name = member.name if len(member.name) <= 200 else member.name[:197] + "..."  # as messages show it
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                if member.name.startswith("/") or re.match(r"^[A-Za-z]:", member.name) or ".." in parts:
                     raise PipelineError(f"{url}: unsafe member path '{name}' in archive")
                 rel = select(parts)
                 if not rel:
                     continue
                 target = into.joinpath(*rel)
                 if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
+                    try:
+                        target.mkdir(parents=True, exist_ok=True)
+                    except (FileExistsError, NotADirectoryError):
+                        raise collision(name) from None
                     continue
-                if not member.isfile():  # symlinks, hard links, devices, fifos
+                if not member.isfile():  # symlinks, hard links, devices, fifos: never extracted
+                    dropped += 1
+                    if dropped <= MAX_LINK_LINES:
+                        kind = ("link" if member.issym() or member.islnk() else "special file")
+                        to = f" -> '{member.linkname[:200]}'" if member.linkname else ""
+                        warn(f"{url}: {kind} member '{name}'{to} skipped (links and special files are never "
+                             "extracted)")
                     continue
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if member.issparse():
+                    raise PipelineError(f"{url}: member '{name}' is a sparse file ({member.size:,} bytes once "
+                                        "expanded); no dataset file is, so the archive is refused")
+                if member.size > limits.member:
+                    raise PipelineError(f"{url}: member '{name}' is {member.size:,} bytes, more than any usable image "
+                                        f"({limits.member:,}, stages/data/archives.py MAX_MEMBER_BYTES); refused")
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise collision(name) from None
                 try:
                     src = tar.extractfile(member)
                 except _READ_ERRORS as exc:
                     raise corrupt(exc) from exc
                 if src is None:
                     continue
-                with open(target, "wb") as out:
+                try:
+                    out = open(target, "wb")
+                except (IsADirectoryError, NotADirectoryError):
+                    raise collision(name) from None
+                with out:
                     while True:
                         try:
                             chunk = src.read(CHUNK)
@@ -218,6 +307,8 @@ def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[
                             break
                         out.write(chunk)
                 written += 1
+        if dropped > MAX_LINK_LINES:
+            warn(f"{url}: {dropped - MAX_LINK_LINES} more link or special-file members skipped")
         # tarfile stops at the end-of-archive marker; read the compressed stream to its end so a
         # download cut off in the trailing padding (missing end-of-stream marker/CRC) is caught too.
         try:
@@ -394,8 +485,10 @@ def check_sha256(sha256: str | None, key: str) -> str | None:
 
 
 @contextlib.contextmanager
-def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: float = 60) -> Iterator[tuple[Path, str]]:
-    """Yield (archive file, the URL it came from), verified against `remote.expected` when known.
+def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: float = 60,
+            limits: Limits | None = None) -> Iterator[tuple[Path, str]]:
+    """Yield (archive file, the URL it came from), verified against `remote.expected` when known;
+    a download over `limits.total` bytes is refused while it streams.
 
     A file:// URL is read where it is: never copied, verified (when a checksum is known) once, the
     digest recorded in `cache_dir`. Any other URL is downloaded; with `cache_dir` the verified archive
@@ -411,6 +504,7 @@ def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: 
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PipelineError(f"{cache_dir}: cannot create cache folder ({_reason(exc)})") from exc
+        _clean_stale_parts(cache_dir)  # a killed run's partial download, whatever this call reads
 
     local = local_path(remote.urls[0]) if len(remote.urls) == 1 else None
     if local is not None:
@@ -428,7 +522,7 @@ def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: 
     part: Path | None = None  # a temporary download, always removed
     try:
         with _locked(cache_dir, _cache_name(remote.urls[0])):
-            archive_path, used, part = _cached_or_downloaded(remote, dest, cache_dir, timeout)
+            archive_path, used, part = _cached_or_downloaded(remote, dest, cache_dir, timeout, limits)
         try:
             yield archive_path, used
         except PipelineError:
@@ -440,8 +534,8 @@ def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: 
             _remove(part)
 
 
-def _cached_or_downloaded(remote: Remote, dest: Path, cache_dir: Path | None,
-                          timeout: float) -> tuple[Path, str, Path | None]:
+def _cached_or_downloaded(remote: Remote, dest: Path, cache_dir: Path | None, timeout: float,
+                          limits: Limits | None) -> tuple[Path, str, Path | None]:
     """(archive, its URL, the temporary download to remove afterwards or None) for `fetched`."""
     expected = remote.expected
     for url in remote.urls if cache_dir is not None else ():
@@ -455,15 +549,16 @@ def _cached_or_downloaded(remote: Remote, dest: Path, cache_dir: Path | None,
         _forget(cached, cache_dir)
     failures: list[DownloadError] = []
     for url in remote.urls:
-        if cache_dir is not None:
-            prefix, folder = f".{dest.name}.download-", cache_dir
+        if cache_dir is not None:  # tagged with our PID: a killed run's part is removed by the next one
+            prefix, folder = f".{dest.name}.download-{os.getpid()}-", cache_dir
         else:
             prefix, folder = _tmp_prefix(dest, "download")
+        _clean_stale_parts(folder)
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
         os.close(fd)
         part = Path(name)
         try:
-            actual = _fetch(url, part, timeout)
+            actual = _fetch(url, part, timeout, limits)
             if expected is not None and actual[expected[0]] != expected[1]:
                 raise _checksum_error(url, expected[0], expected[1], actual[expected[0]])
         except BaseException as exc:

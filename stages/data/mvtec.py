@@ -14,6 +14,7 @@ from pathlib import Path
 from stages.core.errors import PipelineError
 from stages.core.outputs import remove_path as _remove
 from stages.data.archives import (
+    Limits,
     Remote,
     _sibling_tmpdir,
     check_sha256,
@@ -23,7 +24,7 @@ from stages.data.archives import (
     local_folder,
 )
 from stages.data.folder import copy_folder
-from stages.data.raw import check_layout, list_images, verify_category
+from stages.data.raw import check_layout, list_images
 
 CATEGORIES = (
     "bottle",
@@ -121,7 +122,7 @@ EXPECTED_COUNTS = {
 }
 
 
-def _extract_category(archive: Path, category: str, into: Path, url: str) -> int:
+def _extract_category(archive: Path, category: str, into: Path, url: str, limits: Limits | None = None) -> int:
     """Extract only the members below the archive's `<category>/` folder (at any depth) into `into`."""
     prefix: tuple[str, ...] | None = None
 
@@ -135,7 +136,7 @@ def _extract_category(archive: Path, category: str, into: Path, url: str) -> int
             return None
         return parts[len(prefix):] or None
 
-    written = extract_members(archive, into, url, below_category)
+    written = extract_members(archive, into, url, below_category, limits)
     if prefix is None:
         raise PipelineError(f"{url}: no '{category}/' folder in the archive")
     return written
@@ -192,6 +193,7 @@ def download_category(
     archive: str = "full",
     cache_dir: Path | None = None,
     timeout: float = 60,
+    max_gb: float = 10.0,
 ) -> Path:
     """Download an MVTec AD archive, verify it, and install only `category` at `dest`.
 
@@ -201,18 +203,20 @@ def download_category(
     (it may hold "{category}"), checked against `sha256` when given; a file:// one is read in place,
     and when it names a folder (an unpacked MVTec AD) the category is taken from there. With
     `cache_dir`, the verified archive (or the record of a file:// one's checksum) is kept there and
-    reused by later calls: the full one is fetched and hashed once for every category. Returns dest.
+    reused by later calls: the full one is fetched and hashed once for every category. Neither the
+    download nor what it unpacks to may pass `max_gb` (data.mvtec.max_gb). Returns dest.
     """
     dest = Path(dest)
     unpacked = local_folder(url)
     if unpacked is not None:
         return _from_unpacked(category, unpacked, dest)
     remote = _resolve_source(category, url, sha256, archive)
+    limits = Limits(total=int(max_gb * 1e9), param="data.mvtec.max_gb")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with fetched(remote, dest, cache_dir, timeout) as (archive_path, used):
+    with fetched(remote, dest, cache_dir, timeout, limits) as (archive_path, used):
         staging = _sibling_tmpdir(dest, "tmp")
         try:
-            _extract_category(archive_path, category, staging, used)
+            _extract_category(archive_path, category, staging, used, limits)
             check_layout(staging, f"{used}: {category}")
             install_dir(staging, dest)
             staging = None
@@ -230,8 +234,8 @@ def count_images(root: Path) -> tuple[int, int, int]:
 
 
 def _from_unpacked(category: str, folder: Path, dest: Path) -> Path:
-    """`category` from an unpacked MVTec AD at `folder`: its official image counts, every image and
-    mask decoded, then copied to `dest` (the user's folder is only read)."""
+    """`category` from an unpacked MVTec AD at `folder`: its official image counts, then (copy_folder)
+    every image and mask decoded and copied to `dest` (the user's folder is only read)."""
     _check_category_name(category)
     source = folder / category
     if not source.is_dir():
@@ -245,5 +249,4 @@ def _from_unpacked(category: str, folder: Path, dest: Path) -> Path:
             got, want = " / ".join(map(str, counts)), " / ".join(map(str, expected))
             raise PipelineError(f"{source}: {got} images (train good / test good / test defective), MVTec AD's "
                                 f"{category} has {want}: an incomplete or altered copy")
-    verify_category(source)
-    return copy_folder(source, dest)
+    return copy_folder(source, dest)  # every image and mask decoded first, links leaving the folder refused

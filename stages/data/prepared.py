@@ -35,6 +35,9 @@ class Split:
     labels: np.ndarray  # (N,) int64: 0 good, 1 defective
     defect_types: list[str]  # "good" or the defect folder name
     masks: np.ndarray | None  # (N, H, W) bool, None when the category has no ground truth
+    # (N, H, W) bool: the pixels that show the image, False on preprocess.mode pad's padding, which no pixel
+    # metric counts; None when every pixel does (modes crop and resize, and pad of square images)
+    valid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -54,6 +57,8 @@ def save_split(path: str | Path, split: Split) -> None:
     )
     if split.masks is not None:
         arrays["masks"] = split.masks.astype(bool)
+    if split.valid is not None:
+        arrays["valid"] = split.valid.astype(bool)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -70,4 +75,5 @@ def load_split(path: str | Path) -> Split:
             labels=data["labels"],
             defect_types=[str(d) for d in data["defect_types"]],
             masks=data["masks"] if "masks" in data.files else None,
+            valid=data["valid"] if "valid" in data.files else None,
         )

@@ -53,20 +53,22 @@ def roc_points(labels, scores) -> list[dict]:
     ]
 
 
-def pixel_auroc(masks, maps, bins: int = DEFAULT_BINS) -> float | None:
-    """AUROC over every pixel of every image; None when there are no defect (or no good) pixels."""
-    stats = PixelStats.from_maps(masks, maps, bins)
+def pixel_auroc(masks, maps, bins: int = DEFAULT_BINS, valid=None) -> float | None:
+    """AUROC over every valid pixel of every image (`valid`: None for all, else (N, H, W) bool, False on
+    padding); None when there are no defect (or no good) pixels."""
+    stats = PixelStats.from_maps(masks, maps, bins, valid)
     return float(stats.auroc()[0]) if stats.defined() else None
 
 
-def aupro(masks, maps, fpr_limit=0.3, bins: int = DEFAULT_BINS) -> float | None:
+def aupro(masks, maps, fpr_limit=0.3, bins: int = DEFAULT_BINS, valid=None) -> float | None:
     """Normalised area under the PRO curve up to fpr_limit (MVTec AD's official definition).
 
     Regions are 8-connected components of each ground-truth mask; the FPR counts all defect-free
-    pixels of all images, good images included. None when there are no defect regions.
+    pixels of all images, good images included; pixels outside `valid` (padding) count nowhere. None
+    when there are no defect regions.
     """
     check_fpr_limit(fpr_limit)
-    stats = PixelStats.from_maps(masks, maps, bins)
+    stats = PixelStats.from_maps(masks, maps, bins, valid)
     return _aupro(stats, fpr_limit)
 
 

@@ -15,6 +15,11 @@ from torch import Tensor, nn
 
 IMAGE_SCORES = ("max", "mean")  # how a map becomes an image score
 TRUNCATE = 4.0  # scipy's default: the kernel reaches 4 sigma
+# Upper bound of every method's score.smoothing_sigma. The papers blur with sigma 4 (PatchCore, and
+# anomalib's PaDiM); at 64 the kernel already reaches 256 px on each side, more than a 224 px map, so a
+# larger sigma only flattens the map. The bound keeps the padded map at most (crop + 8 sigma + 1)^2 floats:
+# a scoring.json from elsewhere with sigma 1e6 would ask for 7 GB per image (and 1e308 overflows).
+MAX_SMOOTHING_SIGMA = 64.0
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:

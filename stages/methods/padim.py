@@ -30,7 +30,7 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, option
 from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
-from stages.methods.maps import IMAGE_SCORES, MapHead
+from stages.methods.maps import IMAGE_SCORES, MAX_SMOOTHING_SIGMA, MapHead
 from stages.methods.neighbours import exact_sqrt
 
 UPSAMPLING = ("nearest", "bilinear")  # how the coarser layers reach the finest grid
@@ -59,7 +59,8 @@ class Score(Schema):
     image_score: str = option(
         "max", "how the anomaly map becomes the image score (the paper: max)", choices=IMAGE_SCORES
     )
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 

@@ -23,7 +23,7 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, option
 from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
-from stages.methods.maps import MapHead
+from stages.methods.maps import MAX_SMOOTHING_SIGMA, MapHead
 from stages.methods.neighbours import MAX_BLOCK_ELEMENTS, exact_sqrt
 from stages.methods.sampler import RandomProjection, greedy_select
 
@@ -137,7 +137,8 @@ class Fit(Schema):
 class Score(Schema):
     num_neighbors: int = option(9, "bank neighbourhood of the eq. 7 reweighting", ge=1)
     reweight: bool = option(False, "the paper's eq. 7 image-score reweighting")
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 

@@ -28,7 +28,7 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, SchemaError, option
 from stages.features.cache import finest_grid
 from stages.methods.base import AnomalyDetector, TrainingDiverged
-from stages.methods.maps import IMAGE_SCORES, MapHead, resize_matrix
+from stages.methods.maps import IMAGE_SCORES, MAX_SMOOTHING_SIGMA, MapHead, resize_matrix
 from stages.methods.neighbours import exact_sqrt
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
@@ -47,7 +47,8 @@ class TrainingFit(Schema):
 @dataclasses.dataclass(frozen=True)
 class MapScore(Schema):
     image_score: str = option("max", "how the anomaly map becomes the image score", choices=IMAGE_SCORES)
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 
