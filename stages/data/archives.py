@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 import re
+import stat
 import sys
 import tarfile
 import tempfile
@@ -509,8 +510,15 @@ def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: 
     local = local_path(remote.urls[0]) if len(remote.urls) == 1 else None
     if local is not None:
         url = remote.urls[0]
-        if not local.is_file():
-            raise _download_failed(url, f"no such file {local}")
+        try:
+            info = os.stat(local)
+        except OSError as exc:
+            raise _download_failed(url, f"no such file {local}" if not local.exists() else _reason(exc)) from exc
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero as a mirror would never end
+            raise _download_failed(url, f"{local} is not a regular file (a device, FIFO or folder); refused")
+        if limits is not None and info.st_size > limits.total:
+            raise _download_failed(url, f"is {info.st_size:,} bytes, more than the limit of {limits.total / 1e9:g} GB "
+                                        f"(raise {limits.param} for a larger archive)")
         if expected is not None:
             with _locked(cache_dir, _cache_name(str(local.resolve()))):
                 actual = digest_once(local, expected[0], cache_dir)
