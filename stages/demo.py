@@ -13,9 +13,11 @@ model's own input recipe, its evaluate threshold). Two ways in:
   keeps only the newest frame and scores it as soon as the previous one is done, so when scoring is
   slower than the camera, older frames are dropped and the latency stays bounded.
 Scoring runs in worker threads, one image at a time per model, so the page and /api/models answer
-while images are scored. A model or scoring file that is missing, corrupt or refused answers 503
-with its one-line error, as JSON. Binds to localhost by default; no page loads anything from a CDN
-(FastAPI's /docs and /redoc are off).
+while images are scored. The list of fitted models is read from models/ at start and again whenever
+the page asks for it (GET /api/models, on every page load), never per image or camera frame: a model
+that `dvc repro` fits while the server runs appears when the page is reloaded. A model or scoring
+file that is missing, corrupt or refused answers 503 with its one-line error, as JSON. Binds to
+localhost by default; no page loads anything from a CDN (FastAPI's /docs and /redoc are off).
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconn
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
+from stages.core.cli import run_main
+from stages.core.device import resolve_device
 from stages.core.errors import PipelineError
 from stages.data.raw import ImageTooLarge
 from stages.deploy.overlay import overlay
-from stages.deploy.runtimes import RUNTIMES, load_model
+from stages.deploy.runtimes import RUNTIMES, check_runtime, load_model
 from stages.deploy.runtimes import fitted_models as fitted_pairs
 from stages.evaluation.threshold import flagged
 
@@ -63,12 +67,18 @@ class Models:
 
     def __init__(self, runtime: str, device: str):
         self.runtime, self.device = runtime, device
+        self.names = fitted_models()  # cached: refreshed by refresh() (GET /api/models), not per image
         self.loaded: dict[str, object] = {}
         self.limiters: dict[str, anyio.CapacityLimiter] = {}
         self.lock = threading.Lock()
 
+    def refresh(self) -> list[str]:
+        """models/ read again: what the page lists (and the names get() accepts) from now on."""
+        self.names = fitted_models()
+        return self.names
+
     def get(self, name: str):
-        if name not in fitted_models():
+        if name not in self.names:
             raise HTTPException(404, f"model '{name}' is not fitted and evaluated (run dvc repro)")
         with self.lock:
             if name not in self.loaded:
@@ -130,7 +140,7 @@ def create_app(device: str = "cpu", runtime: str = "onnx") -> FastAPI:
 
     @app.get("/api/models")
     def list_models() -> list[str]:
-        return fitted_models()
+        return models.refresh()
 
     @app.post("/api/predict")
     async def predict(request: Request, model: str, name: str = "upload") -> dict:
@@ -190,14 +200,17 @@ def main() -> None:
     parser.add_argument("--runtime", default="onnx", choices=RUNTIMES,
                         help="onnx (default: the exported graph, faster on the CPU) or torch (the pipeline's code)")
     args = parser.parse_args()
+    device = resolve_device(args.device, "--device")  # before anything is served: one line, exit 1
+    check_runtime(args.runtime, device)
     import uvicorn
 
-    if not fitted_models():
-        raise SystemExit("error: no fitted and evaluated model under models/ (run dvc repro first)")
-    print(f"demo: http://{args.host}:{args.port}  ({args.runtime} runtime; models: {', '.join(fitted_models())})")
-    app = create_app(args.device, args.runtime)
+    names = fitted_models()
+    if not names:
+        raise PipelineError("no fitted and evaluated model under models/ (run dvc repro first)")
+    print(f"demo: http://{args.host}:{args.port}  ({args.runtime} runtime; models: {', '.join(names)})")
+    app = create_app(device, args.runtime)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws="wsproto")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,7 +39,7 @@ def main() -> None:
     curve_points = param(params, "figures.curve_points")
 
     prepared = {split: load_split(pixels_dir(config.category) / f"{split}.npz") for split in ("test", "val")}
-    test = prepared["test"]  # labels, defect types, masks
+    test = prepared["test"]
     inputs = {split: config.load_inputs(split) for split in prepared}
     for split, loaded in inputs.items():
         if list(loaded.names) != prepared[split].names:

@@ -31,11 +31,10 @@ from stages.core.params import category_source, load_params, param
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
 from stages.core.paths import metrics_file, reference_file
 from stages.evaluation import references as published
-from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation.metrics import HEADLINE_METRICS, INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
 from stages.evaluation.results import read_comparison, read_metrics
 
-HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (
     "image_auroc",
     "pixel_auroc",
@@ -141,7 +140,7 @@ def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: 
     value = {(row["category"], row["model"]): row for row in [*rows, *means]}
     return [
         {"metric": metric, "category": category, **{name: value[category, name][metric] for name in names}}
-        for metric in HEADLINE
+        for metric in HEADLINE_METRICS
         for category in order
     ]
 
@@ -216,7 +215,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
         f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
         "over the categories above it, resampled within each category.\n"
     ]
-    for metric, title in HEADLINE.items():
+    for metric in HEADLINE_METRICS:
         table = [
             {
                 "category": f"**{category}**" if category in groups else category,
@@ -226,7 +225,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
             for category in table_rows(groups)
         ]
         columns = ["category", *[c for n in names for c in ([n, f"{n} published"] if n in references else [n])]]
-        text = f"## {title}\n\n" + markdown_table(table, columns)
+        text = f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, columns)
         if references:
             text += "\n" + _reference_line(references, metric, confidence)
         parts.append(text)

@@ -74,7 +74,7 @@ def test_a_deflated_model_file_is_refused_before_torch_load(fitted, tmp_path, mo
 
 def test_a_stored_model_file_still_loads(fitted, tmp_path, monkeypatch):
     model = load(model_copy(fitted, tmp_path), monkeypatch)
-    assert model.preprocess == {"resize": 56, "crop_size": 48} and model.source.name == "model.pt"
+    assert model.preprocess["resize"] == 56 and model.preprocess["crop_size"] == 48 and model.source.name == "model.pt"
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -102,6 +102,7 @@ def test_the_saved_recipe_is_checked_against_the_params_schema(fitted, tmp_path,
 
 def test_a_weights_path_outside_weights_is_refused_alike_whether_it_exists_or_not(fitted, tmp_path, monkeypatch):
     """A model.pt naming /etc/shadow made predict open it, and the wording told whether a path existed."""
+    from stages.core.schema import shown
     from stages.features import backbones
 
     monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("a backbone was loaded"))
@@ -113,8 +114,8 @@ def test_a_weights_path_outside_weights_is_refused_alike_whether_it_exists_or_no
         path = alter_state(project, lambda blob, weights=weights: blob["inputs"]["backbone"].update(weights=weights))
         with pytest.raises(PipelineError) as caught:
             load(project, monkeypatch)
-        messages.append(str(caught.value).replace(repr(weights), "<weights>"))
-        assert str(caught.value) == (f"{path.relative_to(project)}: inputs.backbone.weights: {weights!r} is not "
+        messages.append(str(caught.value).replace(shown(weights), "<weights>"))
+        assert str(caught.value) == (f"{path.relative_to(project)}: inputs.backbone.weights: {shown(weights)} is not "
                                      "under weights/, where a fitted model's backbone checkpoint must lie (refit it "
                                      "with backbones.<name>.weights there)")
     assert len(set(messages)) == 1

@@ -231,12 +231,12 @@ def test_a_bank_scored_in_blocks_exports_whole(fitted, tmp_path, monkeypatch):
     from stages.data.prepared import load_split
     from stages.deploy.onnx_model import OnnxModel, export_onnx
     from stages.deploy.torch_model import FittedModel
-    from stages.methods import patchcore
+    from stages.methods import neighbours
 
     monkeypatch.chdir(fitted)
     model = FittedModel.load("carpet", "pc")
     # blocks of 7 queries: an image's 36 patches split unevenly (7 x 5 + 1), as 1024 did into 819 + 205
-    monkeypatch.setattr(patchcore, "MAX_BLOCK_ELEMENTS", 7 * len(model.detector.bank))
+    monkeypatch.setattr(neighbours, "MAX_BLOCK_ELEMENTS", 7 * len(model.detector.bank))
     path = tmp_path / "pc.export" / "model.onnx"
     path.parent.mkdir()
     export_onnx(model, path)

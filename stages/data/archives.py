@@ -354,8 +354,9 @@ def check_writable(folder: Path, key: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise PipelineError(f"{key}: cannot write to {folder} ({exc.strerror or _reason(exc)}); set {key} to a folder you can "
-                            "write (null: the user cache)") from exc
+        reason = exc.strerror or _reason(exc)
+        raise PipelineError(f"{key}: cannot write to {folder} ({reason}); set {key} to a folder you can write "
+                            "(null: the user cache)") from exc
 
 
 def _cache_name(url: str) -> str:

@@ -107,14 +107,17 @@ class FittedModel(PreparesInputs):
         return checked(prediction, names, self.source)
 
     def _score(self, images: np.ndarray, names: list[str]) -> Prediction:
+        # no bars: the callers (predict, the demo, the export's parity check) score chunk after chunk
         if self.backbone is None:
             n = len(images)
-            return self.detector.predict(Split(images, names, np.zeros(n, np.int64), ["unknown"] * n, None))
+            split = Split(images, names, np.zeros(n, np.int64), ["unknown"] * n, None)
+            return self.detector.predict(split, progress=False)
         from stages.features.cache import FeatureSet
 
-        extracted = self.extractor(images, batch_size=16, desc=f"{self.backbone['name']} features")
+        extracted = self.extractor(images, batch_size=16, progress=False)
         return self.detector.predict(
-            FeatureSet(extracted.global_embeddings, extracted.feature_maps, tuple(images.shape[1:3]), names)
+            FeatureSet(extracted.global_embeddings, extracted.feature_maps, tuple(images.shape[1:3]), names),
+            progress=False,
         )
 
 

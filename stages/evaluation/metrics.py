@@ -188,6 +188,10 @@ def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None
 
 # The metrics with bootstrap intervals, and how each is computed on a resample (weights per image).
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+# how the report, the comparison and the summary chart name a metric
+METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO",
+                 "image_f1_max": "Image F1-max"}
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the report's tables and the summary chart
 
 
 def resampled(

@@ -15,7 +15,6 @@ def flagged(scores, threshold) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64) >= threshold
 
 
-
 def mean_std_threshold(val_scores, n_std=2.0) -> float:
     """The study's rule: mean + n_std * std of held-out good validation scores."""
     val_scores = np.asarray(val_scores, dtype=np.float64).ravel()

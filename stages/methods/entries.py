@@ -100,9 +100,11 @@ def model_config(params: dict, category: str, name: str) -> ModelConfig:
                        entry.get("reference"))
 
 
-def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
-    """The shared start of fit/evaluate/figures: `python -m stages.<stage> <category> <model>` -> params,
-    config, device."""
+def model_from_argv(stage: str, device: str | None = None) -> tuple[dict, ModelConfig, str]:
+    """The shared start of fit/evaluate/figures/export: `python -m stages.<stage> <category> <model>` ->
+    params, config, device: params.yaml `device`, or `device` when the stage runs on one whatever params
+    say (export: never resolves `device: cuda`, so a CPU-only machine exports). The numerics mode is
+    applied to torch either way."""
     params, (category, name) = stage_args(stage, "<category> <model>")
     config = model_config(params, category, name)
-    return params, config, resolve_device(param(params, "device"))
+    return params, config, resolve_device(param(params, "device") if device is None else device)

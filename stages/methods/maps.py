@@ -70,20 +70,21 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class MapHead(nn.Module):
-    """Raw (N, h, w) maps -> maps upsampled to the image size and smoothed, and (unless the method scores
-    otherwise) one score per image: their max or mean."""
+    """Raw (N, h, w) maps -> (scores, maps), in every scorer's order: the maps upsampled to the image
+    size and smoothed, and one score per image, their max or mean (None for a method that scores
+    otherwise)."""
 
     def __init__(self, size: tuple[int, int], sigma: float, image_score: str | None = "max"):
         super().__init__()
         self.size, self.image_score = tuple(size), image_score
         self.smooth = GaussianSmoothing(self.size, sigma)
 
-    def forward(self, raw: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, raw: Tensor) -> tuple[Tensor | None, Tensor]:
         maps = self.smooth(upsample(raw.float(), self.size))
         if self.image_score is None:
-            return maps, None
+            return None, maps
         flat = maps.flatten(1)
-        return maps, flat.amax(dim=1) if self.image_score == "max" else flat.mean(dim=1)
+        return flat.amax(dim=1) if self.image_score == "max" else flat.mean(dim=1), maps
 
 
 def resize_matrix(n_in: int, n_out: int) -> Tensor:
