@@ -8,6 +8,10 @@
   drawn by the top-level DVC plots `summary` (the means) and `categories` (the table as a heatmap).
 - summary.json: {"mean": {model: {...}}, "categories": {category: {model: {...}}}}.
 
+A model that declares `reference: <table>` (models.<name>.reference) gets the published value of each
+headline metric beside its interval (references/<table>.csv, same dataset and category), marked
+inside (✓) or outside (✗) our interval, and the count of categories where it lies inside.
+
 A mean is over every listed category; it is null when a category lacks the metric (no masks,
 no anomaly maps), rather than a mean of fewer categories that reads like a full one. When the
 categories come from more than one benchmark (data sources: MVTec AD, VisA, ...), each benchmark's
@@ -25,7 +29,8 @@ from stages.core.errors import PipelineError
 from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
-from stages.core.paths import metrics_file
+from stages.core.paths import metrics_file, reference_file
+from stages.evaluation import references as published
 from stages.evaluation.metrics import HEADLINE_METRICS, INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
 from stages.evaluation.results import read_comparison, read_metrics
@@ -140,7 +145,67 @@ def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: 
     ]
 
 
-def markdown(rows, means, groups, names, confidence: float, resamples: int) -> str:
+# ------------------------------------------------------------------ published values beside ours
+
+def _dataset_of(label: str, groups: dict[str, list[str]], source_of) -> str | None:
+    """The dataset whose published value a row compares with: a category's data source; for a mean row,
+    the source of its categories when they are every category of that dataset (else None)."""
+    if label not in groups:
+        return source_of(label)
+    sources = {source_of(c) for c in groups[label]}
+    if len(sources) == 1:
+        source = sources.pop()
+        if set(groups[label]) == set(published.DATASET_CATEGORIES.get(source, ())):
+            return source
+    return None
+
+
+def compare_references(rows: list[dict], means: list[dict], groups: dict[str, list[str]], tables: dict[str, str],
+                       source_of) -> dict:
+    """Set <metric>_published and <metric>_published_inside on the rows of models with a reference table
+    (`tables`: model -> table name); return, per model, its table and per metric how many categories
+    have a published value and in how many it lies inside our interval."""
+    loaded = {table: published.read_table(table) for table in set(tables.values())}
+    counts = {}
+    for name, table in tables.items():
+        counts[name] = {"table": table, "file": str(reference_file(table))}
+        for metric in published.METRICS:
+            counts[name][metric] = {"published": 0, "inside": 0}
+    for row in [*rows, *means]:
+        table = tables.get(row["model"])
+        if table is None:
+            continue
+        dataset = _dataset_of(row["category"], groups, source_of)
+        category = published.MEAN if row["category"] in groups else row["category"]
+        values = loaded[table].get((dataset, category), {})
+        for metric in published.METRICS:
+            value = values.get(metric)
+            mark = published.inside(value, row.get(f"{metric}_low"), row.get(f"{metric}_high"))
+            row[f"{metric}_published"], row[f"{metric}_published_inside"] = value, mark
+            if row["category"] not in groups and mark is not None:
+                counts[row["model"]][metric]["published"] += 1
+                counts[row["model"]][metric]["inside"] += int(mark)
+    return counts
+
+
+def _published_cell(row: dict, metric: str) -> str:
+    """'0.992 ✓' (inside our interval), '0.981 ✗' (outside), '0.953' (no interval here), '' (not published)."""
+    value = row.get(f"{metric}_published")
+    if value is None:
+        return ""
+    mark = row.get(f"{metric}_published_inside")
+    return f"{value:.3f}" + ("" if mark is None else " ✓" if mark else " ✗")
+
+
+def _reference_line(counts: dict, metric: str, confidence: float) -> str:
+    parts = [f"{name} ({entry['file']}) {entry[metric]['inside']} of {entry[metric]['published']}"
+             for name, entry in counts.items()]
+    return (f"Published values inside our {confidence:.0%} interval (✓ inside, ✗ outside, empty: none "
+            f"published), categories: {'; '.join(parts)}.\n")
+
+
+def markdown(rows, means, groups, names, confidence: float, resamples: int, references: dict | None = None) -> str:
+    references = references or {}
     by_key = {(row["category"], row["model"]): row for row in [*rows, *means]}
     categories = groups[MEAN]
     seeds = max(row["seeds"] for row in rows)
@@ -155,14 +220,19 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
             {
                 "category": f"**{category}**" if category in groups else category,
                 **{name: _estimate(by_key[category, name], metric) for name in names},
+                **{f"{name} published": _published_cell(by_key[category, name], metric) for name in references},
             }
             for category in table_rows(groups)
         ]
-        parts.append(f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, ["category", *names]))
+        columns = ["category", *[c for n in names for c in ([n, f"{n} published"] if n in references else [n])]]
+        text = f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, columns)
+        if references:
+            text += "\n" + _reference_line(references, metric, confidence)
+        parts.append(text)
     columns = [
         key
         for key in dict.fromkeys(key for row in rows for key in row)
-        if not key.endswith(("_low", "_high", "_seed_std"))
+        if not key.endswith(("_low", "_high", "_seed_std", "_published", "_published_inside"))
     ]
     parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
     plural = "ies" if len(categories) != 1 else "y"
@@ -183,10 +253,18 @@ def main() -> None:
     groups = mean_groups(categories, lambda category: category_source(params, category))
     means = mean_rows(rows, names, per_seed, read_comparison(comparison_file, "rerun the compare stage"), groups)
     tables = metric_tables(rows, means, table_rows(groups), names)
+    models = param(params, "models")
+    referenced = {name: models[name]["reference"] for name in names if models[name].get("reference")}
+    compared = compare_references(rows, means, groups, referenced, lambda c: category_source(params, c))
     interval_keys = [key for key in means[0] if key.endswith(("_low", "_high", "_seed_std"))]
 
     def mean_of(label: str) -> dict:
-        return {m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]} for m in means if m["category"] == label}
+        return {
+            m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]}
+            | {k: v for k, v in m.items() if k.endswith(("_published", "_published_inside"))}
+            for m in means
+            if m["category"] == label
+        }
 
     summary = {
         MEAN: mean_of(MEAN),
@@ -199,6 +277,8 @@ def main() -> None:
             for c in categories
         },
     }
+    if compared:  # published values: the count of categories inside our interval (the rows hold each value)
+        summary["references"] = compared
     if len(groups) > 1:  # each benchmark's categories and mean
         summary["groups"] = {
             label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
@@ -215,6 +295,7 @@ def main() -> None:
         names,
         param(params, "evaluate.bootstrap.confidence"),
         param(params, "evaluate.bootstrap.resamples"),
+        compared,
     )
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)

@@ -136,7 +136,7 @@ LAYER_SHAPES = {
 GLOBAL_SIZE = {"resnet50": (2048,), "wide_resnet50_2": (2048,), "vit_b_16": (768,)}
 
 
-@pytest.mark.parametrize("config", ["study_carpet", "patchcore_paper"])
+@pytest.mark.parametrize("config", ["study_carpet", "patchcore_paper", "padim_paper"])
 def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path, monkeypatch, config):
     """configs/<config>.yaml through the stage scripts (download -> preprocess -> extract -> fit ->
     evaluate), offline: its backbones, layers, resolutions and models as shipped, with checkpoints of
@@ -145,6 +145,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     make a 3.8 GB model) differ from the file, and the pixel autoencoders (no backbone; their code
     path is the default run's) are left out."""
     import json
+    import shutil
 
     import yaml
 
@@ -168,6 +169,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
             model["fit"]["dimensions"] = 20
     project = tmp_path / "project"
     project.mkdir()
+    shutil.copytree(REPO / "references", project / "references")  # the published tables the configs name
     write_params(project, params)
     call_stage("download", "carpet", cwd=project)
     call_stage("preprocess", "carpet", cwd=project)

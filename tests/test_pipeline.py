@@ -142,6 +142,7 @@ def make_project(root: Path) -> Path:
     root.mkdir(parents=True)
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "weights", root / "weights")
+    shutil.copytree(REPO / "references", root / "references")  # the report stage's published tables
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     params = tiny_params()
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

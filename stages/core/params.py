@@ -16,7 +16,7 @@ from typing import Any
 from stages.core import numerics
 from stages.core.device import valid_device
 from stages.core.errors import PipelineError
-from stages.core.paths import PIXELS
+from stages.core.paths import PIXELS, REFERENCES_ROOT, reference_file
 from stages.core.schema import Schema, SchemaError, check_keys, option, parse, shown, shown_key
 
 SOURCES = ("synthetic", "mvtec", "visa", "folder")
@@ -61,7 +61,9 @@ class Mvtec(Schema):
                                   "(each answer checked against its SHA-256); category: the per-category archives "
                                   "(their links may be gone)", choices=("full", "category"))
     url: str | None = option(None, "null: the official URLs; or one mirror / file:// URL, the only one tried "
-                                   "('{category}' in it is replaced by each category's name when archive is category)")
+                                   "('{category}' in it is replaced by each category's name when archive is category); "
+                                   "a file:// archive is read in place, and file:///path/to/mvtec_anomaly_detection "
+                                   "(unpacked) is read from there, checked against the official image counts")
     sha256: str | None = option(
         None, "null: the published checksum of the official archive (MD5 per category, SHA-256 of the full one); "
               "or the SHA-256 of the one archive `url` names",
@@ -75,7 +77,8 @@ class Mvtec(Schema):
 
 @dataclasses.dataclass(frozen=True)
 class Visa(Schema):
-    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive")
+    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive "
+                                   "(read in place), or file:///path/to/VisA (the archive unpacked, read from there)")
     sha256: str | None = option(
         None, "null: the official archive's published SHA-256 (when url is null); or the SHA-256 of the archive "
               "`url` names (the official one's also enables the per-category count check)",
@@ -102,6 +105,14 @@ class Data(Schema):
         None,
         "source: folder -> a folder holding one MVTec-layout folder per category "
         "(<folder>/<category>/train/good, ...), as the MVTec AD archive does",
+    )
+    download_dir: str | None = option(
+        None,
+        "where verified MVTec AD and VisA archives are kept and reused by every clone and queued experiment on "
+        "this machine (null: the user cache, $XDG_CACHE_HOME/anomaly-pipeline/downloads, ~/.cache/... by default); "
+        "a file:// archive or unpacked folder is read where it is, only its verification is recorded here",
+        check=lambda v: Path(v).expanduser().is_absolute(),
+        allowed="an absolute path or ~/... (a relative one would lie inside each queued experiment's temporary copy)",
     )
 
 
@@ -266,7 +277,7 @@ class Top(Schema):
     )
 
 
-MODEL_KEYS = ["method", "backbone", "fit", "score"]
+MODEL_KEYS = ["method", "backbone", "fit", "score", "reference"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # category, model and backbone names become folder names
 
 
@@ -334,7 +345,22 @@ def _check_model_entry(name: str, entry: object, backbones: dict) -> dict:
     for block in ("fit", "score"):
         if not isinstance(entry.get(block, {}), dict):
             raise PipelineError(f"{where}.{block}: expected a mapping of parameters, got {shown(entry[block])}")
-    return {"method": method, "backbone": backbone, "fit": entry.get("fit") or {}, "score": entry.get("score") or {}}
+    reference = entry.get("reference")
+    if reference is not None:
+        check_reference(f"{where}.reference", reference)
+    return {"method": method, "backbone": backbone, "fit": entry.get("fit") or {}, "score": entry.get("score") or {},
+            "reference": reference}
+
+
+def check_reference(key: str, name: object) -> None:
+    """`models.<name>.reference`: the name of a committed table of published results, references/<name>.csv
+    (checked when params.yaml is read, so a typo fails before any stage runs, not in the report at the end)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PipelineError(f"{key}: expected the name of a table in {REFERENCES_ROOT}/ (letters, digits, '_' or '-'), "
+                            f"got {shown(name)}")
+    if not reference_file(name).is_file():
+        known = ", ".join(sorted(p.stem for p in REFERENCES_ROOT.glob("*.csv"))) or "none"
+        raise PipelineError(f"{key}: no table {reference_file(name)} (known: {known})")
 
 
 def validate(raw: object, path: Path) -> dict:

@@ -20,13 +20,16 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import re
+import stat
 import sys
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -196,14 +199,6 @@ def _fetch(url: str, target: Path, timeout: float, limits: Limits | None = None)
     return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
-def _digest_of(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checksum_error(url: str, algorithm: str, expected: str, actual: str) -> DownloadError:
     reason = f"{algorithm} checksum mismatch (expected {expected}, got {actual})"
     return DownloadError(url, reason, f"{url}: {reason}")
@@ -325,9 +320,145 @@ def extract_members(archive: Path, into: Path, url: str, select: Callable[[list[
     return written
 
 
+# -------------------------------------------------------------------------- the download cache
+#
+# One folder per machine (data.download_dir; by default the user cache) keeps every verified archive
+# under a name taken from its URL, so every clone and every queued experiment (DVC runs those in
+# temporary copies of the project) reuses one download. In its .records/ folder, `<name>.digests`
+# holds an archive's digests with the file's identity (size, times, inode) when they were computed: a
+# later stage, or another category of the same archive, reads them there instead of hashing 4.9 GB
+# again, and any change to the file makes it hash afresh. A file:// archive is read where it is (never
+# copied); only its record lives in the cache. `<name>.lock` there serialises concurrent stages (queue
+# workers) on one archive, so the second waits for the first download and then reuses it.
+
+APP = "anomaly-pipeline"  # the user-cache folder name: $XDG_CACHE_HOME/anomaly-pipeline/downloads
+DIGESTS = ("sha256", "md5")  # computed together in one pass: published checksums are one or the other
+RECORDS = ".records"  # the cache's bookkeeping: digests and locks, beside the archives
+
+
+def download_dir(value: str | None) -> Path:
+    """data.download_dir as a folder: null -> the user cache (platformdirs honours XDG_CACHE_HOME)."""
+    if value is None:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir(APP)) / "downloads"
+    return Path(value).expanduser()
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Create `folder` if needed and prove a file can be written there (as root, permission bits say
+    nothing), leaving nothing behind; one line naming `key` otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or _reason(exc)
+        raise PipelineError(f"{key}: cannot write to {folder} ({reason}); set {key} to a folder you can write "
+                            "(null: the user cache)") from exc
+
+
 def _cache_name(url: str) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]", "_", url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "archive"
     return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+
+
+def local_path(url: str) -> Path | None:
+    """The local path a file:// URL names (None for any other URL); the file may not exist."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def local_folder(url: str | None) -> Path | None:
+    """The folder a file:// URL names when it is one (an unpacked dataset, read in place), else None."""
+    path = local_path(url) if url else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+
+def _record_file(archive: Path, cache_dir: Path) -> Path:
+    """Where `archive`'s digests are recorded: under its own name for an archive in the cache, under a
+    name taken from its resolved path for a file:// archive read in place."""
+    if archive.parent.resolve() == cache_dir.resolve():
+        return cache_dir / RECORDS / f"{archive.name}.digests"
+    return cache_dir / RECORDS / f"{_cache_name(str(archive.resolve()))}.digests"
+
+
+def _record(archive: Path, cache_dir: Path, digests: dict[str, str], identity: dict) -> None:
+    """Write the verification record atomically (a crash leaves the old record or none, never half of one)."""
+    target = _record_file(archive, cache_dir)
+    target.parent.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**identity, **digests}, fh)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(Path(tmp))
+        raise
+
+
+def _hash_file(path: Path, size: int) -> dict[str, str]:
+    """Every digest of DIGESTS, in one read of the file."""
+    hashes = {name: hashlib.new(name) for name in DIGESTS}
+    with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                                      desc=f"verify {path.name}") as bar:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            for digest in hashes.values():
+                digest.update(chunk)
+            bar.update(len(chunk))
+    return {name: digest.hexdigest() for name, digest in hashes.items()}
+
+
+def digest_once(archive: Path, algorithm: str, cache_dir: Path | None) -> str:
+    """`archive`'s digest, hashed only when no record in `cache_dir` matches the file as it is now."""
+    identity = _identity(archive)
+    if cache_dir is not None:
+        try:
+            recorded = json.loads(_record_file(archive, cache_dir).read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in identity.items()) \
+                and isinstance(recorded.get(algorithm), str):
+            return recorded[algorithm]
+    digests = _hash_file(archive, identity["size"])
+    if cache_dir is not None and _identity(archive) == identity:  # unchanged while it was read
+        _record(archive, cache_dir, digests, identity)
+    return digests[algorithm]
+
+
+def _forget(archive: Path, cache_dir: Path) -> None:
+    _remove(archive)
+    _remove(_record_file(archive, cache_dir))
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path | None, name: str) -> Iterator[None]:
+    """Hold `<name>.lock` in the cache: one download (and one verification) of an archive at a time."""
+    if cache_dir is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    (cache_dir / RECORDS).mkdir(exist_ok=True)
+    lock = FileLock(str(cache_dir / RECORDS / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another stage to finish fetching {name} into {cache_dir}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,75 +492,101 @@ def fetched(remote: Remote, dest: Path, cache_dir: Path | None = None, timeout: 
     """Yield (archive file, the URL it came from), verified against `remote.expected` when known;
     a download over `limits.total` bytes is refused while it streams.
 
-    With `cache_dir`, a verified archive is kept there (named after its URL) and reused by later
-    calls, whichever of `remote.urls` it came from (re-checked when a checksum is known). A temporary
-    download is always removed; an unverifiable cached archive is dropped when the `with` body fails
-    on it, so the next call fetches it afresh.
+    A file:// URL is read where it is: never copied, verified (when a checksum is known) once, the
+    digest recorded in `cache_dir`. Any other URL is downloaded; with `cache_dir` the verified archive
+    is kept there (named after its URL) and reused by later calls, whichever of `remote.urls` it came
+    from, its checksum read from the record rather than hashed again. A temporary download is always
+    removed; an unverifiable cached archive is dropped when the `with` body fails on it, so the next
+    call fetches it afresh (a file:// archive, the user's own file, never is).
     """
     expected = remote.expected
-    part_dir: Path | None = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PipelineError(f"{cache_dir}: cannot create cache folder ({_reason(exc)})") from exc
-        part_dir = cache_dir
+        _clean_stale_parts(cache_dir)  # a killed run's partial download, whatever this call reads
 
-    archive_path: Path | None = None
-    used: str | None = None
+    local = local_path(remote.urls[0]) if len(remote.urls) == 1 else None
+    if local is not None:
+        url = remote.urls[0]
+        try:
+            info = os.stat(local)
+        except OSError as exc:
+            raise _download_failed(url, f"no such file {local}" if not local.exists() else _reason(exc)) from exc
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero as a mirror would never end
+            raise _download_failed(url, f"{local} is not a regular file (a device, FIFO or folder); refused")
+        if limits is not None and info.st_size > limits.total:
+            raise _download_failed(url, f"is {info.st_size:,} bytes, more than the limit of {limits.total / 1e9:g} GB "
+                                        f"(raise {limits.param} for a larger archive)")
+        if expected is not None:
+            with _locked(cache_dir, _cache_name(str(local.resolve()))):
+                actual = digest_once(local, expected[0], cache_dir)
+            if actual != expected[1]:
+                raise _checksum_error(url, expected[0], expected[1], actual)
+        yield local, url
+        return
+
     part: Path | None = None  # a temporary download, always removed
     try:
-        for url in remote.urls if cache_dir is not None else ():
-            cached = cache_dir / _cache_name(url)
-            if not cached.is_file():
-                continue
-            if expected is None or _digest_of(cached, expected[0]) == expected[1]:
-                print(f"using cached {cached}", file=sys.stderr)
-                archive_path, used = cached, url
-                break
-            print(f"cached {cached} does not match its {expected[0]}, downloading again", file=sys.stderr)
-            _remove(cached)
-        failures: list[DownloadError] = []
-        for url in remote.urls if archive_path is None else ():
-            if part_dir is not None:  # tagged with our PID: a killed run's part is removed by the next one
-                prefix, folder = f".{dest.name}.download-{os.getpid()}-", part_dir
-            else:
-                prefix, folder = _tmp_prefix(dest, "download")
-            _clean_stale_parts(folder)
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
-            os.close(fd)
-            part = Path(name)
-            try:
-                actual = _fetch(url, part, timeout, limits)
-                if expected is not None and actual[expected[0]] != expected[1]:
-                    raise _checksum_error(url, expected[0], expected[1], actual[expected[0]])
-            except DownloadError as exc:
-                _remove(part)
-                part = None
-                if not remote.what:
-                    raise
-                failures.append(exc)
-                if url != remote.urls[-1]:
-                    warn(f"{url}: {exc.reason}; trying the next known URL of {remote.what}")
-                continue
-            if cache_dir is not None:
-                archive_path = cache_dir / _cache_name(url)
-                os.replace(part, archive_path)
-                part = None
-            else:
-                archive_path = part
-            used = url
-            break
-        if archive_path is None:
-            tried = "; ".join(f"{f.url} ({f.reason})" for f in failures)
-            raise PipelineError(f"could not download {remote.what} from any known URL: {tried}. {remote.help}")
+        with _locked(cache_dir, _cache_name(remote.urls[0])):
+            archive_path, used, part = _cached_or_downloaded(remote, dest, cache_dir, timeout, limits)
         try:
             yield archive_path, used
         except PipelineError:
-            if expected is None and archive_path != part:
-                _remove(archive_path)  # unverifiable cache entry is bad: fetch afresh next time
+            if expected is None and archive_path != part and cache_dir is not None:
+                _forget(archive_path, cache_dir)  # unverifiable cache entry is bad: fetch afresh next time
             raise
     finally:
         if part is not None:
             _remove(part)
+
+
+def _cached_or_downloaded(remote: Remote, dest: Path, cache_dir: Path | None, timeout: float,
+                          limits: Limits | None) -> tuple[Path, str, Path | None]:
+    """(archive, its URL, the temporary download to remove afterwards or None) for `fetched`."""
+    expected = remote.expected
+    for url in remote.urls if cache_dir is not None else ():
+        cached = cache_dir / _cache_name(url)
+        if not cached.is_file():
+            continue
+        if expected is None or digest_once(cached, expected[0], cache_dir) == expected[1]:
+            print(f"using cached {cached}", file=sys.stderr)
+            return cached, url, None
+        print(f"cached {cached} does not match its {expected[0]}, downloading again", file=sys.stderr)
+        _forget(cached, cache_dir)
+    failures: list[DownloadError] = []
+    for url in remote.urls:
+        if cache_dir is not None:  # tagged with our PID: a killed run's part is removed by the next one
+            prefix, folder = f".{dest.name}.download-{os.getpid()}-", cache_dir
+        else:
+            prefix, folder = _tmp_prefix(dest, "download")
+        _clean_stale_parts(folder)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
+        os.close(fd)
+        part = Path(name)
+        try:
+            actual = _fetch(url, part, timeout, limits)
+            if expected is not None and actual[expected[0]] != expected[1]:
+                raise _checksum_error(url, expected[0], expected[1], actual[expected[0]])
+        except BaseException as exc:
+            _remove(part)
+            if not isinstance(exc, DownloadError) or not remote.what:
+                raise
+            failures.append(exc)
+            if url != remote.urls[-1]:
+                warn(f"{url}: {exc.reason}; trying the next known URL of {remote.what}")
+            continue
+        if cache_dir is None:
+            return part, url, part
+        archive = cache_dir / _cache_name(url)
+        try:
+            os.replace(part, archive)
+            _record(archive, cache_dir, actual, _identity(archive))  # hashed while downloading: never again
+        except BaseException:
+            _remove(part)
+            raise
+        return archive, url, None
+    tried = "; ".join(f"{f.url} ({f.reason})" for f in failures)
+    raise PipelineError(f"could not download {remote.what} from any known URL: {tried}. {remote.help}")
