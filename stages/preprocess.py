@@ -15,6 +15,7 @@ from stages.core.errors import check, warn
 from stages.core.outputs import atomic_path
 from stages.core.params import param
 from stages.core.paths import pixels_dir, raw_category_dir
+from stages.data.levels import read_levels
 from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
 
@@ -72,12 +73,19 @@ def main() -> None:
         keep = np.random.default_rng([seed, max_train]).permutation(len(fit_items))[:max_train]
         fit_items = [fit_items[i] for i in sorted(keep)]
 
+    # each defective test image's difficulty level, when the category has a levels.csv (the synthetic one)
+    labels = [int(item.defect_type != "good") for item in test_items]
+    levelled = read_levels(raw_category_dir(category), [item.name for item in test_items], labels)
+
     destination = pixels_dir(category)
     with atomic_path(destination) as out:
         out.mkdir(parents=True)
         save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
         save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
-        save_split(out / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
+        test = load_images(test_items, resize, crop, has_masks, "test")
+        if levelled is not None:
+            test.levels, test.ladder = levelled
+        save_split(out / "test.npz", test)
         write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None, n_train=len(fit_items))
     print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {destination}")
 
