@@ -22,13 +22,14 @@ from stages.data.synthetic import (
     DEFECT_TYPES,
     Level,
     Nuisance,
+    at_size,
     generate_category,
     render,
 )
 from tests.conftest import REPO, default_params
 
 SIZE = 64
-SMALL_LADDER = (Level(16.0, 48, 1.0), Level(2.0, 48, 1.0))  # fits a 64 px image
+SMALL_LADDER = (Level(16.0, 768, 4.0), Level(2.0, 768, 4.0))  # at 64 px: 48 px, 1 px wide
 ARGS = dict(image_size=SIZE, n_train=3, n_test_good=2, n_test_per_cell=2, seed=7, levels=SMALL_LADDER)
 
 
@@ -91,9 +92,9 @@ def test_layout_counts_and_levels_file(category):
     assert len(rows) == per_type * len(DEFECT_TYPES)
     for row in rows:
         number = int(Path(row["image"]).stem)
-        level = SMALL_LADDER[number // ARGS["n_test_per_cell"]]  # numbered level by level
+        level = at_size(SMALL_LADDER[number // ARGS["n_test_per_cell"]], SIZE)  # numbered level by level
         assert int(row["level"]) == number // ARGS["n_test_per_cell"] + 1
-        assert (float(row["delta_e"]), int(row["area"]), float(row["width"])) == (level.delta_e, level.area, level.width)
+        assert (float(row["delta_e"]), int(row["area"]), float(row["width"])) == (level.delta_e, 48, 1.0)
         assert float(row["delta_e_measured"]) == pytest.approx(level.delta_e, rel=0.01)
 
     # what preprocess reads: a level per defective test image, 0 for good ones, and the ladder
@@ -150,7 +151,7 @@ def test_each_level_has_its_colour_difference_and_area_and_an_exact_mask(ladder_
             twin = render(3, 2 + t, 0, 256, None, level_index=k).image
             changed = (image != twin).any(axis=2)
             assert not (changed & ~mask).any(), f"{defect} L{k + 1}: pixels outside the mask changed"
-            assert changed[mask].mean() > 0.95, f"{defect} L{k + 1}: only {changed[mask].mean():.0%} of the mask changed"
+            assert changed[mask].mean() > 0.95, f"{defect} L{k + 1}: {changed[mask].mean():.0%} of the mask changed"
             assert mask.sum() == level.area, f"{defect} L{k + 1}: area {mask.sum()}"
             difference = _srgb_to_lab(image[mask]) - _srgb_to_lab(twin[mask])
             delta_e = np.sqrt((difference**2).sum(axis=1)).mean()
@@ -174,6 +175,18 @@ def test_threads_and_cuts_have_the_levels_width(level):
             mask = render(0, 2 + DEFECT_TYPES.index(defect), i, 256, defect, level).mask
             assert mask.sum() == level.area
             assert _skeleton_width(mask) == pytest.approx(level.width, rel=0.15), (defect, i)
+
+
+def test_sizes_scale_with_the_image_like_the_texture():
+    """A level's area and width are given at 256 px; at 128 px the same defect covers a quarter of the pixels."""
+    level = Level(8.0, 512, 4.0)
+    assert at_size(level, 128) == Level(8.0, 128, 2.0) and at_size(level, 256) == level
+    assert at_size(Level(8.0, 256, 2.0), 64) == Level(8.0, 16, 1.0)  # never thinner than a pixel
+    for defect in ("hole", "thread"):
+        rendered = render(0, 2 + DEFECT_TYPES.index(defect), 0, 128, defect, level)
+        assert rendered.mask.sum() == 128
+    assert _skeleton_width(render(0, 2 + DEFECT_TYPES.index("thread"), 1, 128, "thread", level).mask) == \
+        pytest.approx(2.0, rel=0.15)
 
 
 def test_defects_stay_inside_the_default_centre_crop(ladder_category):
@@ -277,8 +290,8 @@ def test_nuisance_is_in_train_and_test_images_alike(tmp_path):
         (dict(levels=()), "data.synthetic.levels"),
         (dict(levels=(Level(0.0, 48, 1.0),)), "data.synthetic.levels[0].delta_e"),
         (dict(levels=(Level(4.0, 48, 1.0), Level(4.0, 0, 1.0))), "data.synthetic.levels[1].area"),
-        (dict(levels=(Level(4.0, 1200, 1.0),)), "data.synthetic.levels[0].area"),  # too much for 64 px
-        (dict(levels=(Level(4.0, 200, 1.0),)), "data.synthetic.levels[0]"),  # a 200 px thread in 64 px
+        (dict(levels=(Level(4.0, 19200, 4.0),)), "data.synthetic.levels[0].area"),  # 1200 px: too much at 64 px
+        (dict(levels=(Level(4.0, 3200, 4.0),)), "data.synthetic.levels[0]"),  # a 200 px long thread at 64 px
         (dict(levels=({"delta_e": 4, "area": 48},)), "data.synthetic.levels[0]"),
         (dict(nuisance=Nuisance(noise=-1.0)), "data.synthetic.nuisance.noise"),
         (dict(nuisance=Nuisance(jpeg_quality=100)), "data.synthetic.nuisance.jpeg_quality"),

@@ -55,9 +55,10 @@ class Synthetic(Schema):
 class Level(Schema):
     delta_e: float = option(doc="mean CIE 1976 colour difference ΔE*ab between the defect's pixels and the same "
                                 "pixels without it (as written, 8-bit sRGB)", gt=0, le=100)
-    area: int = option(doc="pixels in the defect's mask at the generated size (= the prepared size when "
-                           "preprocess.resize is image_size)", ge=1)
-    width: float = option(doc="mean width of threads and cuts, px (their length is about area / width)", gt=0, le=64)
+    area: int = option(doc="pixels in the defect's mask at 256 px, the default image_size and prepared size (at "
+                           "another image_size scaled by (image_size / 256)^2, as the texture)", ge=1)
+    width: float = option(doc="mean width of threads and cuts, px at 256 px (scaled likewise, at least 1 px); "
+                              "their length is about area / width", gt=0, le=64)
 
 
 @dataclasses.dataclass(frozen=True)

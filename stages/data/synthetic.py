@@ -12,7 +12,8 @@ physically defined difficulty levels and the nuisance variation of a real camera
 Images are 8-bit RGB PNGs; masks are single-channel 8-bit PNGs (255 inside the defect, 0 elsewhere).
 
 The ladder (docs/explanation/synthetic-benchmark.md). Every defect is drawn at a `Level`:
-- `area`: the defect's mask holds exactly this many pixels (at the generated size);
+- `area`: the defect's mask holds exactly this many pixels (given at 256 px, the default image_size
+  and preprocess.resize; at another image_size areas and widths scale with the image, as the texture);
 - `width`: threads and cuts are bands of this mean width around a curve of length ~ area / width;
 - `delta_e`: the mean, over the defect's pixels, of the CIE 1976 colour difference ΔE*ab between the
   image and its defect-free twin (the same carpet, light and sensor noise without the defect), both
@@ -64,6 +65,7 @@ _SPLIT_DEFECT0 = 2
 
 _PNG_OPTIONS = dict(format="PNG", optimize=False, compress_level=6)
 
+REFERENCE_SIZE = 256  # px: a level's area and width are given at this image size (the default, = preprocess.resize)
 MARGIN = 0.09  # defects stay this fraction of the side away from the border: inside the default 224/256 centre crop
 DELTA_E_TOLERANCE = 0.01  # relative: the mean ΔE*ab the generator reaches on the written pixels
 _MAX_STEPS = 40  # steps of the ΔE search (typically 2 to 4)
@@ -71,7 +73,7 @@ _MAX_STEPS = 40  # steps of the ΔE search (typically 2 to 4)
 
 @dataclass(frozen=True)
 class Level:
-    """One rung of the difficulty ladder (params data.synthetic.levels)."""
+    """One rung of the difficulty ladder (params data.synthetic.levels); sizes at REFERENCE_SIZE (`at_size`)."""
 
     delta_e: float  # mean CIE76 ΔE*ab between the defect's pixels and the same pixels without it
     area: int  # pixels in the defect's mask
@@ -106,6 +108,13 @@ def _is_number(value) -> bool:
         and math.isfinite(value)
 
 
+def at_size(level: Level, image_size: int) -> Level:
+    """A level as drawn at `image_size`: areas and widths are given at REFERENCE_SIZE and scale with the image,
+    as the texture does (the same carpet and defects seen at another resolution); a width is at least 1 px."""
+    s = image_size / REFERENCE_SIZE
+    return Level(level.delta_e, max(1, int(round(level.area * s * s))), max(1.0, level.width * s))
+
+
 def curve_length(level: Level) -> float:
     """Length of the centre line of a thread or cut: a band of `width` around it (round ends) holds `area`."""
     return max(level.area / level.width - 0.25 * math.pi * level.width, level.width)
@@ -131,15 +140,17 @@ def _check_levels(levels, image_size: int) -> tuple[Level, ...]:
             raise PipelineError(f"{where}.area must be an integer >= 1, got {level.area!r}")
         if not _is_number(level.width) or not 0 < level.width <= 64:
             raise PipelineError(f"{where}.width must be a number in (0, 64], got {level.width!r}")
+        given = level
+        level = at_size(level, image_size)
         # a blob of this area must fit the placement square with room to spare, a curve must fit along it
         if level.area > 0.25 * room * room:
-            raise PipelineError(f"{where}.area: {level.area} px is more than a quarter of the {room:.0f} x {room:.0f} "
-                                f"px square defects are placed in at image_size {image_size}")
+            raise PipelineError(f"{where}.area: {level.area} px at image_size {image_size} is more than a quarter of "
+                                f"the {room:.0f} x {room:.0f} px square defects are placed in")
         if curve_length(level) + level.width > room:
             raise PipelineError(f"{where}: a thread or cut of width {level.width:g} and area {level.area} is "
                                 f"{curve_length(level):.0f} px long, more than the {room:.0f} px defects are placed "
                                 f"in at image_size {image_size} (a smaller area or a larger width)")
-        checked.append(Level(float(level.delta_e), int(level.area), float(level.width)))
+        checked.append(Level(float(given.delta_e), int(given.area), float(given.width)))
     return tuple(checked)
 
 
@@ -595,7 +606,7 @@ def render(seed: int, split_index: int, image_index: int, image_size: int, defec
     twin = camera.record(scene)
     if defect is None:
         return Rendered(camera.compress(twin), None, None, scene)
-    level = level or DEFAULT_LEVELS[0]
+    level = at_size(level or DEFAULT_LEVELS[0], image_size)
     mask, changed = _DEFECTS[defect](rng, scene, level)
     scene, reached = _at_level(scene, changed, mask, level, camera, twin, defect)
     return Rendered(camera.compress(camera.record(scene)), mask, reached, scene)
@@ -661,7 +672,8 @@ def generate_category(
                 rendered = render(seed, split_index, j, image_size, defect, level, nuisance, level_index=k)
                 _save(rendered.image, folder / f"{number:03d}.png")
                 _save(rendered.mask.astype(np.uint8) * 255, mask_folder / f"{number:03d}_mask.png")
-                rows.append(LevelRow(f"test/{defect}/{number:03d}.png", k + 1, level.delta_e, level.area,
-                                     level.width, rendered.delta_e))
+                drawn = at_size(level, image_size)  # the area and width in this image's pixels
+                rows.append(LevelRow(f"test/{defect}/{number:03d}.png", k + 1, drawn.delta_e, drawn.area,
+                                     drawn.width, rendered.delta_e))
                 tick(1)
     write_levels(root, rows)

@@ -18,12 +18,11 @@ area and width geometrically between neighbouring levels.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 
-from stages.evaluation.statistics import ImageStats, PixelStats
+from stages.evaluation.statistics import CHUNK, ImageStats, PixelStats, _auroc_from_counts, area_up_to
 
 THRESHOLDS = (0.9, 0.75)  # image AUROC at which a detection limit is read off
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -34,12 +33,27 @@ def names(ladder: np.ndarray) -> list[str]:
     return [f"L{k}" for k in range(1, len(ladder) + 1)]
 
 
-def _pixel_rows(pixels: PixelStats, rows: np.ndarray) -> PixelStats:
-    """The pixel statistics of some test images only (the bins stay those of the whole test set)."""
-    return dataclasses.replace(
-        pixels, good=pixels.good[rows], defect=pixels.defect[rows], region_overlap=pixels.region_overlap[rows],
-        regions=pixels.regions[rows],
-    )
+def _pixel_metrics(pixels: PixelStats, good: np.ndarray, levels_rows: list[np.ndarray], weights: np.ndarray,
+                   fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel AUROC and AUPRO of each level on each row of weights, (resamples, L) each: PixelStats.auroc and
+    .aupro on the good images plus that level's defective images (the bins stay those of the whole test
+    set). The good images' weighted counts are the same for every level, so they are summed once per
+    block of resamples."""
+    auroc, aupro = np.empty((len(weights), len(levels_rows))), np.empty((len(weights), len(levels_rows)))
+    for start in range(0, len(weights), CHUNK):
+        block = weights[start : start + CHUNK]
+        good_images = block[:, good] @ pixels.good[good]  # good images hold no defect pixels and no regions
+        for k, rows in enumerate(levels_rows):
+            w = block[:, rows]
+            good_pixels = good_images + w @ pixels.good[rows]
+            auroc[start : start + len(block), k] = _auroc_from_counts(w @ pixels.defect[rows], good_pixels)
+            # the PRO curve from the top bin down, starting at (0, 0), as PixelStats.pro_curves
+            fpr = np.cumsum(good_pixels[:, ::-1], axis=1) / good_pixels.sum(axis=1, keepdims=True)
+            pro = np.cumsum((w @ pixels.region_overlap[rows])[:, ::-1], axis=1) / (w @ pixels.regions[rows])[:, None]
+            zero = np.zeros((len(block), 1))
+            fpr, pro = np.minimum(np.hstack([zero, fpr]), 1.0), np.minimum(np.hstack([zero, pro]), 1.0)
+            aupro[start : start + len(block), k] = [area_up_to(f, p, fpr_limit) / fpr_limit for f, p in zip(fpr, pro)]
+    return auroc, aupro
 
 
 def per_level(labels, scores, levels, ladder, pixels: PixelStats | None, fpr_limit: float,
@@ -48,7 +62,7 @@ def per_level(labels, scores, levels, ladder, pixels: PixelStats | None, fpr_lim
     None where the metric is undefined (no good test images, no anomaly maps or masks)."""
     labels, scores, levels = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(levels)
     rows_of = [(labels == 0) | (levels == k) for k in range(1, len(ladder) + 1)]
-    weight = (lambda rows: None) if weights is None else (lambda rows: weights[:, rows])
+    weight = (lambda rows: None) if weights is None else (lambda rows: weights[:, rows])  # images of one level
     out: dict[str, np.ndarray | None] = dict.fromkeys(METRICS)
     if not (labels == 0).any() or any(not (levels[rows] > 0).any() for rows in rows_of):
         return out  # no good images, or a level without defective images: nothing to compare
@@ -56,11 +70,14 @@ def per_level(labels, scores, levels, ladder, pixels: PixelStats | None, fpr_lim
         [ImageStats.from_scores(labels[rows], scores[rows]).auroc(weight(rows)) for rows in rows_of], axis=1
     )
     if pixels is not None:
-        subsets = [_pixel_rows(pixels, rows) for rows in rows_of]
-        if all(s.defined() for s in subsets):
-            out["pixel_auroc"] = np.stack([s.auroc(weight(r)) for s, r in zip(subsets, rows_of)], axis=1)
-        if all(s.has_regions() for s in subsets):
-            out["aupro"] = np.stack([s.aupro(fpr_limit, weight(r)) for s, r in zip(subsets, rows_of)], axis=1)
+        good = labels == 0
+        defective = [levels == k for k in range(1, len(ladder) + 1)]
+        counted = [(pixels.defect[rows].sum(), pixels.regions[rows].sum()) for rows in defective]
+        if all(defect > 0 for defect, _ in counted) and pixels.good.sum() > 0:
+            auroc, aupro = _pixel_metrics(pixels, good, defective, np.ones((1, len(labels))) if weights is None
+                                          else np.asarray(weights, dtype=np.float64), fpr_limit)
+            out["pixel_auroc"] = auroc
+            out["aupro"] = aupro if all(regions > 0 for _, regions in counted) else None
     return out
 
 
@@ -84,7 +101,10 @@ def physical(ladder: np.ndarray, position: float) -> dict[str, float | None]:
     k = max(min(int(math.floor(position)), len(ladder) - 1), 1)  # the level below (1-based); at L: L - 1
     fraction = position - k
     low, high = ladder[k - 1], ladder[min(k, len(ladder) - 1)]
-    values = np.where(low == high, low, np.exp((1.0 - fraction) * np.log(low) + fraction * np.log(high)))
+    if fraction in (0.0, 1.0):  # on a level: its own values
+        values = low if fraction == 0.0 else high
+    else:
+        values = np.where(low == high, low, np.exp((1.0 - fraction) * np.log(low) + fraction * np.log(high)))
     return {key: float(v) for key, v in zip(LADDER_KEYS, values)}
 
 
