@@ -19,8 +19,8 @@ The ladder (docs/explanation/synthetic-benchmark.md). Every defect is drawn at a
   image and its defect-free twin (the same carpet, light and sensor noise without the defect), both
   as the 8-bit sRGB values written to disk. Each defect type draws its full-strength look (a stain,
   a dark hole, a metal flake, ...) and is then blended towards the carpet under it in CIELAB until
-  that mean is the level's ΔE (a few multiplicative steps on the quantised output, to within
-  DELTA_E_TOLERANCE).
+  that mean is the level's ΔE (a few steps on the quantised output, to within 1 %, or 1 / area
+  for tiny defects).
 So the mask is exactly the set of pixels the defect changed, and a level means the same colour
 difference and size for every defect type.
 
@@ -67,7 +67,9 @@ _PNG_OPTIONS = dict(format="PNG", optimize=False, compress_level=6)
 
 REFERENCE_SIZE = 256  # px: a level's area and width are given at this image size (the default, = preprocess.resize)
 MARGIN = 0.09  # defects stay this fraction of the side away from the border: inside the default 224/256 centre crop
-DELTA_E_TOLERANCE = 0.01  # relative: the mean ΔE*ab the generator reaches on the written pixels
+# The mean ΔE*ab reached on the written pixels is the level's within 1 %, or within 1 / area where
+# that is more: with a few pixels the 8-bit steps (up to about 1 ΔE*ab each) make the mean coarse.
+DELTA_E_TOLERANCE = 0.01
 _MAX_STEPS = 40  # steps of the ΔE search (typically 2 to 4)
 
 
@@ -558,12 +560,13 @@ def _at_level(scene, changed, mask, level: Level, camera: _Camera, twin: np.ndar
 
     # Multiplicative steps (the mean grows about linearly with alpha) until the target is bracketed, then
     # bisection: the recorded 8-bit values make the mean a step function of alpha.
+    tolerance = max(DELTA_E_TOLERANCE * level.delta_e, 1.0 / int(mask.sum()))
     alpha, below, above, best = level.delta_e / full, 0.0, None, None
     for _ in range(_MAX_STEPS):
         rgb, reached = recorded(alpha)
         if best is None or abs(reached - level.delta_e) < abs(best[1] - level.delta_e):
             best = (rgb, reached)
-        if abs(reached - level.delta_e) <= 0.25 * DELTA_E_TOLERANCE * level.delta_e:
+        if abs(reached - level.delta_e) <= 0.25 * tolerance:
             break
         if reached < level.delta_e:
             below = alpha
@@ -576,7 +579,7 @@ def _at_level(scene, changed, mask, level: Level, camera: _Camera, twin: np.ndar
             guess = alpha * level.delta_e / reached
             alpha = guess if below < guess < above else 0.5 * (below + above)
     rgb, reached = best
-    if abs(reached - level.delta_e) > DELTA_E_TOLERANCE * level.delta_e:
+    if abs(reached - level.delta_e) > tolerance:
         raise PipelineError(f"data.synthetic.levels: a {defect} defect reaches a mean ΔE*ab of {reached:.2f}, "
                             f"not the level's {level.delta_e:g} (outside the sRGB gamut of this carpet)")
     out = scene.astype(np.float64)
