@@ -572,6 +572,10 @@ def test_the_readme_scoring_commands_and_the_benchmark_run(workspace):
 
     commands = readme_commands("Scoring new images")
     assert commands and all(c.startswith("python -m stages.predict ") for c in commands)
+    # every hole of the clearly visible level is flagged (those at the just-noticeable difference may not be)
+    levels = csv.DictReader(open(workspace / "data/raw/carpet.dataset/levels.csv"))
+    clear_holes = {Path(r["image"]).name for r in levels if r["image"].startswith("test/hole/") and r["level"] == "1"}
+    checked = 0
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(workspace))
     for command in commands:
         result = subprocess.run(command, shell=True, cwd=workspace, env=env, capture_output=True, text=True)
@@ -579,8 +583,10 @@ def test_the_readme_scoring_commands_and_the_benchmark_run(workspace):
         out = workspace / command.split("--out ")[1].split()[0]
         rows = list(csv.DictReader(open(out / "scores.csv")))
         assert rows and all((out / row["overlay"]).is_file() for row in rows), command
-        holes = [row for row in rows if "/hole/" in row["image"]]
-        assert all(row["anomalous"] == "1" for row in holes), command  # every hole flagged, on both runtimes
+        holes = [row for row in rows if "/hole/" in row["image"] and Path(row["image"]).name in clear_holes]
+        assert all(row["anomalous"] == "1" for row in holes), command  # flagged on both runtimes
+        checked += len(holes)
+    assert checked, "no command scored a hole"
     bench = subprocess.run(
         [
             sys.executable,
