@@ -42,8 +42,9 @@ def prepare(workdir: str | Path, n_train: int, n_test_good: int, n_test_per_cell
     generate_category(raw, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
                       n_test_per_cell=n_test_per_cell, seed=seed)  # every type at every default level
     train_items, test_items, has_masks = list_category(raw)
-    save_split(workdir / "train.npz", load_images(train_items, resize, crop, False, "train"))
-    save_split(workdir / "test.npz", load_images(test_items, resize, crop, has_masks, "test"))
+    recipe = {"resize": resize, "crop_size": crop, "mode": "crop"}
+    save_split(workdir / "train.npz", load_images(train_items, recipe, False, "train"))
+    save_split(workdir / "test.npz", load_images(test_items, recipe, has_masks, "test"))
     record.write_text(json.dumps(settings))
     return workdir
 

@@ -7,15 +7,23 @@ project natively and under qemu-user emulating other CPU models, and compares ev
 qemu-user runs the same Linux binaries with the CPUID of the model it emulates (vendor, instruction
 sets, cache sizes), so every library picks its kernels as it would on that CPU: `Haswell` is an
 Intel CPU with AVX2 and no AVX-512, `EPYC-Rome` an AMD one. The native run is this machine's CPU.
-The stages and outputs are tests/test_numerics.py's (extract, a trained pixel autoencoder, PatchCore
-fit and evaluate), plus PaDiM and the kNN. About a minute per emulated CPU on 2 cores.
+The stages: tests/test_numerics.py's (extract, a trained pixel autoencoder, PatchCore fit and
+evaluate), a model of every other method fitted and evaluated (PaDiM, the kNN, the feature AE and
+VAE, the skip autoencoder), and the export of every model (its model.onnx, parity check included).
+About 6 minutes per emulated CPU on 2 shared cores (load average 11 to 13).
 
 What it cannot see: qemu computes the approximate instructions (rcpps, rsqrtps) exactly, where real
 CPUs differ by vendor, so a kernel built on them could agree here and differ on hardware; strict
-mode keeps MKL off them (MKL_CBWR=COMPATIBLE). bench/results/cross_cpu.json: 2026-12-02, native AMD
-EPYC (AVX-512) against emulated Intel Haswell and AMD EPYC-Rome, all 46 files identical; with MKL's
-AVX2 mode and torch's own float32 sqrt instead, 10 and 11 files differed (the trained autoencoder,
-the kNN, PaDiM and PatchCore scores).
+mode keeps MKL off them (MKL_CBWR=COMPATIBLE). bench/results/cross_cpu.json: 2026-12-06, native AMD
+EPYC (AVX-512) against emulated Intel Haswell and AMD EPYC-Rome, all 89 files identical. With torch's
+constant folding in the export (as it was), the model.onnx of the five EfficientNet-Lite0 models
+(PatchCore, PaDiM, kNN, feature AE and VAE) differed under both emulated CPUs, 84 of 89 identical,
+as they did on a real Intel CPU: the folding merges each BatchNorm into its convolution with torch's
+float32 sqrt, which is MKL's vector sqrt (mkl_vml_kernel_sSqrt, not correctly rounded; its kernel
+depends on the CPU even in COMPATIBLE mode): a tenth of the folded weights moved by 1 to 4 ulp, biases
+where terms cancel by more (stages/deploy/onnx_model.py export_onnx now folds nothing). 2026-12-02,
+before the check ran the export and the other methods: with MKL's AVX2 mode and torch's own float32
+sqrt instead, 10 and 11 of its 46 files differed (the trained autoencoder, the kNN, PaDiM, PatchCore).
 """
 from __future__ import annotations
 
@@ -28,21 +36,35 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.methods import REGISTRY  # noqa: E402  (after the path: the repository's packages)
+from tests.conftest import EVERY_METHOD, MODELS_FITTED, call_stage, default_params, write_params  # noqa: E402
+
+# the tiny models of the check: PatchCore and the pixel autoencoder as in tests/test_numerics.py, plus a
+# model of every other registered method (tests/conftest.py's EVERY_METHOD), with PaDiM kept small
+MODELS = {
+    **MODELS_FITTED,
+    "padim": {"method": "padim", "backbone": "efficientnet_lite0", "fit": {"dimensions": 20}},
+    "knn": {"method": "global_knn", "backbone": "efficientnet_lite0", "score": {"k": 3}},
+    **{name: EVERY_METHOD[name] for name in ("fae", "fvae", "skip")},
+}
 STAGES = [("extract", "carpet", "efficientnet_lite0"), ("fit", "carpet", "ae"), ("fit", "carpet", "pc"),
           ("evaluate", "carpet", "pc"), ("fit", "carpet", "padim"), ("evaluate", "carpet", "padim"),
-          ("fit", "carpet", "knn"), ("evaluate", "carpet", "knn"), ("evaluate", "carpet", "ae")]
+          ("fit", "carpet", "knn"), ("evaluate", "carpet", "knn"), ("evaluate", "carpet", "ae"),
+          *[(stage, "carpet", name) for name in ("fae", "fvae", "skip") for stage in ("fit", "evaluate")],
+          *[("export", "carpet", name) for name in MODELS]]  # the ONNX file of every model
 OUTPUTS = ("data/features/carpet.category/efficientnet_lite0.features", "models/carpet.category",
            "metrics/models/carpet.category", "plots/carpet.category")
 
 
 def prepare(root: Path) -> Path:
-    from tests.conftest import MODELS_FITTED, call_stage, default_params, write_params
-
+    missing = set(REGISTRY) - {model["method"] for model in MODELS.values()}
+    assert not missing, f"no model of the methods {sorted(missing)} in the check"
     project = root / "prepared"
     project.mkdir()
     params = default_params()
@@ -52,9 +74,7 @@ def prepare(root: Path) -> Path:
     params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
     params.update(device="cpu", fit_seeds=[0], numerics="strict")
     params["evaluate"]["bootstrap"]["resamples"] = 20
-    params["models"] = {**MODELS_FITTED,
-                        "padim": {"method": "padim", "backbone": "efficientnet_lite0", "fit": {"dimensions": 20}},
-                        "knn": {"method": "global_knn", "backbone": "efficientnet_lite0", "score": {"k": 3}}}
+    params["models"] = MODELS
     write_params(project, params)
     for stage in ("download", "preprocess"):
         call_stage(stage, "carpet", cwd=project)
@@ -69,9 +89,11 @@ def run(prepared: Path, folder: Path, cpu: str | None) -> dict[str, str]:
     if cpu:
         command = ["qemu-x86_64", "-cpu", cpu, *command]
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    start = time.monotonic()
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{cpu or 'native'}: stages failed:\n{result.stderr[-3000:]}")
+    print(f"{cpu or 'native'}: {len(STAGES)} stages in {time.monotonic() - start:.0f} s", flush=True)
     return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
             for output in OUTPUTS for p in sorted((folder / output).rglob("*")) if p.is_file()}
 

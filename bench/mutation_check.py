@@ -4,10 +4,13 @@
 
 Each mutation breaks one named behaviour (the threshold rule, eq. 7, AUPRO's fpr_limit, the stratified
 bootstrap, exit codes, weights_only, exact_sqrt, the benchmark grouping, the export's single block,
-the colour scale); the file is restored afterwards whatever happens. Do not run it beside anything
-that reads stages/ (the suite, dvc repro): the files are changed while each test runs.
+the colour scale, the fitted check, scipy's smoothing, torch's antialiased resize, predict's single
+bar, the demo's --device check and model list, the export's CPU); the file is restored afterwards
+whatever happens. Do not run it beside anything that reads stages/ (the suite, dvc repro): the files
+are changed while each test runs. The tests run with this interpreter (a worktree has no .venv).
 """
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +24,17 @@ M = [
     ),
     (
         "threshold rule > instead of >=",
-        "stages/evaluation/metrics.py",
+        "stages/evaluation/threshold.py",
         "return np.asarray(scores, dtype=np.float64) >= threshold",
         "return np.asarray(scores, dtype=np.float64) > threshold",
-        ["tests/test_metrics.py", "tests/test_figures.py"],
+        ["tests/test_threshold.py", "tests/test_metrics.py", "tests/test_figures.py"],
+    ),
+    (
+        "the demo's verdict re-typed as >",
+        "stages/demo.py",
+        "bool(flagged(score, model.threshold))",
+        "score > model.threshold",
+        ["tests/test_threshold.py"],
     ),
     (
         "AUPRO ignores fpr_limit",
@@ -71,10 +81,59 @@ M = [
     ),
     (
         "PatchCore export splits blocks",
-        "stages/methods/patchcore.py",
+        "stages/methods/neighbours.py",
         "whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()",
         "whole = len(queries) <= rows",
         ["tests/test_predict.py", "-k", "blocks_exports"],
+    ),
+    (
+        "save skips the fitted check",
+        "stages/methods/base.py",
+        "        self._require_fitted()  # before the folder: an unfitted model leaves nothing behind\n",
+        "",
+        ["tests/test_methods.py", "-k", "unfitted"],
+    ),
+    (
+        "smoothing truncated at 3 sigma, not scipy's 4",
+        "stages/methods/maps.py",
+        "TRUNCATE = 4.0",
+        "TRUNCATE = 3.0",
+        ["tests/test_maps.py"],
+    ),
+    (
+        "resize without antialiasing",
+        "stages/methods/maps.py",
+        "align_corners=False, antialias=True)",
+        "align_corners=False, antialias=False)",
+        ["tests/test_maps.py"],
+    ),
+    (
+        "predict's features draw their own bar",
+        "stages/deploy/torch_model.py",
+        "extracted = self.extractor(images, batch_size=16, progress=False)",
+        "extracted = self.extractor(images, batch_size=16)",
+        ["tests/test_progress.py", "-k", "predict_draws"],
+    ),
+    (
+        "the demo's --device unchecked at start",
+        "stages/demo.py",
+        'device = resolve_device(args.device, "--device")',
+        "device = args.device",
+        ["tests/test_demo_start.py", "-k", "bad_device"],
+    ),
+    (
+        "the demo reads models/ on every request",
+        "stages/demo.py",
+        "        if name not in self.names:",
+        "        if name not in fitted_models():",
+        ["tests/test_demo_start.py", "-k", "model_list"],
+    ),
+    (
+        "export resolves params' device",
+        "stages/export.py",
+        'model_from_argv("export", device="cpu")',
+        'model_from_argv("export")',
+        ["tests/test_progress.py", "-k", "export"],
     ),
 ]
 for name, rel, old, new, args in M:
@@ -84,7 +143,7 @@ for name, rel, old, new, args in M:
     try:
         path.write_text(original.replace(old, new))
         r = subprocess.run(
-            [str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-n0", "-x", "-p", "no:cacheprovider", *args],
+            [sys.executable, "-m", "pytest", "-q", "-n0", "-x", "-p", "no:cacheprovider", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,

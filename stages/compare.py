@@ -11,19 +11,14 @@ scored on the same resamples of each category's test images, and writes
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
-
 from stages.core.cli import run_main
 from stages.core.errors import PipelineError
 from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
 from stages.core.paths import PLOTS_ROOT, SUMMARY_ROOT, metrics_file, resamples_file
-from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation.metrics import INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, differences, mean_groups, model_intervals, table_rows, with_means
-
-TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_f1_max": "Image F1-max"}
+from stages.evaluation.results import read_metrics, read_resamples
 
 
 def read(category: str, model: str) -> tuple[dict, dict]:
@@ -31,8 +26,8 @@ def read(category: str, model: str) -> tuple[dict, dict]:
     for needed in (path, samples):
         if not needed.is_file():
             raise PipelineError(f"{needed}: missing (run evaluate@{category}-{model})")
-    with np.load(samples, allow_pickle=False) as data:
-        return json.loads(path.read_text()), {name: data[name] for name in data.files}
+    remedy = f"rerun evaluate@{category}-{model}"
+    return read_metrics(path, remedy, INTERVAL_METRICS), read_resamples(samples, remedy)
 
 
 def markdown(results: dict, models: list[str], groups: dict[str, list[str]], confidence: float, resamples: int) -> str:
@@ -55,7 +50,7 @@ def markdown(results: dict, models: list[str], groups: dict[str, list[str]], con
             present = [m for m in models if (m, m) in mean]
             over = "" if label == MEAN else f", {label} ({', '.join(groups[label])})"
             lines += [
-                f"## {TITLES[metric]}{over}",
+                f"## {METRIC_TITLES[metric]}{over}",
                 "",
                 "| model | " + " | ".join(present) + " |",
                 "|---|" + "---|" * len(present),
@@ -75,11 +70,11 @@ def markdown(results: dict, models: list[str], groups: dict[str, list[str]], con
         ]
         for d in found:
             lines.append(
-                f"- {d['category']}, {TITLES[metric]}: {d['model']} > {d['versus']} by {d['value']:.3f} "
+                f"- {d['category']}, {METRIC_TITLES[metric]}: {d['model']} > {d['versus']} by {d['value']:.3f} "
                 f"[{d['low']:.3f}, {d['high']:.3f}]"
             )
         if not found:
-            lines.append(f"- {TITLES[metric]}: none")
+            lines.append(f"- {METRIC_TITLES[metric]}: none")
     return "\n".join(lines) + "\n"
 
 

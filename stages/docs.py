@@ -64,7 +64,8 @@ def reference() -> str:
     lines += [
         "**`models.<name>`**: `method`, `backbone` (`pixels` or a name under `backbones:`), and two blocks:",
         "`fit` (what fitting reads; changing it refits) and `score` (what scoring reads; changing it only",
-        "re-scores). Each method's blocks:",
+        "re-scores); optionally `reference`, the name of a table of published results (`references/<name>.csv`)",
+        "that the report sets beside the model's intervals (metrics/summary.md). Each method's blocks:",
         "",
     ]
     for method in REGISTRY:

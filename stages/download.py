@@ -3,6 +3,10 @@
 data.source: synthetic (the offline default), mvtec (MVTec AD's archive), visa (VisA's archive, laid
 out as MVTec) or folder (a local copy holding one folder per category). Each category is its own
 stage, so one that cannot be fetched fails alone and the others stay valid and cached.
+
+The archives are fetched into data.download_dir (by default the user cache, outside the project), so
+every clone and every queued experiment on the machine reuses one verified download; a file://
+archive or unpacked folder (data.mvtec.url / data.visa.url) is read where it is.
 """
 from __future__ import annotations
 
@@ -14,10 +18,10 @@ from stages.core.cli import run_main, stage_args
 from stages.core.errors import PipelineError, warn
 from stages.core.outputs import atomic_path
 from stages.core.params import category_source, param
-from stages.core.paths import DOWNLOADS, raw_category_dir
+from stages.core.paths import raw_category_dir
 from stages.data import mvtec, visa
+from stages.data.archives import check_writable, download_dir
 from stages.data.folder import copy_folder
-from stages.data.raw import verify_category
 from stages.data.synthetic import Level, Nuisance, generate_category
 
 
@@ -41,34 +45,43 @@ def main() -> None:
         total += options["n_test_per_cell"] * len(options["defect_types"]) * len(options["levels"])
         with atomic_path(dest) as tmp, tqdm(total=total, desc=f"generate {category}", unit="img") as bar:
             generate_category(tmp, **options, progress=bar.update)
-    elif source == "mvtec":
-        mvtec.download_category(
-            category,
-            dest,
-            url=param(params, "data.mvtec.url", None),
-            sha256=param(params, "data.mvtec.sha256", None),
-            archive=param(params, "data.mvtec.archive", "full"),
-            cache_dir=DOWNLOADS,  # verified archives are kept: the full one serves every category once
-        )
-    elif source == "visa":
-        visa.download_category(
-            category,
-            dest,
-            url=param(params, "data.visa.url", None),
-            sha256=param(params, "data.visa.sha256", None),
-            cache_dir=DOWNLOADS,  # one archive for the 12 categories, fetched once
-        )
+    elif source in ("mvtec", "visa"):
+        cache = download_dir(param(params, "data.download_dir", None))
+        check_writable(cache, "data.download_dir")  # before anything is fetched or written
+        fetch(source, category, dest, params, cache)
     else:
         folder = param(params, "data.folder")
         if not folder:
             raise PipelineError("data.folder: set it to a folder holding one MVTec-layout folder per category "
                                 "when data.source is 'folder'")
         folder = Path(folder).expanduser() / category
-        # Decode every image and mask of the user's folder first: errors name the user's files, and a
-        # broken folder is never copied, so once it is fixed `dvc repro` reruns this (failed) stage.
-        verify_category(folder)
+        # copy_folder refuses links that leave the folder, then decodes every image and mask of the user's
+        # folder before copying: errors name the user's files, and a broken folder is never copied, so once
+        # it is fixed `dvc repro` reruns this (failed) stage. Only those files are copied.
         copy_folder(folder, dest)
     print(f"{source}/{category} -> {dest}")
+
+
+def fetch(source: str, category: str, dest: Path, params: dict, cache: Path) -> None:
+    if source == "mvtec":
+        mvtec.download_category(
+            category,
+            dest,
+            url=param(params, "data.mvtec.url", None),
+            sha256=param(params, "data.mvtec.sha256", None),
+            archive=param(params, "data.mvtec.archive", "full"),
+            cache_dir=cache,  # verified archives are kept: the full one serves every category once
+            max_gb=param(params, "data.mvtec.max_gb"),
+        )
+    else:
+        visa.download_category(
+            category,
+            dest,
+            url=param(params, "data.visa.url", None),
+            sha256=param(params, "data.visa.sha256", None),
+            cache_dir=cache,  # one archive for the 12 categories, fetched once
+            max_gb=param(params, "data.visa.max_gb"),
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 For each seed the model was fitted with (params.yaml fit_seeds; one fit for a deterministic
 method), the test and validation images are scored, the metrics computed (image AUROC, pixel
-AUROC, AUPRO, F1-max, the mean + n_std·sigma threshold of the validation images with its confusion
+AUROC, AUPRO, F1-max, the threshold of the validation images (evaluate.threshold_rule) with its confusion
 counts, per-defect AUROC) and the four headline metrics recomputed on `evaluate.bootstrap.resamples`
 stratified resamples of the test images (stages/evaluation/bootstrap.py), the same resamples for every model
 of the category. Writes
@@ -31,6 +31,7 @@ from stages.deploy.record import write_scoring
 from stages.evaluation import curves, levels, metrics
 from stages.evaluation.bootstrap import stratified_weights
 from stages.evaluation.statistics import PixelStats
+from stages.evaluation.threshold import flagged, validation_threshold
 from stages.methods.entries import model_from_argv
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     curve_points = param(params, "figures.curve_points")
 
     prepared = {split: load_split(pixels_dir(config.category) / f"{split}.npz") for split in ("test", "val")}
-    test = prepared["test"]  # labels, defect types, masks
+    test = prepared["test"]
     inputs = {split: config.load_inputs(split) for split in prepared}
     for split, loaded in inputs.items():
         if list(loaded.names) != prepared[split].names:
@@ -56,9 +57,11 @@ def main() -> None:
             prediction, validation = detector.predict(inputs["test"]), detector.predict(inputs["val"])
         except PipelineError as exc:
             raise PipelineError(f"models.{config.name} ({config.category}, seed {seed}): {exc}") from exc
+        threshold, threshold_rule = validation_threshold(validation.image_scores, settings)  # evaluate.threshold_rule
         pixels = None
         if prediction.anomaly_maps is not None and test.masks is not None:
-            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"])
+            # padding (preprocess.mode pad) is in no pixel metric nor curve: test.valid marks the image's pixels
+            pixels = PixelStats.from_maps(test.masks, prediction.anomaly_maps, settings["bins"], test.valid)
         per_seed[seed] = metrics.evaluate(
             test.labels,
             prediction.image_scores,
@@ -67,6 +70,7 @@ def main() -> None:
             pixels,
             settings["fpr_limit"],
             settings["threshold_n_std"],
+            threshold,
         )
         on_resamples.append(
             metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"])
@@ -76,12 +80,12 @@ def main() -> None:
             per_level_seed[seed] = levels.per_level(*level_args)
             per_level_resampled.append(levels.per_level(*level_args, weights=weights))
         if first is None:
-            first = (seed, detector, prediction, validation, pixels)
+            first = (seed, detector, prediction, validation, pixels, threshold_rule)
         del prediction, validation, pixels  # one seed's maps at a time
 
     resampled = metrics.mean_over_seeds(on_resamples)
     summary = metrics.summarise_seeds(per_seed, resampled, bootstrap["confidence"], bootstrap["resamples"])
-    seed, detector, prediction, validation, pixels = first
+    seed, detector, prediction, validation, pixels, threshold_rule = first
     result = {
         "category": config.category,
         "model": config.name,
@@ -96,14 +100,23 @@ def main() -> None:
         )
 
     plot_dir = config.plots
+    threshold = per_seed[seed]["threshold"]
+    # the threshold and its decision on every row, as predict's scores.csv has them: the score chart draws both
+    decided = flagged(prediction.image_scores, threshold)
     write_csv(
         plot_dir / "scores.csv",
         [
-            {"image": n, "defect_type": d, "label": int(label), "score": float(s)}
-            for n, d, label, s in zip(test.names, test.defect_types, test.labels, prediction.image_scores)
+            {
+                "image": n,
+                "defect_type": d,
+                "label": int(label),
+                "score": float(s),
+                "anomalous": int(a),
+                "threshold": threshold,
+            }
+            for n, d, label, s, a in zip(test.names, test.defect_types, test.labels, prediction.image_scores, decided)
         ],
     )
-    threshold = per_seed[seed]["threshold"]
     roc = metrics.roc_points(test.labels, prediction.image_scores) or [{"fpr": 0.0, "tpr": 0.0, "threshold": 0.0}]
     write_csv(plot_dir / "roc.csv", roc)
     curves.write_curves(plot_dir, test, prediction.image_scores, pixels, threshold, curve_points)
@@ -116,7 +129,7 @@ def main() -> None:
         scoring_file(config.category, config.name),
         config.score.as_dict(),
         threshold,
-        settings["threshold_n_std"],
+        threshold_rule,
         scale,
         validation.image_scores,
         seed,

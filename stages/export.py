@@ -27,9 +27,8 @@ from stages.methods.entries import model_from_argv
 
 
 def main() -> None:
-    _, config, device = model_from_argv("export")
-    if device != "cpu":
-        device = "cpu"  # the graph is traced on the CPU; onnxruntime's CPU package runs it
+    # the graph is traced on the CPU and onnxruntime's CPU package runs it, whatever params.yaml `device` says
+    _, config, device = model_from_argv("export", device="cpu")
     fitted = FittedModel.load(config.category, config.name, device=device)
     test = load_split(pixels_dir(config.category) / "test.npz")
     path = onnx_file(config.category, config.name)

@@ -23,6 +23,7 @@ from stages.core.paths import PLOTS_ROOT, metrics_file
 
 OUTPUT = PLOTS_ROOT / "few_shot.csv"
 METRICS = ("image_auroc", "pixel_auroc")
+COLUMNS = ("model", "n_train", *METRICS)  # the table's header: what --out may replace
 
 
 def sweep_rows(experiments: list[dict], category: str, models: list[str]) -> list[dict]:
@@ -40,10 +41,21 @@ def sweep_rows(experiments: list[dict], category: str, models: list[str]) -> lis
 
 
 def existing_rows(path) -> int:
-    """Data rows of the table already there (0 when there is none)."""
-    if not path.is_file():
+    """Data rows of the table already at `path` (0 when there is none). Anything else there is refused,
+    whatever its length: --out replaces its own table only, never a user's file."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
         return 0
-    return max(0, len(path.read_text().splitlines()) - 1)
+    header = ",".join(COLUMNS)
+    if not path.is_file():  # a folder, FIFO or device: never opened (a FIFO would block)
+        raise PipelineError(f"{path}: exists and is not a file; left as it is (choose another --out)")
+    with open(path, "rb") as fh:
+        first = fh.readline(len(header) + 3).decode("utf-8", "replace").rstrip("\r\n")
+        rows = sum(1 for _ in fh)
+    if first != header:
+        raise PipelineError(f"{path}: exists and is not a few-shot table (its first line is not {header}); left as it "
+                            "is (choose another --out, or move it away)")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         "(otherwise it is left as it is: a fresh clone or a `dvc queue remove` has fewer)",
     )
     args = parser.parse_args(argv)
+    held = existing_rows(args.out)  # before the (slow) experiment scan: a foreign file is refused at once
     import dvc.api
 
     params = load_params()
@@ -75,13 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     print(found)
     if not rows:
         raise PipelineError("no experiment has metrics yet: run the sweep first (see python -m stages.few_shot --help)")
-    held = existing_rows(args.out)
     if len(rows) < held and not args.allow_fewer:
         raise PipelineError(
             f"{args.out}: holds {held} rows, the experiments found give {len(rows)}; left as it is "
             "(run the sweep, or pass --allow-fewer to replace it)"
         )
-    write_csv(args.out, rows, ["model", "n_train", *METRICS])
+    write_csv(args.out, rows, list(COLUMNS))
     print(f"{len(rows)} rows -> {args.out}")
 
 

@@ -5,68 +5,52 @@
 
 --category picks which category's fit of the model to use; it may be left out when the model is
 fitted for one category only. The model's own saved record says how its inputs were made (resize, crop,
-backbone, layers,
-weights), so a model fitted at 224 px scores at 224 px whatever params.yaml says today; the
-scoring params and the mean + n·σ threshold are the ones its evaluate stage used
-(models/<category>.category/<model>.scoring.json). Writes DIR/scores.csv (image, score, anomalous, threshold) and one
-heatmap overlay PNG per image (DIR/<name>_overlay.png). An image that cannot be read is reported on
-one line and skipped; the others are still scored (exit code 1 if any was skipped).
+backbone, layers, weights), so a model fitted at 224 px scores at 224 px whatever params.yaml says
+today; the scoring params are the ones its evaluate stage used (models/<category>.category/<model>.scoring.json).
+The threshold is the one `python -m stages.calibrate` set on your own good images
+(deployments/<category>.category/<model>.deployment.json) when there is one, else evaluate's; the
+first line says which and where it came from (--threshold-from evaluate ignores the deployment file;
+one calibrated for another fit of the model is refused, never used silently). `--watch` reads it
+once, at its start: restart it after calibrating (it resumes where it stopped).
+Writes DIR/scores.csv (image, score, anomalous, threshold, overlay) and one heatmap overlay PNG per
+image (DIR/<name>_overlay.png). An image that cannot be read or scored is reported on one line
+naming it and skipped; the others are still scored (exit code 1 if any was skipped).
+
+--watch can be stopped and started again on the same --out: it keeps the rows of scores.csv and
+scores only the files not in it yet. A file or the folder itself that vanishes is a warning (the
+watcher waits for the folder to come back); a file that cannot be decoded (still being written, or
+paused mid-copy) is tried again once it is stable, up to MAX_READ_ATTEMPTS times, then one error line.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from stages.core.cli import run_main
 from stages.core.device import resolve_device
-from stages.core.errors import PipelineError
+from stages.core.errors import PipelineError, warn
 from stages.core.outputs import atomic_path, write_csv
-from stages.core.params import check_categories, check_name
-from stages.core.paths import MODELS_ROOT
+from stages.core.params import check_name
 from stages.data.raw import IMAGE_SUFFIXES
+from stages.deploy import deployment
+from stages.deploy.batch import CHUNK, Scored, choose_category, image_files, score_files
 from stages.deploy.overlay import overlay
-from stages.deploy.runtimes import RUNTIMES, fitted_models, load_model
+from stages.deploy.runtimes import RUNTIMES, load_model
 from stages.evaluation.threshold import flagged
-from stages.methods.base import Prediction
 
 DEFAULT_OUT = Path("predictions")
-CHUNK = 32  # images read and scored together: bounded memory for any number of files
-
-
-def fitted_categories(name: str) -> list[str]:
-    """The categories for which `dvc repro` has fitted and evaluated model `name`."""
-    return [category for category, model in fitted_models() if model == name]
-
-
-def choose_category(name: str, category: str | None) -> str:
-    if category is not None:
-        check_categories([category])
-        return category
-    categories = fitted_categories(name)
-    if len(categories) == 1:
-        return categories[0]
-    if not categories:
-        raise PipelineError(f"{MODELS_ROOT}: model '{name}' was never fitted and evaluated (run `dvc repro`)")
-    raise PipelineError(f"model '{name}' is fitted for {', '.join(categories)}: pick one with --category")
-
-
-def image_files(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to the image files directly inside them (sorted)."""
-    files = []
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(path)  # even a missing or odd file: it gets its own one-line error
-    return files
+COLUMNS = ["image", "score", "anomalous", "threshold", "overlay"]
+MAX_READ_ATTEMPTS = 5  # --watch: tries of a file that does not decode, waiting 2, 4, 8, 16 intervals in between
 
 
 def unique_name(path: Path, used: set[str]) -> str:
@@ -79,14 +63,17 @@ def unique_name(path: Path, used: set[str]) -> str:
     return name
 
 
-# Folders `dvc repro` writes (and DVC's and git's own): predictions never go inside them, where they
-# would overwrite a stage output (evaluate's scores.csv is one) or be taken for one.
-PIPELINE_FOLDERS = ("data", "models", "metrics", "plots", "dvc_plots", ".dvc", ".git", ".tmp", "stages")
+# Folders `dvc repro` writes or depends on (weights/ is a dependency of extract and every export), the
+# deployment thresholds, and DVC's and git's own: predictions never go inside them, where they would
+# overwrite a stage output (evaluate's scores.csv is one), be taken for one, or make stages out of date.
+PIPELINE_FOLDERS = ("data", "models", "metrics", "plots", "dvc_plots", "weights", str(deployment.DEPLOYMENTS_ROOT),
+                    ".dvc", ".git", ".tmp", "stages")
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, resume: bool = False) -> list[dict]:
     """--out must be a folder of its own: never a pipeline folder, never someone's file, and only
-    with --overwrite one that already holds files (an earlier run's, or anyone's)."""
+    with --overwrite one that already holds files (an earlier run's, or anyone's); with `resume`
+    (--watch), a folder of predict's own outputs is continued: its scores.csv rows are returned."""
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder (predictions go into a folder)")
     resolved, root = out.resolve(), Path.cwd().resolve()
@@ -98,75 +85,104 @@ def check_out(out: Path, overwrite: bool) -> None:
                 f"outside it (default: {DEFAULT_OUT}/<category>/<model>)"
             )
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and resume and all(n == "scores.csv" or n.endswith("_overlay.png") for n in held):
+        return earlier_rows(out / "scores.csv")
     if held and not overwrite:
         raise PipelineError(
             f"--out {out}: already holds {len(held)} file(s) ({', '.join(held[:3])}"
             f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace files of the same "
             "names (nothing else is touched), or choose another folder"
+            + (" (--watch continues a folder that holds only scores.csv and overlays)" if resume else "")
         )
+    return []
 
 
-def write_png(path: Path, picture: np.ndarray) -> None:
+def earlier_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's scores.csv (none when it has none yet), each checked."""
+    if not path.exists():
+        return []
+    remedy = "pass --overwrite to start it over, or choose another --out"
+    if path.is_symlink() or not path.is_file():
+        raise PipelineError(f"{path}: not a regular file, so not the scores.csv predict writes; {remedy}")
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != COLUMNS:
+                raise PipelineError(f"{path}: columns {reader.fieldnames}, not predict's {COLUMNS}; {remedy}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if not (row["image"] and _number(row["score"]) and row["anomalous"] in ("0", "1")
+                        and _number(row["threshold"]) and None not in row):
+                    raise PipelineError(f"{path}: line {line} is not a row predict writes; {remedy}")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path}: not readable ({type(exc).__name__}: {exc}); {remedy}") from None
+    return rows
+
+
+def _number(text: str | None) -> bool:
+    try:
+        return text is not None and math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def write_png(path: Path, picture) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
 
 
-def score_chunk(model, images: list[np.ndarray], paths: list[Path]) -> list[tuple[Path, Prediction | str]]:
-    """Each path with its one-image prediction, or the reason it failed. Out of memory on the whole chunk,
-    the images are tried one by one, so one oversized image fails alone (a last resort: the pixel
-    bounds of stages/data/raw.py stop such images before they are decoded)."""
-    try:
-        prediction = model.score(np.stack(images), [p.name for p in paths])
-        return [(path, prediction.row(i)) for i, path in enumerate(paths)]
-    except MemoryError:
-        if len(images) == 1:
-            return [(paths[0], f"{paths[0]}: out of memory while scoring")]
-    return [result for image, path in zip(images, paths) for result in score_chunk(model, [image], [path])]
-
-
 class Run:
-    """One predict run's outputs: rows of scores.csv and overlays in `out`, every file written by it."""
+    """One predict run's outputs: rows of scores.csv (an earlier run's first, when resumed) and overlays in `out`."""
 
-    def __init__(self, model, out: Path):
+    def __init__(self, model, out: Path, rows: list[dict] | None = None):
         self.model, self.out = model, out
-        self.rows: list[dict] = []
-        self.failed, self.seconds, self.used = 0, 0.0, set()
+        self.rows: list[dict] = list(rows or [])
+        self.resumed = len(self.rows)
+        self.failed, self.seconds = 0, 0.0
+        self.used = {r["overlay"] for r in self.rows if r["overlay"]}
+        self.used |= {p.name for p in out.glob("*_overlay.png")} if out.is_dir() else set()  # never overwritten
 
-    def score(self, files: list[Path], bar) -> None:
-        for start in range(0, len(files), CHUNK):
-            begin = time.perf_counter()
-            images, paths = [], []
-            for path in files[start : start + CHUNK]:
-                try:
-                    images.append(self.model.prepare(path))
-                    paths.append(path)
-                except PipelineError as exc:  # one bad file must not stop the others
-                    self.fail(str(exc))
-                except MemoryError:
-                    self.fail(f"{path}: out of memory while reading it")
+    def score(self, files: list[Path], bar, defer_read_errors: bool = False) -> list[Scored]:
+        """Score `files` into the rows and overlays; failures get their one line, except that with
+        `defer_read_errors` (--watch) the files that could not be read are returned for it to decide."""
+        deferred, unsaved = [], 0
+        begin = time.perf_counter()
+        try:
+            for outcome in score_files(self.model, files):
                 bar.update()
-            if images:
-                for image, (path, result) in zip(images, score_chunk(self.model, images, paths)):
-                    if isinstance(result, str):
-                        self.fail(result)
-                    else:
-                        self.record(path, image, result)
+                if outcome.error is None:
+                    self.record(outcome)
+                    unsaved += 1
+                elif outcome.stage == "read" and defer_read_errors:
+                    deferred.append(outcome)
+                else:
+                    self.fail(outcome.error)
+                if unsaved >= CHUNK:
+                    self.save()
+                    unsaved = 0
+        finally:  # stopped midway (Ctrl-C, SIGTERM): the rows of the overlays already written are kept
             self.seconds += time.perf_counter() - begin
-        if self.rows:
-            write_csv(self.out / "scores.csv", self.rows)  # rewritten whole, atomically, after every chunk
+            if unsaved:
+                self.save()
+        return deferred
+
+    def save(self) -> None:
+        write_csv(self.out / "scores.csv", self.rows, COLUMNS)  # rewritten whole, atomically
 
     def fail(self, message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
         self.failed += 1
 
-    def record(self, path: Path, image: np.ndarray, result: Prediction) -> None:
-        score, name = float(result.image_scores[0]), ""
-        if result.anomaly_maps is not None:
-            name = unique_name(path, self.used)
-            write_png(self.out / name, overlay(image, result.anomaly_maps[0], self.model.colour_scale))
+    def record(self, outcome: Scored) -> None:
+        score, name = outcome.score, ""
+        if outcome.prediction.anomaly_maps is not None:
+            name = unique_name(outcome.path, self.used)
+            picture = overlay(outcome.image, outcome.prediction.anomaly_maps[0], self.model.colour_scale)
+            write_png(self.out / name, picture)
         self.rows.append(
             {
-                "image": str(path),
+                "image": str(outcome.path),
                 "score": score,
                 "anomalous": int(flagged(score, self.model.threshold)),
                 "threshold": self.model.threshold,
@@ -175,42 +191,125 @@ class Run:
         )
 
     def summary(self) -> str:
-        flagged = sum(r["anomalous"] for r in self.rows)
-        per_image = 1000 * self.seconds / max(1, len(self.rows))
+        new = self.rows[self.resumed :]
+        anomalous = sum(int(r["anomalous"]) for r in new)
+        per_image = 1000 * self.seconds / max(1, len(new))
+        earlier = f" (+{self.resumed} from before)" if self.resumed else ""
         return (
-            f"{self.model.category}/{self.model.name}: scored {len(self.rows)} image(s), {flagged} anomalous "
+            f"{self.model.category}/{self.model.name}: scored {len(new)} image(s){earlier}, {anomalous} anomalous "
             f"(score >= {self.model.threshold:.4g}), {per_image:.0f} ms per image -> {self.out}/scores.csv"
         )
 
 
-def watch(run: Run, folder: Path, interval: float) -> None:
-    """Score every image of `folder` once it has stopped growing (a file still being written is left
-    for the next look), until interrupted (Ctrl-C, SIGTERM)."""
-    import signal
+@dataclass
+class Pending:
+    """A file --watch has seen but not scored yet: its size and mtime at the last look, and its tries."""
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop ends the loop as Ctrl-C
-    print(f"watching {folder} (Ctrl-C to stop)", file=sys.stderr)
-    seen: set[Path] = set()
-    sizes: dict[Path, tuple[int, float]] = {}
-    try:
-        with tqdm(desc=f"watch {folder}", unit="img") as bar:
-            while True:
-                ready = []
-                for path in image_files([str(folder)]):
-                    if path in seen:
-                        continue
-                    stat = path.stat()
-                    if sizes.get(path) == (stat.st_size, stat.st_mtime):  # unchanged since the last look
-                        ready.append(path)
-                    sizes[path] = (stat.st_size, stat.st_mtime)
-                if ready:
-                    seen.update(ready)
-                    run.score(ready, bar)
-                    print(run.summary(), file=sys.stderr)
-                time.sleep(interval)
-    except KeyboardInterrupt:
-        pass
+    signature: tuple[int, int]
+    attempts: int = 0
+    first_failure: float = 0.0
+    retry_at: float = 0.0
 
+
+def listed_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (OSError when the folder itself is gone or unreadable)."""
+    return sorted(
+        folder / entry.name for entry in os.scandir(folder)
+        if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+    )
+
+
+class Watcher:
+    """--watch: every image of `folder` scored once it has stopped growing (a file still being written
+    is left for the next look), the files of `run`'s earlier rows skipped, until Ctrl-C or SIGTERM."""
+
+    def __init__(self, run: Run, folder: Path, interval: float):
+        self.run, self.folder, self.interval = run, folder, interval
+        self.done_real = {os.path.realpath(r["image"]) for r in run.rows}  # scored, or given up on
+        self.done: set[Path] = set()
+        self.pending: dict[Path, Pending] = {}
+        self.folder_gone = False
+
+    def look(self, bar) -> None:
+        try:
+            listed = listed_images(self.folder)
+        except OSError as exc:  # gone (unmounted, removed) or unreadable: wait for it, say so once
+            if not self.folder_gone:
+                warn(f"{self.folder}: the watched folder is gone or unreadable ({type(exc).__name__}); "
+                     "waiting for it to come back")
+                self.folder_gone = True
+            return
+        if self.folder_gone:
+            print(f"{self.folder}: the watched folder is back", file=sys.stderr)
+            self.folder_gone = False
+        present = set(listed)
+        for path in [p for p in self.pending if p not in present]:
+            self.vanished(path)
+        ready, now = [], time.monotonic()
+        for path in listed:
+            if path in self.done:
+                continue
+            if os.path.realpath(path) in self.done_real:
+                self.done.add(path)
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                self.vanished(path)
+                continue
+            signature = (stat.st_size, stat.st_mtime_ns)
+            state = self.pending.get(path)
+            if state is None:  # found now: scored at the earliest on the next look, if unchanged by then
+                self.pending[path] = Pending(signature)
+            elif state.signature != signature:  # still being written: its tries start again once it is stable
+                state.signature, state.attempts, state.retry_at = signature, 0, 0.0
+            elif now >= state.retry_at:
+                ready.append(path)
+        if ready:
+            self.score(ready, bar)
+
+    def score(self, ready: list[Path], bar) -> None:
+        unread = {outcome.path: outcome for outcome in self.run.score(ready, bar, defer_read_errors=True)}
+        for path in ready:
+            if path not in unread:
+                self.finish(path)
+        for path, outcome in unread.items():
+            state = self.pending[path]
+            state.attempts += 1
+            if not path.exists():
+                self.vanished(path)
+            elif state.attempts >= MAX_READ_ATTEMPTS:
+                self.run.fail(f"{outcome.error} (gave up after {state.attempts} tries over "
+                              f"{time.monotonic() - state.first_failure:.1f} s)")
+                self.finish(path)
+            else:
+                if state.attempts == 1:
+                    state.first_failure = time.monotonic()
+                state.retry_at = time.monotonic() + self.interval * 2**state.attempts  # maybe paused mid-write
+        if len(ready) > len(unread):
+            print(self.run.summary(), file=sys.stderr)
+
+    def finish(self, path: Path) -> None:
+        self.done.add(path)
+        self.done_real.add(os.path.realpath(path))
+        self.pending.pop(path, None)
+
+    def vanished(self, path: Path) -> None:
+        self.pending.pop(path, None)
+        warn(f"{path}: vanished before it was scored")
+
+    def run_forever(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop ends the loop as Ctrl-C
+        print(f"watching {self.folder} (Ctrl-C to stop)", file=sys.stderr)
+        try:
+            with tqdm(desc=f"watch {self.folder}", unit="img") as bar:
+                while True:
+                    self.look(bar)
+                    time.sleep(self.interval)
+        except KeyboardInterrupt:
+            pass
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -223,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="a folder to watch (a production line's drop folder): every image is scored once it "
-        "has been written, into the same scores.csv and overlays, until Ctrl-C",
+        "has been written, into the same scores.csv and overlays, until Ctrl-C; started again on the "
+        "same --out, it continues scores.csv and skips the files already in it",
     )
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between two looks at --watch's folder")
     parser.add_argument(
@@ -250,35 +350,53 @@ def main(argv: list[str] | None = None) -> int:
         help="torch: the pipeline's own code (default); onnx: the exported graph "
         "(models/<category>.category/<model>.export/)",
     )
+    parser.add_argument(
+        "--threshold-from",
+        default="auto",
+        choices=deployment.THRESHOLD_FROM,
+        help="auto (default): the deployment file python -m stages.calibrate wrote, when there is one, else "
+        "evaluate's threshold; deployment: that file or an error; evaluate: evaluate's threshold",
+    )
     args = parser.parse_args(argv)
     check_name("models", args.model)  # it names folders: no path may climb out of models/ or predictions/
     if not args.paths and args.watch is None:
         parser.error("give image files or folders, or --watch FOLDER")
     if args.watch is not None and not args.watch.is_dir():
         raise PipelineError(f"--watch {args.watch}: not a folder")
+    if not (args.interval > 0 and math.isfinite(args.interval)):
+        raise PipelineError(f"--interval {args.interval}: must be a positive number of seconds")
     device = resolve_device(args.device, "--device")
     category = choose_category(args.model, args.category)
     out = args.out or DEFAULT_OUT / category / args.model
-    check_out(out, args.overwrite)
+    earlier = check_out(out, args.overwrite, resume=args.watch is not None)
     if args.watch is not None and out.resolve() == args.watch.resolve():
         raise PipelineError(f"--out {out}: the watched folder itself (its overlays would be scored in turn)")
 
     model = load_model(category, args.model, args.runtime, device)
+    choice = deployment.choose(model, model.threshold, args.threshold_from)
+    deployment.apply(model, choice, model.colour_scale)
+    print(choice.line, file=sys.stderr)
     files = image_files(args.paths)
     if args.paths and not files:
         raise PipelineError(f"no image files in {' '.join(args.paths)}")
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(model, out)
+    run = Run(model, out, earlier)
+    if earlier:
+        print(f"resuming {out}/scores.csv: {len(earlier)} row(s) from before are kept, their files not scored again",
+              file=sys.stderr)
+        scored = {os.path.realpath(r["image"]) for r in earlier}
+        files = [f for f in files if os.path.realpath(f) not in scored]
     if files:
         with tqdm(total=len(files), desc=f"predict {category}/{args.model}", unit="img") as bar:
             run.score(files, bar)
     if args.watch is not None:
-        watch(run, args.watch, args.interval)
-    if run.rows:
+        Watcher(run, args.watch, args.interval).run_forever()
+    if len(run.rows) > run.resumed:
         print(run.summary())
     if run.failed:
         print(
-            f"error: {run.failed} of {run.failed + len(run.rows)} image(s) could not be scored (named above)",
+            f"error: {run.failed} of {run.failed + len(run.rows) - run.resumed} image(s) could not be scored "
+            "(named above)",
             file=sys.stderr,
         )
     return 1 if run.failed else 0

@@ -1,5 +1,7 @@
-"""DVC stage `preprocess@<category>`: resize + centre-crop one raw category into
-data/features/<category>.category/pixels.features/{train,val,test}.npz.
+"""DVC stage `preprocess@<category>`: one raw category, each image brought to the model's input by
+`preprocess.mode` (crop, resize or pad; stages/data/raw.py), into
+data/features/<category>.category/pixels.features/{train,val,test}.npz, with inputs.json, the recipe
+every fit records and predict, the demo and the ONNX export apply.
 
 A seeded fraction of train/good is held out as the validation split of good images (used for
 early stopping and for the mean + 2 sigma threshold, never for fitting).
@@ -7,7 +9,6 @@ early stopping and for the mean + 2 sigma threshold, never for fitting).
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from stages.core.cli import run_main, stage_args
@@ -17,38 +18,62 @@ from stages.core.params import param
 from stages.core.paths import pixels_dir, raw_category_dir
 from stages.data.levels import read_levels
 from stages.data.prepared import Split, save_split, write_inputs
-from stages.data.raw import RawImage, check_mask_size, list_category, read_image, read_mask, resize_and_crop
+from stages.data.raw import (
+    RECIPE_KEYS,
+    Placement,
+    RawImage,
+    check_mask_size,
+    crop_warning,
+    list_category,
+    prepare_image,
+    prepare_mask,
+    read_image,
+    read_mask_levels,
+    recipe,
+    soft_mask_warning,
+)
 
 MIN_VALIDATION = 5  # fewer validation images make the threshold's std a guess
 
 
-def load_images(items: list[RawImage], resize: int, crop: int, with_masks: bool, desc: str) -> Split:
-    images, masks = [], []
+def load_images(items: list[RawImage], preprocess: dict, with_masks: bool, desc: str,
+                soft_masks: list | None = None, sizes: list | None = None) -> Split:
+    """The model inputs of `items` (and their masks, and where padding is, which pixels show the image).
+    Non-binary masks are appended to `soft_masks`, the raw (width, height) of every image to `sizes`."""
+    crop = preprocess["crop_size"]
+    images, masks, valid = [], [], []
     for item in tqdm(items, desc=desc, unit="img"):
         image = read_image(item.path, "RGB")  # grayscale categories become 3-channel here
-        images.append(resize_and_crop(image, resize, crop, Image.BILINEAR))
+        if sizes is not None:
+            sizes.append(image.size)
+        images.append(prepare_image(image, preprocess))
+        valid.append(Placement.of(*image.size, preprocess).valid())
         if with_masks:
             if item.mask_path is None:
                 masks.append(np.zeros((crop, crop), dtype=bool))
                 continue
-            mask = read_mask(item.mask_path)  # any nonzero pixel is defect: 0/1 and 0/255 alike
+            mask, levels = read_mask_levels(item.mask_path)  # any nonzero pixel is defect: 0/1 and 0/255 alike
             check_mask_size(item, mask, image)
             if not mask.getbbox():
                 warn(f"{item.mask_path}: mask is all zero for defect image {item.path} (no defect pixels)")
-            masks.append(resize_and_crop(mask, resize, crop, Image.NEAREST) > 127)
+            if levels > 1 and soft_masks is not None:
+                soft_masks.append((item.mask_path, levels))
+            masks.append(prepare_mask(mask, preprocess))
+    valid = np.stack(valid)
     return Split(
         images=np.stack(images).astype(np.uint8),
         names=[item.name for item in items],
         labels=np.array([int(item.defect_type != "good") for item in items], dtype=np.int64),
         defect_types=[item.defect_type for item in items],
         masks=np.stack(masks) if with_masks else None,
+        valid=None if valid.all() else valid,
     )
 
 
 def main() -> None:
     params, (category,) = stage_args("preprocess", "<category>")
-    resize = param(params, "preprocess.resize")
-    crop = param(params, "preprocess.crop_size")
+    # the input recipe: recorded in inputs.json (then in every fit), the one predict and the runtimes apply
+    preprocess = recipe({key: param(params, f"preprocess.{key}") for key in RECIPE_KEYS})
     val_fraction = param(params, "preprocess.val_fraction")
     seed = param(params, "preprocess.seed")
     max_train = param(params, "preprocess.max_train")  # types and ranges: checked by load_params
@@ -78,15 +103,20 @@ def main() -> None:
     levelled = read_levels(raw_category_dir(category), [item.name for item in test_items], labels)
 
     destination = pixels_dir(category)
-    with atomic_path(destination) as out:
+    soft, sizes = [], []
+    with atomic_path(destination) as out:  # a bad image or mask on the way leaves no output
         out.mkdir(parents=True)
-        save_split(out / "train.npz", load_images(fit_items, resize, crop, False, "train"))
-        save_split(out / "val.npz", load_images(val_items, resize, crop, False, "val"))
-        test = load_images(test_items, resize, crop, has_masks, "test")
+        save_split(out / "train.npz", load_images(fit_items, preprocess, False, "train", sizes=sizes))
+        save_split(out / "val.npz", load_images(val_items, preprocess, False, "val", sizes=sizes))
+        test = load_images(test_items, preprocess, has_masks, "test", soft_masks=soft)
         if levelled is not None:
             test.levels, test.ladder = levelled
         save_split(out / "test.npz", test)
-        write_inputs(out, {"resize": resize, "crop_size": crop}, backbone=None, n_train=len(fit_items))
+        write_inputs(out, preprocess, backbone=None, n_train=len(fit_items))
+    for line in (soft_mask_warning(soft, sum(item.mask_path is not None for item in test_items)),
+                 crop_warning(f"{category}/train/good", sizes, preprocess)):
+        if line:
+            warn(line)
     print(f"prepared {len(fit_items)} train, {len(val_items)} val, {len(test_items)} test images -> {destination}")
 
 

@@ -11,6 +11,10 @@
   detection limits in summary.md, the per-level metrics in summary.json "levels", and
   plots/levels.csv (every category x model x level), drawn by the DVC plot `detection_by_level`.
 
+A model that declares `reference: <table>` (models.<name>.reference) gets the published value of each
+headline metric beside its interval (references/<table>.csv, same dataset and category), marked
+inside (✓) or outside (✗) our interval, and the count of categories where it lies inside.
+
 A mean is over every listed category; it is null when a category lacks the metric (no masks,
 no anomaly maps), rather than a mean of fewer categories that reads like a full one. When the
 categories come from more than one benchmark (data sources: MVTec AD, VisA, ...), each benchmark's
@@ -27,12 +31,13 @@ from stages.core.cli import run_main
 from stages.core.errors import PipelineError
 from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
-from stages.core.paths import PLOTS_ROOT, metrics_file
+from stages.core.paths import PLOTS_ROOT, metrics_file, reference_file
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
-from stages.evaluation.metrics import INTERVAL_METRICS
+from stages.evaluation import references as published
+from stages.evaluation.metrics import HEADLINE_METRICS, INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
+from stages.evaluation.results import read_comparison, read_metrics
 
-HEADLINE = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = (
     "image_auroc",
     "pixel_auroc",
@@ -63,7 +68,7 @@ def summary_rows(categories: list[str], names: list[str]) -> tuple[list[dict], d
             path = metrics_file(category, name)
             if not path.is_file():
                 raise PipelineError(f"{path}: metrics missing (run evaluate@{category}-{name})")
-            result = json.loads(path.read_text())
+            result = read_metrics(path, f"rerun evaluate@{category}-{name}", (*COLUMNS, *INTERVAL_METRICS))
             row = {"category": category, "model": name, "method": result["method"], "backbone": result["backbone"],
                    "seeds": len(result["seeds"])}
             row.update({column: result.get(column) for column in COLUMNS})
@@ -138,12 +143,72 @@ def metric_tables(rows: list[dict], means: list[dict], order: list[str], names: 
     value = {(row["category"], row["model"]): row for row in [*rows, *means]}
     return [
         {"metric": metric, "category": category, **{name: value[category, name][metric] for name in names}}
-        for metric in HEADLINE
+        for metric in HEADLINE_METRICS
         for category in order
     ]
 
 
-def markdown(rows, means, groups, names, confidence: float, resamples: int) -> str:
+# ------------------------------------------------------------------ published values beside ours
+
+def _dataset_of(label: str, groups: dict[str, list[str]], source_of) -> str | None:
+    """The dataset whose published value a row compares with: a category's data source; for a mean row,
+    the source of its categories when they are every category of that dataset (else None)."""
+    if label not in groups:
+        return source_of(label)
+    sources = {source_of(c) for c in groups[label]}
+    if len(sources) == 1:
+        source = sources.pop()
+        if set(groups[label]) == set(published.DATASET_CATEGORIES.get(source, ())):
+            return source
+    return None
+
+
+def compare_references(rows: list[dict], means: list[dict], groups: dict[str, list[str]], tables: dict[str, str],
+                       source_of) -> dict:
+    """Set <metric>_published and <metric>_published_inside on the rows of models with a reference table
+    (`tables`: model -> table name); return, per model, its table and per metric how many categories
+    have a published value and in how many it lies inside our interval."""
+    loaded = {table: published.read_table(table) for table in set(tables.values())}
+    counts = {}
+    for name, table in tables.items():
+        counts[name] = {"table": table, "file": str(reference_file(table))}
+        for metric in published.METRICS:
+            counts[name][metric] = {"published": 0, "inside": 0}
+    for row in [*rows, *means]:
+        table = tables.get(row["model"])
+        if table is None:
+            continue
+        dataset = _dataset_of(row["category"], groups, source_of)
+        category = published.MEAN if row["category"] in groups else row["category"]
+        values = loaded[table].get((dataset, category), {})
+        for metric in published.METRICS:
+            value = values.get(metric)
+            mark = published.inside(value, row.get(f"{metric}_low"), row.get(f"{metric}_high"))
+            row[f"{metric}_published"], row[f"{metric}_published_inside"] = value, mark
+            if row["category"] not in groups and mark is not None:
+                counts[row["model"]][metric]["published"] += 1
+                counts[row["model"]][metric]["inside"] += int(mark)
+    return counts
+
+
+def _published_cell(row: dict, metric: str) -> str:
+    """'0.992 ✓' (inside our interval), '0.981 ✗' (outside), '0.953' (no interval here), '' (not published)."""
+    value = row.get(f"{metric}_published")
+    if value is None:
+        return ""
+    mark = row.get(f"{metric}_published_inside")
+    return f"{value:.3f}" + ("" if mark is None else " ✓" if mark else " ✗")
+
+
+def _reference_line(counts: dict, metric: str, confidence: float) -> str:
+    parts = [f"{name} ({entry['file']}) {entry[metric]['inside']} of {entry[metric]['published']}"
+             for name, entry in counts.items()]
+    return (f"Published values inside our {confidence:.0%} interval (✓ inside, ✗ outside, empty: none "
+            f"published), categories: {'; '.join(parts)}.\n")
+
+
+def markdown(rows, means, groups, names, confidence: float, resamples: int, references: dict | None = None) -> str:
+    references = references or {}
     by_key = {(row["category"], row["model"]): row for row in [*rows, *means]}
     categories = groups[MEAN]
     seeds = max(row["seeds"] for row in rows)
@@ -153,19 +218,24 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
         f"standard deviation over the {seeds} fit seeds (±; none for deterministic fits). A mean row: the mean "
         "over the categories above it, resampled within each category.\n"
     ]
-    for metric, title in HEADLINE.items():
+    for metric in HEADLINE_METRICS:
         table = [
             {
                 "category": f"**{category}**" if category in groups else category,
                 **{name: _estimate(by_key[category, name], metric) for name in names},
+                **{f"{name} published": _published_cell(by_key[category, name], metric) for name in references},
             }
             for category in table_rows(groups)
         ]
-        parts.append(f"## {title}\n\n" + markdown_table(table, ["category", *names]))
+        columns = ["category", *[c for n in names for c in ([n, f"{n} published"] if n in references else [n])]]
+        text = f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, columns)
+        if references:
+            text += "\n" + _reference_line(references, metric, confidence)
+        parts.append(text)
     columns = [
         key
         for key in dict.fromkeys(key for row in rows for key in row)
-        if not key.endswith(("_low", "_high", "_seed_std"))
+        if not key.endswith(("_low", "_high", "_seed_std", "_published", "_published_inside"))
     ]
     parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
     plural = "ies" if len(categories) != 1 else "y"
@@ -178,15 +248,57 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int) -> s
 # table model x level and the detection limits; plots/levels.csv feeds the `detection_by_level` chart.
 
 LEVEL_COLUMNS = ["category", "model", "level", "label", "delta_e", "area", "width"] + [
-    f"{metric}{end}" for metric in HEADLINE for end in ("", "_low", "_high")
+    f"{metric}{end}" for metric in HEADLINE_METRICS for end in ("", "_low", "_high")
 ]
+
+
+def _levels_block(path, record: dict, remedy: str) -> dict | None:
+    """A metrics file's `levels` block (stages/evaluation/levels.py summarise), checked: every value the
+    report formats is a number (or null where a metric is undefined); None when the file has none."""
+    block = record.get("levels")
+    if block is None:
+        return None
+
+    def bad(reason: str) -> PipelineError:
+        return PipelineError(f"{path}: not a metrics file of the evaluate stage (levels: {reason}; {remedy})")
+
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    ladder = block.get("ladder") if isinstance(block, dict) else None
+    if not isinstance(ladder, dict) or not ladder or not all(
+        isinstance(level, dict) and all(number(level.get(key)) for key in ("delta_e", "area", "width", "defects"))
+        for level in ladder.values()
+    ):
+        raise bad("ladder is not a mapping of levels with delta_e, area, width and defects")
+    for metric in HEADLINE_METRICS:
+        values, bounds = block.get(metric), (block.get("interval") or {}).get(metric)
+        if values is not None and not (isinstance(values, dict) and set(values) == set(ladder)
+                                       and all(map(number, values.values()))):
+            raise bad(f"{metric} is not a number per level")
+        if (values is None) != (bounds is None) or bounds is not None and not (
+            isinstance(bounds, dict) and set(bounds) == set(ladder)
+            and all(isinstance(b, list) and len(b) == 2 and all(map(number, b)) for b in bounds.values())
+        ):
+            raise bad(f"interval's {metric} is not [low, high] per level")
+        spread = (block.get("seed_std") or {}).get(metric)
+        if spread is not None and not (isinstance(spread, dict) and all(map(number, spread.values()))):
+            raise bad(f"seed_std's {metric} is not a number per level")
+    for name, limit in (block.get("detection_limit") or {}).items():
+        positions = isinstance(limit, dict) and all(number(limit.get(key)) for key in ("level", "low", "high"))
+        if not positions or not all(
+            limit.get(f"delta_e{end}") is None or number(limit[f"delta_e{end}"]) for end in ("", "_low", "_high")
+        ):
+            raise bad(f"detection_limit {str(name)[:40]!r} is not a position with its interval")
+    return block
 
 
 def level_results(categories: list[str], names: list[str]) -> dict:
     """{category: {model: the metrics file's `levels` block}} for the categories that have levels."""
     results = {}
     for category in categories:
-        blocks = {name: json.loads(metrics_file(category, name).read_text()).get("levels") for name in names}
+        blocks = {}
+        for name in names:
+            path, remedy = metrics_file(category, name), f"rerun evaluate@{category}-{name}"
+            blocks[name] = _levels_block(path, read_metrics(path, remedy), remedy)
         if any(block is not None for block in blocks.values()):
             missing = [name for name, block in blocks.items() if block is None]
             if missing:
@@ -214,7 +326,7 @@ def level_rows(levelled: dict) -> list[dict]:
             for k, (level, definition) in enumerate(block["ladder"].items(), start=1):
                 row = {"category": category, "model": name, "level": k, "label": _level_label(level, definition, keys)}
                 row.update({key: definition[key] for key in ("delta_e", "area", "width")})
-                for metric in HEADLINE:
+                for metric in HEADLINE_METRICS:
                     value = (block.get(metric) or {}).get(level)
                     bounds = (block["interval"].get(metric) or {}).get(level) or (None, None)
                     row.update({metric: value, f"{metric}_low": bounds[0], f"{metric}_high": bounds[1]})
@@ -291,12 +403,20 @@ def main() -> None:
     if not comparison_file.is_file():
         raise PipelineError(f"{comparison_file}: missing (run the compare stage)")
     groups = mean_groups(categories, lambda category: category_source(params, category))
-    means = mean_rows(rows, names, per_seed, json.loads(comparison_file.read_text()), groups)
+    means = mean_rows(rows, names, per_seed, read_comparison(comparison_file, "rerun the compare stage"), groups)
     tables = metric_tables(rows, means, table_rows(groups), names)
+    models = param(params, "models")
+    referenced = {name: models[name]["reference"] for name in names if models[name].get("reference")}
+    compared = compare_references(rows, means, groups, referenced, lambda c: category_source(params, c))
     interval_keys = [key for key in means[0] if key.endswith(("_low", "_high", "_seed_std"))]
 
     def mean_of(label: str) -> dict:
-        return {m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]} for m in means if m["category"] == label}
+        return {
+            m["model"]: {c: m[c] for c in [*COLUMNS, *interval_keys]}
+            | {k: v for k, v in m.items() if k.endswith(("_published", "_published_inside"))}
+            for m in means
+            if m["category"] == label
+        }
 
     summary = {
         MEAN: mean_of(MEAN),
@@ -309,6 +429,8 @@ def main() -> None:
             for c in categories
         },
     }
+    if compared:  # published values: the count of categories inside our interval (the rows hold each value)
+        summary["references"] = compared
     if len(groups) > 1:  # each benchmark's categories and mean
         summary["groups"] = {
             label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
@@ -316,6 +438,10 @@ def main() -> None:
     levelled = level_results(categories, names)  # categories with a synthetic ladder only
     if levelled:
         summary["levels"] = levelled
+    try:  # the inputs are finite (stages/evaluation/results.py); strict JSON refuses NaN if a mean were not
+        json.dumps(summary, allow_nan=False)
+    except ValueError as exc:
+        raise PipelineError(f"{OUTPUT / 'summary.json'}: a value is not finite ({exc}); not written") from None
     write_json(OUTPUT / "summary.json", summary)
     text = markdown(
         rows,
@@ -324,6 +450,7 @@ def main() -> None:
         names,
         param(params, "evaluate.bootstrap.confidence"),
         param(params, "evaluate.bootstrap.resamples"),
+        compared,
     )
     if levelled:
         text += "\n" + level_markdown(levelled, param(params, "evaluate.bootstrap.confidence"))

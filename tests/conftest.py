@@ -58,6 +58,19 @@ def default_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh user cache for each test: data.download_dir defaults to $XDG_CACHE_HOME/anomaly-pipeline,
+    and no test may read or fill the real one (shared by every run on the machine). Torch and
+    matplotlib keep their own caches where they were (weights, the font list)."""
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    monkeypatch.setenv("TORCH_HOME", os.environ.get("TORCH_HOME") or str(home_cache / "torch"))
+    monkeypatch.setenv("MPLCONFIGDIR", os.environ.get("MPLCONFIGDIR") or str(home_cache / "matplotlib"))
+    cache = tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """An empty scratch project folder with the repo's params.yaml."""

@@ -136,7 +136,7 @@ LAYER_SHAPES = {
 GLOBAL_SIZE = {"resnet50": (2048,), "wide_resnet50_2": (2048,), "vit_b_16": (768,)}
 
 
-@pytest.mark.parametrize("config", ["study_carpet", "patchcore_paper"])
+@pytest.mark.parametrize("config", ["study_carpet", "patchcore_paper", "padim_paper"])
 def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path, monkeypatch, config):
     """configs/<config>.yaml through the stage scripts (download -> preprocess -> extract -> fit ->
     evaluate), offline: its backbones, layers, resolutions and models as shipped, with checkpoints of
@@ -145,6 +145,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
     make a 3.8 GB model) differ from the file, and the pixel autoencoders (no backbone; their code
     path is the default run's) are left out."""
     import json
+    import shutil
 
     import yaml
 
@@ -168,6 +169,7 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
             model["fit"]["dimensions"] = 20
     project = tmp_path / "project"
     project.mkdir()
+    shutil.copytree(REPO / "references", project / "references")  # the published tables the configs name
     write_params(project, params)
     call_stage("download", "carpet", cwd=project)
     call_stage("preprocess", "carpet", cwd=project)
@@ -187,10 +189,13 @@ def test_shipped_configs_run_end_to_end_with_cached_torchvision_weights(tmp_path
         metrics = json.loads((project / f"metrics/models/carpet.category/{name}.metrics.json").read_text())
         assert metrics["backbone"] == params["models"][name]["backbone"]
         assert (metrics.get("pixel_auroc") is not None) == (params["models"][name]["method"] != "global_knn"), name
-    resize, crop = params["preprocess"]["resize"], params["preprocess"]["crop_size"]
     recipe = json.loads((project / "data/features/carpet.category" / f"{next(iter(params['backbones']))}.features"
                          / "inputs.json").read_text())
-    assert recipe["preprocess"] == {"resize": resize, "crop_size": crop}
+    from stages.core.params import load_params
+
+    expected = load_params(project / "params.yaml")["preprocess"]  # a config without a mode: crop, the default
+    assert recipe["preprocess"] == {key: expected[key] for key in ("resize", "crop_size", "mode", "pad_fill")}
+    assert recipe["preprocess"]["mode"] == "crop"
 
 
 def test_weights_file_must_lie_under_weights(tmp_path, monkeypatch):

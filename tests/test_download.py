@@ -18,7 +18,7 @@ from stages.core.errors import PipelineError
 from stages.data import archives, mvtec
 from stages.data.folder import copy_folder
 from stages.data.raw import check_layout
-from tests.conftest import call_stage, default_params, write_params
+from tests.conftest import call_stage, default_params, error_line, run_stage, write_params
 
 # ----------------------------------------------------------------------------------- fixtures
 
@@ -240,17 +240,19 @@ def test_tail_truncation_detected(tmp_path, carpet_archive, out):
     assert leftovers(out) == []
 
 
-def test_interrupt_leaves_nothing(monkeypatch, carpet_archive, out):
+def test_interrupt_leaves_nothing(monkeypatch, tmp_path, carpet_archive, out, http_root):
     real_fetch = archives._fetch
 
-    def fetch_then_interrupt(url, target, timeout):
-        real_fetch(url, target, timeout)
+    def fetch_then_interrupt(url, target, timeout, *limits):
+        real_fetch(url, target, timeout, *limits)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(archives, "_fetch", fetch_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        mvtec.download_category("carpet", out / "carpet", url=carpet_archive.as_uri())
-    assert leftovers(out) == []
+    cache = tmp_path / "cache"
+    for cache_dir in (None, cache):
+        with pytest.raises(KeyboardInterrupt):
+            mvtec.download_category("carpet", out / "carpet", url=f"{http_root}/carpet.tar.xz", cache_dir=cache_dir)
+    assert leftovers(out) == [] and leftovers(cache, keep=(archives.RECORDS,)) == []  # no partial download
 
 
 def test_not_an_archive(tmp_path, out):
@@ -330,24 +332,118 @@ def test_links_are_skipped(tmp_path, source, out):
     assert tree(dest) == tree(source)
 
 
-def test_cache_dir_keeps_and_reuses_archive(tmp_path, carpet_archive, source, out):
+def hashed(monkeypatch) -> list[str]:
+    """The names of the files archives.py reads through to hash them, in order."""
+    calls, real = [], archives._hash_file
+
+    def spy(path, size):
+        calls.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(archives, "_hash_file", spy)
+    return calls
+
+
+def test_cache_dir_keeps_and_reuses_archive(monkeypatch, tmp_path, carpet_archive, source, out, http_root):
+    """Downloaded once, hashed while it streams in, then reused with its recorded checksum: never read
+    through again, and not needed at its URL any more."""
+    reads = hashed(monkeypatch)
     cache = tmp_path / "cache"
-    url = carpet_archive.as_uri()
+    url = f"{http_root}/carpet.tar.xz"
     digest = sha(carpet_archive)
     mvtec.download_category("carpet", out / "a", url=url, sha256=digest, cache_dir=cache)
-    cached = list(cache.iterdir())
-    assert len(cached) == 1 and cached[0].name.endswith("carpet.tar.xz")
+    assert leftovers(cache) == [archives.RECORDS, archives._cache_name(url)]
     carpet_archive.unlink()  # a second call must not need the source any more
     mvtec.download_category("carpet", out / "b", url=url, sha256=digest, cache_dir=cache)
     assert tree(out / "b") == tree(source)
     assert leftovers(out) == ["a", "b"]
+    assert reads == []  # the download's own digest was recorded and read back
+    # a cached archive changed on disk is hashed again, found wrong, and fetched afresh (here: gone)
+    (cache / archives._cache_name(url)).write_bytes(b"not the archive")
+    with pytest.raises(PipelineError, match="HTTP 404"):
+        mvtec.download_category("carpet", out / "c", url=url, sha256=digest, cache_dir=cache)
+    assert reads == [archives._cache_name(url)] and leftovers(cache, keep=(archives.RECORDS,)) == []
 
 
-def test_cache_dir_no_leftovers_on_mismatch(tmp_path, carpet_archive, out):
+def test_cache_dir_no_leftovers_on_mismatch(tmp_path, carpet_archive, out, http_root):
     cache = tmp_path / "cache"
+    url = f"{http_root}/carpet.tar.xz"
     with pytest.raises(PipelineError, match="checksum"):
-        mvtec.download_category("carpet", out / "carpet", url=carpet_archive.as_uri(), sha256="a" * 64, cache_dir=cache)
-    assert leftovers(cache) == [] and leftovers(out) == []
+        mvtec.download_category("carpet", out / "carpet", url=url, sha256="a" * 64, cache_dir=cache)
+    assert leftovers(cache, keep=(archives.RECORDS,)) == [] and leftovers(out) == []
+
+
+def test_file_url_is_read_in_place_and_hashed_once(monkeypatch, tmp_path, out):
+    """A local archive is never copied: each category reads it where it is, and its checksum is computed
+    once (recorded in the cache), until the file changes."""
+    archive, sources = full_archive(tmp_path)
+    reads = hashed(monkeypatch)
+    cache = tmp_path / "cache"
+    url, digest = archive.as_uri(), sha(archive)
+    for name in ("carpet", "grid"):
+        mvtec.download_category(name, out / name, url=url, sha256=digest, cache_dir=cache)
+        assert tree(out / name) == tree(sources[name])
+    assert reads == ["mvtec_anomaly_detection.tar.xz"]  # the second category read the record
+    assert leftovers(cache) == [archives.RECORDS]  # no copy of the archive
+    assert archive.stat().st_size > 0 and sha(archive) == digest  # the user's file is as it was
+    # a wrong checksum is still refused (the record holds the file's digest, not a verdict)
+    with pytest.raises(PipelineError, match="checksum mismatch"):
+        mvtec.download_category("carpet", out / "again", url=url, sha256="c" * 64, cache_dir=cache)
+    assert reads == ["mvtec_anomaly_detection.tar.xz"] and archive.is_file()
+    # the file replaced by other bytes: read through again, and refused
+    other = pack(tmp_path / "other.tar.xz", {"carpet": sources["grid"]})
+    other.replace(archive)
+    with pytest.raises(PipelineError, match="checksum mismatch"):
+        mvtec.download_category("carpet", out / "again", url=url, sha256=digest, cache_dir=cache)
+    assert reads == ["mvtec_anomaly_detection.tar.xz"] * 2 and leftovers(out) == ["carpet", "grid"]
+
+
+def unpacked_mvtec(tmp_path: Path, monkeypatch) -> tuple[Path, dict[str, Path]]:
+    """mvtec_anomaly_detection/ unpacked, two small categories (their counts made the official ones)."""
+    root = tmp_path / "mvtec_anomaly_detection"
+    sources = {name: make_category(root / name, seed=i) for i, name in enumerate(("carpet", "grid"))}
+    (root / "readme.txt").write_text("license\n")
+    monkeypatch.setattr(mvtec, "EXPECTED_COUNTS", {"carpet": (2, 1, 1), "grid": (2, 1, 1)})
+    return root, sources
+
+
+def test_unpacked_folder_is_read_in_place(monkeypatch, tmp_path, out):
+    root, sources = unpacked_mvtec(tmp_path, monkeypatch)
+    before = tree(root)
+    cache = tmp_path / "cache"
+    for name in ("carpet", "grid"):
+        mvtec.download_category(name, out / name, url=root.as_uri(), cache_dir=cache)
+        assert tree(out / name) == tree(sources[name])
+    assert tree(root) == before  # read, never changed
+    assert not cache.exists()  # no archive, nothing to record
+
+
+def test_unpacked_folder_missing_a_category_is_one_line(monkeypatch, tmp_path, out):
+    root, _ = unpacked_mvtec(tmp_path, monkeypatch)
+    with pytest.raises(PipelineError) as info:
+        mvtec.download_category("screw", out / "screw", url=root.as_uri())
+    assert str(info.value) == (f"data.mvtec.url: {root} has no 'screw' folder (an unpacked MVTec AD holds one "
+                               "folder per category; found: carpet, grid)")
+    assert leftovers(out) == []
+
+
+def test_unpacked_folder_with_other_counts_is_refused(monkeypatch, tmp_path, out):
+    """An unpacked copy must hold the official image counts: a missing image is named, nothing written."""
+    root, _ = unpacked_mvtec(tmp_path, monkeypatch)
+    (root / "carpet/train/good/001.png").unlink()
+    with pytest.raises(PipelineError) as info:
+        mvtec.download_category("carpet", out / "carpet", url=root.as_uri())
+    assert str(info.value) == (f"{root / 'carpet'}: 1 / 1 / 1 images (train good / test good / test defective), "
+                               "MVTec AD's carpet has 2 / 1 / 1: an incomplete or altered copy")
+    assert leftovers(out) == []
+
+
+def test_official_counts_table():
+    """Bergmann et al. 2019, Table 1: 3,629 training and 1,725 test images over the 15 categories."""
+    assert tuple(mvtec.EXPECTED_COUNTS) == mvtec.CATEGORIES
+    assert sum(c[0] for c in mvtec.EXPECTED_COUNTS.values()) == 3629
+    assert sum(c[1] + c[2] for c in mvtec.EXPECTED_COUNTS.values()) == 1725
+    assert mvtec.EXPECTED_COUNTS["hazelnut"] == (391, 40, 70) and mvtec.EXPECTED_COUNTS["toothbrush"] == (60, 12, 30)
 
 
 # ------------------------------------------------------------------------------------- params
@@ -385,7 +481,7 @@ def fetched_urls(monkeypatch) -> list[str]:
     """No network: every fetch 'downloads' one byte whose digests match no published checksum."""
     seen = []
 
-    def fake_fetch(url, target, timeout):
+    def fake_fetch(url, target, timeout, limits=None):
         seen.append(url)
         target.write_bytes(b"x")
         return {"sha256": "b" * 64, "md5": "c" * 32}
@@ -430,7 +526,7 @@ def test_full_archive_falls_back_to_the_next_url(monkeypatch, tmp_path, out, cap
         warnings = capsys.readouterr().err
         assert f"warning: {urls[0]}: HTTP 404 Not Found; trying the next known URL" in warnings
         assert f"warning: {urls[1]}: sha256 checksum mismatch" in warnings
-        assert [p.name for p in cache.iterdir()] == [archives._cache_name(urls[2])]  # only the verified archive
+        assert leftovers(cache, keep=(archives.RECORDS,)) == [archives._cache_name(urls[2])]  # the verified one
         mvtec.download_category("grid", out / "grid", cache_dir=cache, timeout=10)
         assert len(requested) == 3  # every category after the first comes from the cache
     assert tree(out / "grid") == tree(sources["grid"])
@@ -453,7 +549,7 @@ def test_full_archive_all_urls_fail_in_one_line(monkeypatch, tmp_path, out):
     assert "data.mvtec.url: file:///path/to/mvtec_anomaly_detection.tar.xz" in message
     assert "data.source: folder" in message
     assert len(requested) == 3
-    assert leftovers(out) == [] and leftovers(cache) == []
+    assert leftovers(out) == [] and leftovers(cache, keep=(archives.RECORDS,)) == []
 
 
 def test_per_category_archive_failure_points_to_the_full_one(monkeypatch, out):
@@ -468,9 +564,9 @@ def test_per_category_archive_failure_points_to_the_full_one(monkeypatch, out):
     assert leftovers(out) == []
 
 
-def test_download_stage_defaults_to_the_full_archive_once(monkeypatch, tmp_path):
+def test_download_stage_defaults_to_the_full_archive_once(monkeypatch, tmp_path, user_cache):
     """`data.source: mvtec` with the default params (archive: full): both categories from one fetch
-    of the full archive into data/downloads/."""
+    of the full archive into the user cache (data.download_dir: null), nothing of it in the project."""
     archive, sources = full_archive(tmp_path)
     project = tmp_path / "project"
     project.mkdir()
@@ -486,7 +582,37 @@ def test_download_stage_defaults_to_the_full_archive_once(monkeypatch, tmp_path)
     assert requested == ["/mvtec_anomaly_detection.tar.xz"]
     for name, source in sources.items():
         assert tree(project / f"data/raw/{name}.dataset") == tree(source)
-    assert len(list((project / "data/downloads").iterdir())) == 1
+    assert leftovers(user_cache / "anomaly-pipeline/downloads", keep=(archives.RECORDS,)) == [
+        archives._cache_name(f"{base}/mvtec_anomaly_detection.tar.xz")
+    ]
+    assert sorted(p.name for p in project.iterdir()) == [".tmp", "data", "params.yaml"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["raw"]
+
+
+def test_download_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """data.download_dir under a file (nothing can be created there, even as root): one line, nothing written."""
+    project = tmp_path / "project"
+    project.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    params = default_params()
+    params["data"].update(source="mvtec", categories=["carpet"], download_dir=str(blocker / "downloads"))
+    write_params(project, params)
+    line = error_line(run_stage("download", "carpet", cwd=project))
+    assert line == (f"error: data.download_dir: cannot write to {blocker / 'downloads'} (Not a directory); set "
+                    "data.download_dir to a folder you can write (null: the user cache)")
+    assert sorted(p.name for p in project.iterdir()) == ["params.yaml"] and blocker.read_text() == ""
+
+
+def test_relative_download_dir_is_refused(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    params = default_params()
+    params["data"].update(source="mvtec", categories=["carpet"], download_dir="downloads")
+    write_params(project, params)
+    line = error_line(run_stage("download", "carpet", cwd=project))
+    assert "data.download_dir" in line and "an absolute path" in line and "queued experiment" in line
+    assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]
 
 
 PUBLISHED_MD5 = {  # as the issue lists them (open-source MVTec AD loaders)

@@ -95,9 +95,32 @@ def test_pngs_are_reproducible(tmp_path):
     }
     digests = []
     for i in range(2):
-        save_png(summary_figure(rows, "carpet"), tmp_path / f"{i}.png", panels=(1, 3))
+        titles = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
+        save_png(summary_figure(rows, "carpet", titles), tmp_path / f"{i}.png", panels=(1, 3))
         digests.append(hashlib.md5((tmp_path / f"{i}.png").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
     from PIL import Image
 
     assert Image.open(tmp_path / "0.png").text == {"Comment": "panels=1x3"}
+
+
+@pytest.mark.parametrize("fpr_limit, label", [(0.3, "AUPRO (FPR ≤ 0.3)"), (0.05, "AUPRO (FPR ≤ 0.05)")])
+def test_the_summary_chart_names_the_metrics_as_the_report_and_aupro_by_its_fpr_limit(
+    project, monkeypatch, fpr_limit, label
+):
+    """The summary_figure stage: the report's metric titles on the axis, AUPRO's with evaluate.fpr_limit."""
+    import json
+
+    from stages.plotting import style
+    from tests.conftest import call_stage, default_params, write_params
+
+    params = default_params()
+    params["evaluate"]["fpr_limit"] = fpr_limit
+    write_params(project, params)
+    summary = {"mean": {"a": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}}, "categories": ["carpet"]}
+    (project / "metrics").mkdir()
+    (project / "metrics" / "summary.json").write_text(json.dumps(summary))
+    drawn = []
+    monkeypatch.setattr(style, "save_png", lambda fig, path, **kwargs: drawn.append(fig))
+    call_stage("summary_figure", cwd=project)
+    assert [t.get_text() for t in drawn[0].axes[0].get_xticklabels()] == ["Image AUROC", "Pixel AUROC", label]

@@ -1,4 +1,4 @@
-"""Global kNN, PatchCore, the coreset sampler and the chunked neighbour search on small tensors."""
+"""Global kNN, PatchCore, the coreset sampler and the distance helpers on small tensors."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +7,11 @@ import torch
 
 from stages.core.errors import PipelineError
 from stages.features.cache import FeatureSet
-from stages.methods import get_method
+from stages.methods import REGISTRY, get_method
 from stages.methods.global_knn import GlobalKNN
-from stages.methods.neighbours import knn_distances
+from stages.methods.neighbours import nearest, squared_norms
 from stages.methods.patchcore import PatchCore
-from stages.methods.sampler import greedy_coreset
+from stages.methods.sampler import RandomProjection, greedy_select
 
 
 def feature_set(global_embeddings=None, maps=None, image_size=(32, 32)) -> FeatureSet:
@@ -24,14 +24,28 @@ def feature_set(global_embeddings=None, maps=None, image_size=(32, 32)) -> Featu
     )
 
 
-def test_knn_distances_chunked_equals_brute_force():
+def greedy_coreset(features, ratio, projection_dim=128, n_starting_points=10, seed=0):
+    """Indices (sorted) of the `ratio` fraction of rows by approximate greedy k-center, projected and
+    selected in one go (PatchCore.fit streams the projection batch by batch)."""
+    projection = RandomProjection(features.shape[1], projection_dim, seed)
+    return greedy_select(projection(features), ratio, projection.generator, n_starting_points, progress=False)
+
+
+@torch.no_grad()
+def embed(model: PatchCore, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Feature maps of a batch, in layer order -> (N * h * w, D) patch embeddings and the grid (h, w)."""
+    return model.embedder([m.shape[1] for m in maps])([m.float() for m in maps])
+
+
+def test_nearest_block_by_block_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(37, 5, generator=g), torch.randn(53, 5, generator=g)
-    brute = torch.cdist(queries, bank).sort(dim=1)
-    for max_elements in (7, 100, 10**6):  # blocks far smaller than the full matrix, and one block
-        dist, index = knn_distances(queries, bank, k=4, max_elements=max_elements)
-        assert torch.allclose(dist, brute.values[:, :4], atol=1e-5)
-        assert torch.equal(index, brute.indices[:, :4])
+    brute = torch.cdist(queries.double(), bank.double()).min(dim=1)
+    whole = nearest(queries, bank, squared_norms(bank))
+    assert torch.allclose(whole[0].double(), brute.values, atol=1e-5) and torch.equal(whole[1], brute.indices)
+    for max_elements in (7, 100, 53 * 10):  # one query per block, a few, and blocks of 10 queries
+        dist, index = nearest(queries, bank, squared_norms(bank), max_elements=max_elements)
+        assert torch.allclose(dist, whole[0], atol=1e-6) and torch.equal(index, whole[1])
 
 
 def test_global_knn_score_is_mean_distance_to_k_nearest():
@@ -78,12 +92,12 @@ def _naive_greedy(points: torch.Tensor, n_select: int, start: torch.Tensor) -> l
 def test_greedy_coreset_matches_naive_k_center():
     g = torch.Generator().manual_seed(3)
     points = torch.randn(300, 8, generator=g)
-    selected = greedy_coreset(points, 0.1, projection_dim=None, n_starting_points=10, seed=7, progress=False)
+    selected = greedy_coreset(points, 0.1, projection_dim=None, n_starting_points=10, seed=7)
     start = torch.randperm(300, generator=torch.Generator().manual_seed(7))[:10]
     assert selected.tolist() == _naive_greedy(points, 30, start)
     # same seed, same coreset; ratio 1 keeps everything
-    assert torch.equal(selected, greedy_coreset(points, 0.1, projection_dim=None, seed=7, progress=False))
-    assert greedy_coreset(points, 1.0, progress=False).tolist() == list(range(300))
+    assert torch.equal(selected, greedy_coreset(points, 0.1, projection_dim=None, seed=7))
+    assert greedy_coreset(points, 1.0).tolist() == list(range(300))
 
 
 @pytest.mark.parametrize("candidates", [1, 3, 16, 10_000])
@@ -127,7 +141,7 @@ def test_greedy_coreset_picks_one_point_per_cluster():
     g = torch.Generator().manual_seed(4)
     centres = torch.randn(5, 16, generator=g) * 20
     points = torch.cat([c + torch.randn(200, 16, generator=g) for c in centres])
-    selected = greedy_coreset(points, 0.005, projection_dim=8, seed=0, progress=False)
+    selected = greedy_coreset(points, 0.005, projection_dim=8, seed=0)
     # 5 points out of 1000: k-center puts one in each cluster (a random pick would in 4% of cases)
     assert len(selected) == 5
     assert sorted(int(i) // 200 for i in selected) == [0, 1, 2, 3, 4]
@@ -175,7 +189,7 @@ def test_patchcore_localises_an_anomalous_patch(tmp_path):
     reweighted = get_method("patchcore").load(tmp_path / "pc", score={"smoothing_sigma": 1, "reweight": True})
     assert torch.equal(reweighted.bank, model.bank)
     weighted_scores = reweighted.predict(bad).image_scores
-    patches, _ = model.embed(list(bad.feature_maps.values()))
+    patches, _ = embed(model, list(bad.feature_maps.values()))
     expected = [_eq7_reference(model.bank, image, b=9) for image in patches.reshape(2, 64, -1)]
     np.testing.assert_allclose(weighted_scores, expected, rtol=1e-4)
     assert np.all(weighted_scores < bad_pred.image_scores)  # eq. 7's factor is below 1
@@ -241,8 +255,8 @@ def test_streamed_fit_keeps_the_one_shot_coreset(batch_size, projection_dim):
         batch_size=batch_size,
     )
     model = PatchCore(fit=fit, seed=3).fit(feature_set(maps=maps))
-    patches, _ = model.embed(list(maps.values()))
-    expected = patches[greedy_coreset(patches, 0.2, projection_dim=projection_dim, seed=3, progress=False)]
+    patches, _ = embed(model, list(maps.values()))
+    expected = patches[greedy_coreset(patches, 0.2, projection_dim=projection_dim, seed=3)]
     assert len(model.bank) == int(7 * 64 * 0.2)
     assert torch.equal(model.bank, expected)
 
@@ -254,6 +268,27 @@ def test_patchcore_is_deterministic():
         return PatchCore(fit=params).fit(train).bank
 
     assert torch.equal(fit(), fit())
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_an_unfitted_model_says_so_in_one_line_whatever_the_method(method, tmp_path):
+    """One fitted check (scikit-learn's check_is_fitted) for every registered method: scoring, predicting
+    and saving before fit() or load() give the same one-line error, and saving writes nothing."""
+    from stages.data.prepared import Split
+
+    detector = get_method(method)()
+    assert detector.fitted_attributes, f"{method} declares no fitted_attributes"
+    if detector.uses == "pixels":
+        inputs = Split(np.zeros((1, 32, 32, 3), np.uint8), ["a"], np.zeros(1, np.int64), ["good"], None)
+    else:
+        inputs = feature_set(torch.zeros(1, 4), {"layer": torch.zeros(1, 4, 8, 8)})
+    calls = {"scorer": lambda: detector.scorer((32, 32)), "cached_scorer": lambda: detector.cached_scorer((32, 32)),
+             "predict": lambda: detector.predict(inputs, progress=False), "save": lambda: detector.save(tmp_path / "m")}
+    for name, call in calls.items():
+        with pytest.raises(PipelineError) as info:
+            call()
+        assert str(info.value) == f"{method}: not fitted (call fit() or load() first)", name
+    assert not (tmp_path / "m").exists()
 
 
 def test_unknown_method():
@@ -283,11 +318,11 @@ def test_patchcore_embedding_matches_the_official_order_of_operations():
     g = torch.Generator().manual_seed(6)
     maps = [torch.randn(2, 5, 8, 8, generator=g), torch.randn(2, 7, 4, 4, generator=g)]
     model = PatchCore(fit=dict(pretrain_embed_dimension=12, target_embed_dimension=10))
-    ours, grid = model.embed(maps)
+    ours, grid = embed(model, maps)
     assert grid == (8, 8)
     torch.testing.assert_close(ours, _official_embed(maps, 3, 12, 10), rtol=1e-5, atol=1e-6)
     # listing the coarse layer first still embeds on the finest grid
-    assert model.embed(maps[::-1])[1] == (8, 8)
+    assert embed(model, maps[::-1])[1] == (8, 8)
 
 
 def test_exact_sqrt_is_the_correctly_rounded_float32_sqrt():
@@ -296,7 +331,7 @@ def test_exact_sqrt_is_the_correctly_rounded_float32_sqrt():
     vector math, which differs between Intel and AMD CPUs in the last bit (bench/cross_cpu_check.py)."""
     import numpy as np
 
-    from stages.methods.neighbours import exact_sqrt, squared_distances
+    from stages.methods.neighbours import exact_sqrt, root, squared_distances
 
     rng = np.random.default_rng(0)
     x = (rng.random(100_000) * 10.0 ** rng.integers(-20, 20, 100_000)).astype(np.float32)
@@ -306,4 +341,5 @@ def test_exact_sqrt_is_the_correctly_rounded_float32_sqrt():
     assert np.array_equal(got.numpy().view(np.uint32), np.sqrt(x).view(np.uint32))
     q, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
     assert torch.allclose(squared_distances(q, b), torch.cdist(q, b) ** 2, atol=1e-12)
-    assert (squared_distances(q, q).diagonal() >= 0).all()  # clamped: no negative rounding residue
+    assert torch.allclose(root(squared_distances(q, b)), torch.cdist(q, b), atol=1e-12)
+    assert (root(squared_distances(q, q)) >= 0).all()  # clamped: no negative rounding residue under the root

@@ -38,6 +38,15 @@ def feature_set(n: int, seed: int, channels=CHANNELS, grid=(6, 8), spread: float
     return FeatureSet(torch.zeros(n, 4), layers, IMAGE_SIZE, [f"img{i}" for i in range(n)])
 
 
+@torch.no_grad()
+def distance_maps(model: PaDiM, inputs: FeatureSet) -> torch.Tensor:
+    """(N, h, w) Mahalanobis distances at the feature grid, before upsampling and smoothing: the
+    scorer's first step, on its own."""
+    scorer, step = model.scorer(tuple(inputs.image_size)), model.batch_size()
+    return torch.cat([scorer.distances(*model.scorer_inputs(inputs, start, start + step))
+                      for start in range(0, len(inputs), step)])
+
+
 def concatenated(features: FeatureSet, upsample: str = "nearest") -> np.ndarray:
     """(N, C, h, w) float64: every layer on the finest grid, concatenated. Nearest = each coarse cell
     copied over the 2 x 2 fine cells it covers (the reference code's unfold / fold)."""
@@ -82,12 +91,12 @@ def test_maps_match_the_papers_formulas(n_train, dimensions):
     dims = model.dims.numpy()
     assert len(dims) == (dimensions or sum(CHANNELS)) and len(set(dims.tolist())) == len(dims)
     expected = paper_distances(train, test, dims)
-    ours = model.distance_maps(test)
+    ours = distance_maps(model, test)
     assert ours.shape == (6, 6, 8)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5)
 
     prediction = model.predict(test)
-    maps, _ = MapHead(IMAGE_SIZE, 2.0)(torch.from_numpy(expected).float())
+    _, maps = MapHead(IMAGE_SIZE, 2.0)(torch.from_numpy(expected).float())
     assert prediction.anomaly_maps.shape == (6, *IMAGE_SIZE) and prediction.anomaly_maps.dtype == np.float32
     assert prediction.image_scores.dtype == np.float64
     np.testing.assert_allclose(prediction.anomaly_maps, maps.numpy(), rtol=1e-5)
@@ -100,8 +109,8 @@ def test_options_match_the_formulas_too():
     fit = {"dimensions": 9, "regularisation": 0.5, "upsample": "bilinear"}
     model = PaDiM(fit=fit, score={"smoothing_sigma": 0, "image_score": "mean"}, seed=1).fit(train)
     expected = paper_distances(train, test, model.dims.numpy(), eps=0.5, upsample="bilinear")
-    np.testing.assert_allclose(model.distance_maps(test).numpy(), expected, rtol=1e-5)
-    maps, _ = MapHead(IMAGE_SIZE, 0.0)(torch.from_numpy(expected).float())
+    np.testing.assert_allclose(distance_maps(model, test).numpy(), expected, rtol=1e-5)
+    _, maps = MapHead(IMAGE_SIZE, 0.0)(torch.from_numpy(expected).float())
     np.testing.assert_allclose(model.predict(test).image_scores, maps.numpy().reshape(3, -1).mean(axis=1), rtol=1e-5)
 
 
@@ -112,7 +121,7 @@ def test_float32_whitening_keeps_ill_conditioned_distances():
     train, test = feature_set(60, seed=22, spread=30.0), feature_set(8, seed=23, spread=30.0)
     model = PaDiM(fit={"dimensions": None}).fit(train)
     expected = paper_distances(train, test, np.arange(12))
-    np.testing.assert_allclose(model.distance_maps(test).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(distance_maps(model, test).numpy(), expected, rtol=1e-5)
 
 
 def _fitted(train: FeatureSet, **fit) -> PaDiM:
@@ -179,7 +188,7 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
     # scoring params come from the caller: no smoothing is the raw map upsampled
     raw = get_method("padim").load(tmp_path / "padim", score={"smoothing_sigma": 0})
-    maps, _ = MapHead(IMAGE_SIZE, 0.0)(model.distance_maps(test))
+    _, maps = MapHead(IMAGE_SIZE, 0.0)(distance_maps(model, test))
     np.testing.assert_array_equal(raw.predict(test).anomaly_maps, maps.numpy())
 
 
@@ -224,7 +233,7 @@ def test_two_images_are_enough():
     and the distances are the formulas' (finite and positive)."""
     train, test = feature_set(2, seed=16), feature_set(2, seed=17)
     model = PaDiM(fit={"dimensions": None}).fit(train)
-    distances = model.distance_maps(test).numpy()
+    distances = distance_maps(model, test).numpy()
     assert np.all(np.isfinite(distances)) and np.all(distances > 0)
     np.testing.assert_allclose(distances, paper_distances(train, test, np.arange(12)), rtol=1e-5)
 
@@ -237,7 +246,7 @@ def test_two_images_are_enough():
         ("fit", {"upsample": "cubic"}, "fit.upsample: must be one of nearest, bilinear, got 'cubic'"),
         ("fit", {"positions_per_pass": 0}, "fit.positions_per_pass: must be an integer >= 1 or null, got 0"),
         ("fit", {"dimension": 100}, "fit.dimension: unknown parameter (did you mean 'dimensions'?"),
-        ("score", {"smoothing_sigma": -1}, "score.smoothing_sigma: must be a finite number >= 0, got -1"),
+        ("score", {"smoothing_sigma": -1}, "score.smoothing_sigma: must be a finite number in [0, 64], got -1"),
     ],
 )
 def test_bad_params(block, params, message):
@@ -251,4 +260,4 @@ def test_scoring_other_features_than_the_fitted_ones_is_refused():
         "padim: the features have [5, 6] channels on a 6x8 grid, the model was fitted on [5, 7] on 6x8 "
         "(re-run the fit stage)"
     )
-    assert _one_line_error(lambda: PaDiM().predict(other)) == "padim: predict() called before fit() or load()"
+    assert _one_line_error(lambda: PaDiM().predict(other)) == "padim: not fitted (call fit() or load() first)"

@@ -218,7 +218,7 @@ def test_bad_params_name_the_key(tmp_path, old, new, expected):
 def test_old_flat_model_layout_is_refused_with_the_new_keys(tmp_path):
     text = edited("    fit:\n      top_variance_dims: null  # the study kept 500 for ResNet50\n", "    k: 5\n")
     message = error_of(tmp_path, text)
-    assert message == "models.knn_effnet.k: unknown parameter (known: method, backbone, fit, score)"
+    assert message == "models.knn_effnet.k: unknown parameter (known: method, backbone, fit, score, reference)"
 
 
 def test_defaults_fill_absent_keys(tmp_path):
@@ -242,7 +242,10 @@ def test_shipped_configurations_are_valid(tmp_path, config):
     assert params["data"]["source"] == "mvtec" and params["models"]
 
 
-@pytest.mark.parametrize("params_file", ["params.yaml", "configs/study_carpet.yaml", "configs/patchcore_paper.yaml"])
+SHIPPED = ["params.yaml", *sorted(f"configs/{p.name}" for p in REPO.glob("configs/*.yaml"))]
+
+
+@pytest.mark.parametrize("params_file", SHIPPED)
 def test_every_param_dvc_yaml_declares_exists_in_the_params_file(params_file):
     """DVC refuses to run a stage whose declared param is missing from params.yaml (MissingParamsError),
     whatever the schema's defaults: each shipped params file must spell out every declared key."""

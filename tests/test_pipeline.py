@@ -147,6 +147,7 @@ def make_project(root: Path) -> Path:
     root.mkdir(parents=True)
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "weights", root / "weights")
+    shutil.copytree(REPO / "references", root / "references")  # the report stage's published tables
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     params = tiny_params()
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -233,11 +234,14 @@ def test_repro_writes_metrics_for_every_model(workspace, first_run):
     trained = [name for name, model in models.items() if "epochs" in model["fit"]]
     assert trained, "the configuration should include trained models"
     plots = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
-    for name in trained:
-        curve = f"plots/carpet.category/{name}.model/train/plots/metrics/train_loss.tsv"
-        assert any(curve in key for key in plots), f"no learning curve for {name} in dvc plots show"
-        rows = (repo / curve).read_text().splitlines()
-        assert rows[0] == "step\ttrain_loss" and len(rows) == 1 + params["models"][name]["fit"]["epochs"]
+    for name in trained:  # one learning curve per model: the training and the validation loss of every epoch
+        curve = f"plots/carpet.category/{name}.model/train/plots/custom/losses.json"
+        assert curve in plots, f"no learning curve for {name} in dvc plots show"
+        rows = json.loads((repo / curve).read_text())
+        epochs = range(1, params["models"][name]["fit"]["epochs"] + 1)
+        assert [(r["epoch"], r["split"]) for r in rows] == [(e, s) for e in epochs for s in ("train", "validation")]
+        last = json.loads((repo / f"plots/carpet.category/{name}.model/train/metrics.json").read_text())
+        assert [last["train_loss"], last["val_loss"]] == [r["loss"] for r in rows[-2:]]  # the metric is the last epoch
     assert "image_roc" in plots  # every model's ROC on one chart (test_plots_show_offline_page)
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     # each number once: the per-model files are the metrics, the summary is a plain output
@@ -278,9 +282,12 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     here = "plots/carpet.category"
     for m in with_maps:  # real pixel curves, not the one-point placeholder of models without maps
         assert len((repo / f"{here}/{m}.model/pixel_roc.csv").read_text().splitlines()) > 20, m
-    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary", "categories", "detection_by_level"}
+    trained = [m for m, entry in models.items() if "epochs" in entry["fit"]]
+    expected_vega = {"image_roc", "image_pr", "pixel_roc", "pro", "summary", "categories", "intervals", "pairwise",
+                     "detection_by_level"}
     expected_vega |= {f"{here}/{m}.model/{name}.csv" for m in models for name in ("confusion", "scores")}
     expected_vega |= {f"{here}/{b}.tsne.csv" for b in backbones}
+    expected_vega |= {f"{here}/{m}.model/train/plots/custom/losses.json" for m in trained}
     expected_images = {f"{here}/overview.png", "plots/summary.png"}
     expected_images |= {f"{here}/{m}.model/figures/scores.png" for m in models}
     expected_images |= {f"{here}/{m}.model/figures/heatmaps.png" for m in with_maps}
@@ -291,6 +298,20 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     for plot_id in expected_vega:
         assert shown[plot_id][0]["type"] == "vega", plot_id
         assert shown[plot_id][0]["content"]["data"]["values"], f"{plot_id}: no data"
+    for plot_id in expected_vega:  # a title that says what the chart shows, never a file path
+        title = chart_title(shown[plot_id][0]["content"])
+        assert title and not re.search(r"\.(csv|tsv|json)\b|plots/", title), f"{plot_id}: title {title!r}"
+        if ".model/" in plot_id:  # a chart of one model names it and its category
+            assert chart_model(plot_id) in title and "carpet" in title, f"{plot_id}: title {title!r}"
+    for m in models:  # every test image's score by its label, with the threshold evaluate set and its decisions
+        rows = shown[f"{here}/{m}.model/scores.csv"][0]["content"]["data"]["values"]
+        threshold = json.loads((repo / f"models/carpet.category/{m}.scoring.json").read_text())["threshold"]
+        assert {r["defect_type"] for r in rows} == set(params["data"]["synthetic"]["defect_types"]) | {"good"}
+        assert all(float(r["threshold"]) == threshold for r in rows), m
+        assert [int(r["anomalous"]) for r in rows] == [int(float(r["score"]) >= threshold) for r in rows], m
+        confusion = shown[f"{here}/{m}.model/confusion.csv"][0]["content"]["data"]["values"]
+        decisions = {r["image"]: r["predicted"] == "anomalous" for r in confusion}
+        assert {r["image"]: r["anomalous"] == "1" for r in rows} == decisions, m  # the chart next to it agrees
     tsne = shown[f"{here}/{next(iter(backbones))}.tsne.csv"][0]["content"]["data"]["values"]
     assert {v["split"] for v in tsne} == {"train", "val", "test"}
     for plot_id in expected_images:
@@ -306,7 +327,8 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     for m in with_maps:
         assert png_panels(repo / f"{here}/{m}.model/figures/heatmaps.png") == (rows, 6 if m in pixel_aes else 5), m
     per = fig["overview"]["per_defect"]
-    assert png_panels(repo / f"{here}/overview.png") == (len(test_types) + 1, 2 * min(per, per_type, n_good))
+    # a row of training images, one per defect type, one of good test images; `per` images each (per = 1 here)
+    assert per == 1 and png_panels(repo / f"{here}/overview.png") == (1 + len(test_types) + 1, 2 * per)
 
     # the HTML page: DVC fills the project template; nothing is loaded from the network
     out = tmp_path / "page"
@@ -321,6 +343,103 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     images = re.findall(r'<img src="(static/[^"]+)"', html)
     assert len(images) == len(expected_images)
     assert all((out / src).stat().st_size > 5000 for src in images)
+
+    # the page as a browser lays it out: the questions in order, every plot under its heading, every chart drawn
+    per_model = "{here}/{m}.model/{name}".format
+    page_order = [  # (heading id, the plots it heads); a heading with nothing under it is hidden
+        ("how-good", ["summary", "categories", "plots/summary.png"]),
+        ("how-sure", ["intervals", "pairwise"]),
+        ("where-it-fails", []),
+        ("curves", ["image_roc", "image_pr", "pixel_roc", "pro"]),
+        ("decisions", [per_model(here=here, m=m, name="confusion.csv") for m in models]),
+        ("scores", [per_model(here=here, m=m, name="scores.csv") for m in models]),
+        ("maps", [per_model(here=here, m=m, name="figures/heatmaps.png") for m in with_maps]),
+        ("distributions", [per_model(here=here, m=m, name="figures/scores.png") for m in models]),
+        ("how-it-trained", [per_model(here=here, m=m, name="train/plots/custom/losses.json") for m in trained]),
+        ("the-data", [f"{here}/overview.png", *(f"{here}/{b}.tsne.csv" for b in backbones)]),
+    ]
+    assert {p for _, plots in page_order for p in plots} == expected_vega | expected_images
+    layout = page_layout(out / "index.html", tmp_path / "chromium")
+    undrawn = [p["id"] for p in layout["plots"] if not p["drawn"]]
+    assert not undrawn, f"charts not drawn (a template the inlined Vega-Lite rejects?): {undrawn}"
+    headings = {h["id"]: h for h in layout["headings"]}
+    assert [h["id"] for h in layout["headings"] if h["shown"]] == [heading for heading, _ in page_order]
+    assert [headings[h]["text"] for h in ("how-good", "how-sure", "where-it-fails", "how-it-trained")] == [
+        "How good is each model?",
+        "How sure are these numbers?",
+        "Where does it fail?",
+        "How did it train?",
+    ]
+    tops = [headings[heading]["top"] for heading, _ in page_order]
+    assert tops == sorted(tops) and len(set(tops)) == len(tops), "the headings are out of order"
+    plots_at = {p["id"]: p for p in layout["plots"]}
+    for (heading, plots), below in zip(page_order, [*tops[1:], float("inf")]):
+        for plot in plots:
+            where = plots_at[div_id(plot)]
+            assert headings[heading]["top"] < where["top"] < below, f"{plot} is not under the heading {heading}"
+    for first, second in [("summary", "categories"), ("image_roc", "image_pr"), ("image_pr", "pixel_roc"),
+                          ("pixel_roc", "pro"), ("intervals", "pairwise")]:
+        assert (plots_at[first]["top"], plots_at[first]["left"]) < (plots_at[second]["top"], plots_at[second]["left"])
+    for image in expected_images:  # DVC captions an image with its path; the page says what it shows
+        caption = plots_at[div_id(image)]["caption"]
+        assert caption and "/" not in caption.replace("plots/summary.png", ""), f"{image}: caption {caption!r}"
+        if ".model/" in image:
+            assert chart_model(image) in caption and "carpet" in caption, f"{image}: caption {caption!r}"
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's (.ci/run installs them)
+
+
+def chart_title(spec: dict) -> str:
+    title = spec.get("title", "")
+    return title.get("text", "") if isinstance(title, dict) else title
+
+
+def div_id(plot: str) -> str:
+    """The id of a plot's div on DVC's page (what the page template's CSS places)."""
+    from dvc_render.base import Renderer
+
+    return Renderer.remove_special_chars(plot)
+
+
+def page_layout(index: Path, profile: Path) -> dict:
+    """The page in headless Chromium once every chart is drawn (or 30 s passed): each heading of the
+    template (id, text, top, shown) and each plot's div (id, top, left, drawn, caption), in page pixels."""
+    import time
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    script = """
+      const out = {headings: [], plots: []};
+      for (const el of document.querySelector('main.report').children) {
+        const box = el.getBoundingClientRect(), top = box.top + window.scrollY;
+        if (el.tagName === 'HEADER') {
+          out.headings.push({id: el.id, text: el.querySelector('h2, h3').textContent, top: top,
+                             shown: getComputedStyle(el).display !== 'none'});
+        } else {
+          const label = el.querySelector(':scope > p');
+          out.plots.push({id: el.id, top: top, left: box.left, drawn: !!el.querySelector('canvas, svg, img'),
+                          caption: label ? label.textContent.trim() : null});
+        }
+      }
+      return out;"""
+    try:
+        driver.get(index.as_uri())
+        deadline = time.monotonic() + 30
+        layout = driver.execute_script(script)
+        while not all(p["drawn"] for p in layout["plots"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            layout = driver.execute_script(script)
+        return layout
+    finally:
+        driver.quit()
 
 
 def test_forced_repro_is_deterministic(workspace, first_run):

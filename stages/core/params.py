@@ -16,10 +16,20 @@ from typing import Any
 from stages.core import numerics
 from stages.core.device import valid_device
 from stages.core.errors import PipelineError
-from stages.core.paths import PIXELS
-from stages.core.schema import Schema, SchemaError, check_keys, option, parse
+from stages.core.paths import PIXELS, REFERENCES_ROOT, reference_file
+from stages.core.schema import Schema, SchemaError, check_keys, option, parse, shown, shown_key
 
 SOURCES = ("synthetic", "mvtec", "visa", "folder")
+# preprocess.mode: what the model sees of each frame (stages/data/raw.py applies it). A fit recorded
+# without a mode was cropped, the only mode there was.
+PREPROCESS_MODES = ("crop", "resize", "pad")
+DEFAULT_MODE = "crop"
+# The ImageNet mean in 0..255: the normalisation of torchvision's ResNets (the PatchCore and PaDiM papers'
+# backbones) maps it to 0, the value their convolutions' own zero padding shows at every frame border, and
+# EfficientNet-Lite0's (x - 127) / 128 to within 0.2 of 0; a black or white band would be an edge the
+# backbone answers strongly to, at a place that depends on each frame's aspect.
+DEFAULT_PAD_FILL = [124, 116, 104]
+MAX_IMAGE_SIDE = 2048  # preprocess.resize and crop_size (see Preprocess)
 
 
 # Upper bounds of the generator: a typo (n_train: 1000000000) must not write until the disk is full.
@@ -90,22 +100,32 @@ class Mvtec(Schema):
                                   "(each answer checked against its SHA-256); category: the per-category archives "
                                   "(their links may be gone)", choices=("full", "category"))
     url: str | None = option(None, "null: the official URLs; or one mirror / file:// URL, the only one tried "
-                                   "('{category}' in it is replaced by each category's name when archive is category)")
+                                   "('{category}' in it is replaced by each category's name when archive is category); "
+                                   "a file:// archive is read in place, and file:///path/to/mvtec_anomaly_detection "
+                                   "(unpacked) is read from there, checked against the official image counts")
     sha256: str | None = option(
         None, "null: the published checksum of the official archive (MD5 per category, SHA-256 of the full one); "
               "or the SHA-256 of the one archive `url` names",
         check=lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, allowed="a SHA-256 hex digest (64 hex digits)",
     )
+    # The full archive is 4.9 GB and unpacks to about as much (PNGs barely compress): 10 GB is twice
+    # that, and still stops an endless mirror or a 25 kB archive that expands without end.
+    max_gb: float = option(10.0, "the most the archive may take, downloaded and again unpacked (GB): the full one "
+                                 "is 4.9 GB; raise it only for a larger archive of your own", gt=0, le=1000)
 
 
 @dataclasses.dataclass(frozen=True)
 class Visa(Schema):
-    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive")
+    url: str | None = option(None, "null: the official VisA_20220922.tar; or one mirror / file:// URL of that archive "
+                                   "(read in place), or file:///path/to/VisA (the archive unpacked, read from there)")
     sha256: str | None = option(
         None, "null: the official archive's published SHA-256 (when url is null); or the SHA-256 of the archive "
               "`url` names (the official one's also enables the per-category count check)",
         check=lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, allowed="a SHA-256 hex digest (64 hex digits)",
     )
+    # VisA_20220922.tar is about 1.8 GB, uncompressed: 4 GB is twice that with room to spare.
+    max_gb: float = option(4.0, "the most the archive may take, downloaded and again unpacked (GB): the official "
+                                "one is about 1.8 GB; raise it only for a larger archive of your own", gt=0, le=1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +145,26 @@ class Data(Schema):
         "source: folder -> a folder holding one MVTec-layout folder per category "
         "(<folder>/<category>/train/good, ...), as the MVTec AD archive does",
     )
+    download_dir: str | None = option(
+        None,
+        "where verified MVTec AD and VisA archives are kept and reused by every clone and queued experiment on "
+        "this machine (null: the user cache, $XDG_CACHE_HOME/anomaly-pipeline/downloads, ~/.cache/... by default); "
+        "a file:// archive or unpacked folder is read where it is, only its verification is recorded here",
+        check=lambda v: Path(v).expanduser().is_absolute(),
+        allowed="an absolute path or ~/... (a relative one would lie inside each queued experiment's temporary copy)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess(Schema):
-    resize: int = option(256, "shorter side after resizing", ge=16)
-    crop_size: int = option(224, "side of the centre crop", ge=16)
+    # Upper bounds: the real images are at most 1024 x 1024 (MVTec AD) and about 1562 x 1500 (VisA), and the
+    # papers resize to 256 (or up to 512); 2048 keeps either dataset at full resolution with room to spare,
+    # while a hand-edited (or travelling: model.pt, model.onnx) 20000 would cost gigabytes per image
+    # (the long side is at most 16x the short one, stages/data/raw.py: 2048 x 32768 RGB is 200 MB).
+    resize: int = option(256, "shorter side after resizing", ge=16, le=MAX_IMAGE_SIDE)
+    crop_size: int = option(
+        224, "side of the square model input (the centre crop under mode crop)", ge=16, le=MAX_IMAGE_SIDE
+    )
     val_fraction: float = option(0.1, "held-out good training images (early stopping, threshold)", gt=0, lt=1)
     seed: int = option(0, "seed of the validation split (and of the few-shot subset)")
     max_train: int | None = option(
@@ -138,6 +172,22 @@ class Preprocess(Schema):
         "few-shot: fit on at most this many good images, a seeded subset of "
         "those left after the validation split (null: all)",
         ge=1,
+    )
+    mode: str = option(
+        DEFAULT_MODE,
+        "what the model sees of each image: crop (shorter side to `resize`, then the centre `crop_size` square: "
+        "the MVTec AD and VisA papers' setting; the rest of a non-square image is never seen), resize (the whole "
+        "image to crop_size x crop_size, aspect not kept) or pad (the whole image, aspect kept, centred on a "
+        "crop_size square of `pad_fill`; padded pixels count in no pixel metric). resize and pad ignore `resize`",
+        choices=PREPROCESS_MODES,
+    )
+    pad_fill: list[int] = option(
+        DEFAULT_PAD_FILL,
+        "mode pad: the padding's RGB colour (the ImageNet mean, which the backbones normalise to about 0)",
+        ge=0,
+        le=255,
+        check=lambda v: len(v) == 3,
+        allowed="three integers in [0, 255] (R, G, B)",
     )
 
     def validate_block(self) -> None:
@@ -156,7 +206,18 @@ class Backbone(Schema):
 @dataclasses.dataclass(frozen=True)
 class Evaluate(Schema):
     fpr_limit: float = option(0.3, "AUPRO integrated up to this false-positive rate", gt=0, le=1)
-    threshold_n_std: float = option(2.0, "threshold = mean + n_std * std of the validation scores", ge=0)
+    threshold_n_std: float = option(2.0, "threshold_rule mean_std: threshold = mean + n_std * std of the validation "
+                                         "scores", ge=0)
+    threshold_rule: str = option(
+        "mean_std",
+        "mean_std: mean + threshold_n_std * std of the validation (good) scores (the study's rule); quantile: just "
+        "above the order statistic of the validation scores that keeps false alarms at most threshold_false_alarms "
+        "with threshold_confidence, whatever their distribution (needs enough validation images: 299 for 1% at 95%)",
+        choices=("mean_std", "quantile"),
+    )
+    threshold_false_alarms: float = option(0.01, "threshold_rule quantile: the false-alarm rate on good images the "
+                                                 "threshold keeps to", gt=0, lt=1)
+    threshold_confidence: float = option(0.95, "threshold_rule quantile: the confidence of that bound", gt=0, lt=1)
     bins: int = option(
         8192,
         "pixel scores are counted on this many quantile bins (pixel AUROC, PRO curve and their "
@@ -255,15 +316,15 @@ class Top(Schema):
     )
 
 
-MODEL_KEYS = ["method", "backbone", "fit", "score"]
+MODEL_KEYS = ["method", "backbone", "fit", "score", "reference"]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # category, model and backbone names become folder names
 
 
 def check_name(section: str, name: object) -> None:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise PipelineError(
-            f"{section}.{name}: a {section[:-1]} name must be letters, digits, '_' or '-' "
-            f"(it names folders such as models/<category>.category/<name>.model), got {name!r}"
+            f"{section}.{shown_key(name)}: a {section[:-1]} name must be letters, digits, '_' or '-' "
+            f"(it names folders such as models/<category>.category/<name>.model), got {shown(name)}"
         )
 
 
@@ -273,7 +334,7 @@ def check_categories(categories: list) -> None:
     for category in categories:
         if not isinstance(category, str) or not NAME.fullmatch(category):
             raise PipelineError(
-                f"data.categories: invalid category name {category!r} (a plain folder name such as "
+                f"data.categories: invalid category name {shown(category)} (a plain folder name such as "
                 "'carpet': letters, digits, '_' or '-')"
             )
     if "mean" in categories:
@@ -317,11 +378,28 @@ def _check_model_entry(name: str, entry: object, backbones: dict) -> dict:
         raise PipelineError(f"{where}.backbone: missing (a name from `backbones:`, or '{PIXELS}')")
     if backbone != PIXELS and backbone not in backbones:
         known = ", ".join([PIXELS, *backbones])
-        raise PipelineError(f"{where}.backbone: {backbone!r} is not configured under `backbones:` (known: {known})")
+        raise PipelineError(
+            f"{where}.backbone: {shown(backbone)} is not configured under `backbones:` (known: {known})"
+        )
     for block in ("fit", "score"):
         if not isinstance(entry.get(block, {}), dict):
-            raise PipelineError(f"{where}.{block}: expected a mapping of parameters, got {entry[block]!r}")
-    return {"method": method, "backbone": backbone, "fit": entry.get("fit") or {}, "score": entry.get("score") or {}}
+            raise PipelineError(f"{where}.{block}: expected a mapping of parameters, got {shown(entry[block])}")
+    reference = entry.get("reference")
+    if reference is not None:
+        check_reference(f"{where}.reference", reference)
+    return {"method": method, "backbone": backbone, "fit": entry.get("fit") or {}, "score": entry.get("score") or {},
+            "reference": reference}
+
+
+def check_reference(key: str, name: object) -> None:
+    """`models.<name>.reference`: the name of a committed table of published results, references/<name>.csv
+    (checked when params.yaml is read, so a typo fails before any stage runs, not in the report at the end)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PipelineError(f"{key}: expected the name of a table in {REFERENCES_ROOT}/ (letters, digits, '_' or '-'), "
+                            f"got {shown(name)}")
+    if not reference_file(name).is_file():
+        known = ", ".join(sorted(p.stem for p in REFERENCES_ROOT.glob("*.csv"))) or "none"
+        raise PipelineError(f"{key}: no table {reference_file(name)} (known: {known})")
 
 
 def validate(raw: object, path: Path) -> dict:
@@ -333,10 +411,12 @@ def validate(raw: object, path: Path) -> dict:
     for category, source in (data.sources or {}).items():
         if category not in data.categories:
             raise PipelineError(
-                f"data.sources.{category}: not a category of data.categories ({', '.join(data.categories)})"
+                f"data.sources.{shown_key(category)}: not a category of data.categories ({', '.join(data.categories)})"
             )
         if source not in SOURCES:
-            raise PipelineError(f"data.sources.{category}: unknown source {source!r} (known: {', '.join(SOURCES)})")
+            raise PipelineError(
+                f"data.sources.{shown_key(category)}: unknown source {shown(source)} (known: {', '.join(SOURCES)})"
+            )
     backbones = top.backbones or {}
     if not isinstance(backbones, dict):
         raise PipelineError("backbones: expected a mapping of backbone entries")

@@ -23,9 +23,7 @@ WEIGHTS_ROOT = Path("weights")  # local backbone checkpoints (backbones.<name>.w
 PLOTS_ROOT = Path("plots")  # plots/<category>.category/<model>.model/{roc,scores,...}.csv, train/, figures/
 TMP_ROOT = Path(".tmp")  # every stage's temporary files (git- and dvc-ignored), see stages/core/outputs.py atomic_path
 
-DOWNLOADS = Path(
-    "data/downloads"
-)  # verified MVTec AD and VisA archives, reused by later downloads (git- and dvc-ignored)
+REFERENCES_ROOT = Path("references")  # references/<name>.csv: published results, models.<name>.reference
 
 RAW_SUFFIX = ".dataset"
 CATEGORY_SUFFIX = ".category"
@@ -103,3 +101,8 @@ def category_plots_dir(category: str) -> Path:
 def tsne_file(category: str, backbone: str) -> Path:
     """plots/<category>.category/<backbone>.tsne.csv: tsne@<category>-<backbone>."""
     return PLOTS_ROOT / _category(category) / f"{backbone}.tsne.csv"
+
+
+def reference_file(name: str) -> Path:
+    """references/<name>.csv: a table of published per-category results (models.<model>.reference)."""
+    return REFERENCES_ROOT / f"{name}.csv"

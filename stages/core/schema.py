@@ -11,11 +11,34 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from typing import Any, Callable
 
 from stages.core.errors import PipelineError
+
+# Every value an error message shows goes through `shown`: a YAML alias bomb (nine aliases of nine
+# aliases ..., a few hundred bytes of params.yaml) is a small graph of shared lists, but its plain
+# repr() spells out all 9**9 leaves, gigabytes and minutes. A bounded repr keeps every message one
+# short line: two levels deep, six items per level, 80 characters per string or number (at most a
+# few hundred characters in all).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = _SHOWN.maxdeque = 6
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 80
+
+
+def shown(value: Any) -> str:
+    """repr(value), bounded in depth, breadth and length (for error messages)."""
+    return _SHOWN.repr(value)
+
+
+def shown_key(key: Any) -> str:
+    """A mapping key as a message names it: a string as it is (cut at 80 characters), anything else shown."""
+    if isinstance(key, str):
+        return key if len(key) <= 80 else key[:77] + "..."
+    return shown(key)
 
 
 class SchemaError(PipelineError):
@@ -135,7 +158,7 @@ class Schema:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not valid(field, hints[field.name], value):
-                raise SchemaError(field.name, f"must be {describe(field, hints[field.name])}, got {value!r}")
+                raise SchemaError(field.name, f"must be {describe(field, hints[field.name])}, got {shown(value)}")
         self.validate_block()
 
     def validate_block(self) -> None:
@@ -158,12 +181,12 @@ def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def _dotted(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else str(key)
+def _dotted(where: str, key: Any) -> str:
+    return f"{where}.{shown_key(key)}" if where else shown_key(key)
 
 
 def unknown_key_error(where: str, key: str, known: list[str]) -> PipelineError:
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(shown_key(key), known, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return PipelineError(f"{_dotted(where, key)}: unknown parameter ({hint}known: {', '.join(known) or 'none'})")
 
@@ -179,7 +202,7 @@ def parse(cls: type, mapping: Any, where: str):
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
-        raise PipelineError(f"{where}: expected a mapping of parameters, got {mapping!r}")
+        raise PipelineError(f"{where}: expected a mapping of parameters, got {shown(mapping)}")
     names = [f.name for f in dataclasses.fields(cls)]
     check_keys(mapping, names, where)
     hints = typing.get_type_hints(cls)

@@ -3,7 +3,9 @@
 Every path here is all-or-nothing: on any failure the destination is left as it was (an old,
 complete copy survives; a fresh one never appears half-written) and no temporary files remain.
 The fetch / verify / extract / install helpers live in stages/data/archives.py (the VisA source
-uses them too); the folder source is stages/data/folder.py.
+uses them too); the folder source is stages/data/folder.py. data.mvtec.url may also name an unpacked
+copy (file:///path/to/mvtec_anomaly_detection): each category is read from there, checked against the
+official image counts, decoded, and copied into its stage output, with no archive in between.
 """
 from __future__ import annotations
 
@@ -11,8 +13,18 @@ from pathlib import Path
 
 from stages.core.errors import PipelineError
 from stages.core.outputs import remove_path as _remove
-from stages.data.archives import Remote, _sibling_tmpdir, check_sha256, extract_members, fetched, install_dir
-from stages.data.raw import check_layout
+from stages.data.archives import (
+    Limits,
+    Remote,
+    _sibling_tmpdir,
+    check_sha256,
+    extract_members,
+    fetched,
+    install_dir,
+    local_folder,
+)
+from stages.data.folder import copy_folder
+from stages.data.raw import check_layout, list_images
 
 CATEGORIES = (
     "bottle",
@@ -89,8 +101,28 @@ CATEGORY_PLACEHOLDER = "{category}"  # in data.mvtec.url: replaced by each categ
 
 ARCHIVES = ("full", "category")
 
+# (train good, test good, test defective) of each category in the official release (Bergmann et al.
+# 2019, Table 1; 3,629 training and 1,725 test images): an unpacked copy must hold exactly these.
+EXPECTED_COUNTS = {
+    "bottle": (209, 20, 63),
+    "cable": (224, 58, 92),
+    "capsule": (219, 23, 109),
+    "carpet": (280, 28, 89),
+    "grid": (264, 21, 57),
+    "hazelnut": (391, 40, 70),
+    "leather": (245, 32, 92),
+    "metal_nut": (220, 22, 93),
+    "pill": (267, 26, 141),
+    "screw": (320, 41, 119),
+    "tile": (230, 33, 84),
+    "toothbrush": (60, 12, 30),
+    "transistor": (213, 60, 40),
+    "wood": (247, 19, 60),
+    "zipper": (240, 32, 119),
+}
 
-def _extract_category(archive: Path, category: str, into: Path, url: str) -> int:
+
+def _extract_category(archive: Path, category: str, into: Path, url: str, limits: Limits | None = None) -> int:
     """Extract only the members below the archive's `<category>/` folder (at any depth) into `into`."""
     prefix: tuple[str, ...] | None = None
 
@@ -104,7 +136,7 @@ def _extract_category(archive: Path, category: str, into: Path, url: str) -> int
             return None
         return parts[len(prefix):] or None
 
-    written = extract_members(archive, into, url, below_category)
+    written = extract_members(archive, into, url, below_category, limits)
     if prefix is None:
         raise PipelineError(f"{url}: no '{category}/' folder in the archive")
     return written
@@ -123,12 +155,16 @@ CATEGORY_HELP = (
 )
 
 
+def _check_category_name(category: str) -> None:
+    if not isinstance(category, str) or category in ("", ".", "..") or "/" in category or "\\" in category:
+        raise PipelineError(f"data.categories: '{category}' is not a valid category name")
+
+
 def _resolve_source(category: str, url: str | None, sha256: str | None, archive: str) -> Remote:
     """The URLs to try and the (algorithm, hex digest) they must match, None when nothing is known."""
     if archive not in ARCHIVES:
         raise PipelineError(f"params.yaml: data.mvtec.archive must be one of {', '.join(ARCHIVES)}, got '{archive}'")
-    if not isinstance(category, str) or category in ("", ".", "..") or "/" in category or "\\" in category:
-        raise PipelineError(f"data.categories: '{category}' is not a valid category name")
+    _check_category_name(category)
     if url is None and category not in CATEGORIES:
         raise PipelineError(
             f"data.categories: '{category}' is not an MVTec AD category "
@@ -157,23 +193,30 @@ def download_category(
     archive: str = "full",
     cache_dir: Path | None = None,
     timeout: float = 60,
+    max_gb: float = 10.0,
 ) -> Path:
     """Download an MVTec AD archive, verify it, and install only `category` at `dest`.
 
     archive="full" fetches the whole dataset, trying FULL_ARCHIVE_URLS in order, each answer checked
     against FULL_ARCHIVE_SHA256, and extracts just the one category; archive="category" fetches
     CATEGORY_URLS[category], checked against its published MD5. A given `url` is the only one tried
-    (it may hold "{category}"), checked against `sha256` when given. With `cache_dir`, the verified
-    archive is kept there and reused by later calls: the full one is fetched once for every
-    category. Returns dest.
+    (it may hold "{category}"), checked against `sha256` when given; a file:// one is read in place,
+    and when it names a folder (an unpacked MVTec AD) the category is taken from there. With
+    `cache_dir`, the verified archive (or the record of a file:// one's checksum) is kept there and
+    reused by later calls: the full one is fetched and hashed once for every category. Neither the
+    download nor what it unpacks to may pass `max_gb` (data.mvtec.max_gb). Returns dest.
     """
     dest = Path(dest)
+    unpacked = local_folder(url)
+    if unpacked is not None:
+        return _from_unpacked(category, unpacked, dest)
     remote = _resolve_source(category, url, sha256, archive)
+    limits = Limits(total=int(max_gb * 1e9), param="data.mvtec.max_gb")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with fetched(remote, dest, cache_dir, timeout) as (archive_path, used):
+    with fetched(remote, dest, cache_dir, timeout, limits) as (archive_path, used):
         staging = _sibling_tmpdir(dest, "tmp")
         try:
-            _extract_category(archive_path, category, staging, used)
+            _extract_category(archive_path, category, staging, used, limits)
             check_layout(staging, f"{used}: {category}")
             install_dir(staging, dest)
             staging = None
@@ -181,3 +224,29 @@ def download_category(
             if staging is not None:
                 _remove(staging)
     return dest
+
+
+def count_images(root: Path) -> tuple[int, int, int]:
+    """(train good, test good, test defective) images of a category folder in MVTec layout."""
+    test = [sub for sub in sorted((root / "test").iterdir()) if sub.is_dir()]
+    defective = sum(len(list_images(sub)) for sub in test if sub.name != "good")
+    return len(list_images(root / "train" / "good")), len(list_images(root / "test" / "good")), defective
+
+
+def _from_unpacked(category: str, folder: Path, dest: Path) -> Path:
+    """`category` from an unpacked MVTec AD at `folder`: its official image counts, then (copy_folder)
+    every image and mask decoded and copied to `dest` (the user's folder is only read)."""
+    _check_category_name(category)
+    source = folder / category
+    if not source.is_dir():
+        found = ", ".join(c for c in CATEGORIES if (folder / c).is_dir()) or "none"
+        raise PipelineError(f"data.mvtec.url: {folder} has no '{category}' folder (an unpacked MVTec AD holds one "
+                            f"folder per category; found: {found})")
+    check_layout(source)
+    if category in EXPECTED_COUNTS:
+        counts, expected = count_images(source), EXPECTED_COUNTS[category]
+        if counts != expected:
+            got, want = " / ".join(map(str, counts)), " / ".join(map(str, expected))
+            raise PipelineError(f"{source}: {got} images (train good / test good / test defective), MVTec AD's "
+                                f"{category} has {want}: an incomplete or altered copy")
+    return copy_folder(source, dest)  # every image and mask decoded first, links leaving the folder refused

@@ -186,11 +186,13 @@ def _check_args(image_size, n_train, n_test_good, n_test_per_cell, seed, defect_
     if not _is_int(seed) or seed < 0:
         raise PipelineError(f"data.synthetic.seed must be a non-negative integer, got {seed!r}")
     if isinstance(defect_types, (str, bytes)) or not isinstance(defect_types, Sequence):
-        raise PipelineError(f"data.synthetic.defect_types must be a list of names from {list(DEFECT_TYPES)}, got {defect_types!r}")
+        raise PipelineError(f"data.synthetic.defect_types must be a list of names from {list(DEFECT_TYPES)}, "
+                            f"got {defect_types!r}")
     defect_types = tuple(defect_types)
     unknown = [d for d in defect_types if d not in DEFECT_TYPES]
     if unknown:
-        raise PipelineError(f"data.synthetic.defect_types: unknown defect type(s) {unknown}, known: {list(DEFECT_TYPES)}")
+        raise PipelineError(f"data.synthetic.defect_types: unknown defect type(s) {unknown}, "
+                            f"known: {list(DEFECT_TYPES)}")
     duplicated = sorted({d for d in defect_types if defect_types.count(d) > 1})
     if duplicated:
         raise PipelineError(f"data.synthetic.defect_types: listed more than once: {duplicated}")
@@ -427,7 +429,8 @@ def _defect_cut(rng, img, level):
     gap = mask & ~ends
     changed = img.copy()
     dark = img * rng.uniform(0.15, 0.25) + 0.02 * rng.random(img.shape[:2] + (1,)).astype(np.float32)
-    light = np.clip(img * rng.uniform(1.35, 1.55) + 0.1 + 0.05 * rng.standard_normal(img.shape[:2] + (1,)).astype(np.float32), 0, 1)
+    fuzz = 0.05 * rng.standard_normal(img.shape[:2] + (1,)).astype(np.float32)
+    light = np.clip(img * rng.uniform(1.35, 1.55) + 0.1 + fuzz, 0, 1)
     changed[gap] = dark[gap]
     changed[ends] = light[ends]
     return mask, changed

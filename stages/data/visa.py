@@ -4,25 +4,37 @@ VisA (Zou et al. 2022, "SPot-the-Difference") is one uncompressed tar for its 12
 <category>/Data/Images/{Normal,Anomaly}/*.JPG, <category>/Data/Masks/Anomaly/*.png (palette PNGs
 whose indices 0..3 label the pixels, 0 = good) and split_csv/1cls.csv, the one-class split
 (columns object,split,label,image,mask; paths relative to the archive root). The archive is fetched
-and verified once into data/downloads/ by stages/data/archives.py; each download stage reads
-its category from it and lays it out as preprocess expects: train/good (the csv's normal training
-images), test/good, test/anomaly, ground_truth/anomaly/<stem>_mask.png. All-or-nothing like
-mvtec.py: a failure leaves the destination as it was.
+and verified once into data.download_dir by stages/data/archives.py (or read where it is, from a
+file:// URL, or unpacked: a file:// URL naming the folder); each download stage reads its category
+from it and lays it out as preprocess expects: train/good (the csv's normal training images),
+test/good, test/anomaly, ground_truth/anomaly/<stem>_mask.png. All-or-nothing like mvtec.py: a
+failure leaves the destination as it was.
 """
 from __future__ import annotations
 
 import csv
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from stages.data.archives import Remote, check_sha256, extract_members, fetched, install_dir, staging_dir
-from stages.data.raw import check_image_bounds, check_layout, read_mask
 from stages.core.errors import PipelineError
 from stages.core.outputs import remove_path
+from stages.data.archives import (
+    Limits,
+    Remote,
+    check_sha256,
+    extract_members,
+    fetched,
+    install_dir,
+    local_folder,
+    staging_dir,
+)
+from stages.data.folder import _copy_regular as copy_regular
+from stages.data.raw import _open, check_layout, read_mask
 
 CATEGORIES = (
     "candle",
@@ -92,7 +104,7 @@ def _path_parts(value: str) -> list[str] | None:
     return parts
 
 
-def _extract(archive: Path, category: str, into: Path, url: str) -> Path:
+def _extract(archive: Path, category: str, into: Path, url: str, limits: Limits | None = None) -> Path:
     """Write split_csv/1cls.csv and the category's <category>/Data/ files below `into`; return the csv.
 
     Only what this category needs is written; paths keep their form relative to the archive root
@@ -113,7 +125,7 @@ def _extract(archive: Path, category: str, into: Path, url: str) -> Path:
                 return parts[i:]
         return None
 
-    extract_members(archive, into, url, needed)
+    extract_members(archive, into, url, needed, limits)
     if not found_csv:
         raise PipelineError(f"{url}: no {SPLIT_CSV} in the archive (not the VisA archive?)")
     return into.joinpath(*csv_target)
@@ -157,21 +169,20 @@ def read_split(csv_path: Path, category: str, shown: str) -> list[dict]:
 
 def _write_mask(src: Path, target: Path, where: str) -> None:
     """VisA's mask as MVTec's 0/255 grayscale. A palette mask is read by its indices (0 good, 1..3
-    defect), not its colours, so a palette whose colour 0 is not black still means good."""
+    defect), not its colours, so a palette whose colour 0 is not black still means good. Read through
+    the bounded reader of every image (stages/data/raw.py: pixel and aspect bounds before decoding)."""
     try:
-        with Image.open(src) as image:
-            check_image_bounds(where, *image.size)
-            indices = np.asarray(image) if image.mode == "P" else None
-        defect = indices != 0 if indices is not None else np.asarray(read_mask(src)) != 0
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"{where}: unreadable mask ({exc})") from exc
-    except PipelineError as exc:  # read_mask names the temporary copy; name the archive's path instead
-        raise PipelineError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
+        image = _open(src)
+        defect = np.asarray(image) != 0 if image.mode == "P" else np.asarray(read_mask(src)) != 0
+    except PipelineError as exc:  # it names the temporary copy; name the archive's path instead
+        raise PipelineError(f"{where}: {str(exc).removeprefix(f'{src}: ')}") from None
     Image.fromarray(np.where(defect, 255, 0).astype(np.uint8)).save(target)
 
 
-def lay_out(rows: list[dict], files: Path, out: Path, shown: str) -> tuple[int, int, int]:
-    """Move the rows' images from `files` (the extracted archive) into MVTec layout at `out`.
+def lay_out(rows: list[dict], files: Path, out: Path, shown: str,
+            transfer: Callable[[Path, Path], object] = os.replace) -> tuple[int, int, int]:
+    """Move the rows' images from `files` (the extracted archive) into MVTec layout at `out`
+    (`transfer`: copy them instead, from an unpacked folder that stays as it is).
 
     Returns (train normal, test normal, test anomaly). Training anomalies, which the 1cls split
     does not have, are left out: train/good must hold defect-free images only.
@@ -204,8 +215,9 @@ def lay_out(rows: list[dict], files: Path, out: Path, shown: str) -> tuple[int, 
                 raise PipelineError(f"{at}: mask {row['mask']} is not in the archive")
             masks = out / "ground_truth" / DEFECT
             masks.mkdir(parents=True, exist_ok=True)
-            _write_mask(mask, masks / f"{src.stem}_mask.png", f"{at}: mask {row['mask']}")  # raw.py pairs <stem>.* with <stem>_mask.png
-        os.replace(src, target)  # same filesystem: a rename, not a copy of the large JPEGs
+            # raw.py pairs <stem>.* with <stem>_mask.png
+            _write_mask(mask, masks / f"{src.stem}_mask.png", f"{at}: mask {row['mask']}")
+        transfer(src, target)  # extracted archive: a rename on the same filesystem, not a copy of the JPEGs
         counts["train" if row["split"] == "train" else kind] += 1
     return counts["train"], counts["good"], counts[DEFECT]
 
@@ -231,22 +243,30 @@ def download_category(
     cache_dir: Path | None = None,
     timeout: float = 60,
     counts: dict | None = None,
+    max_gb: float = 4.0,
 ) -> Path:
     """Download (or reuse from `cache_dir`) the VisA archive, verify it, install `category` at `dest`.
 
-    The official URL is checked against ARCHIVE_SHA256; another `url` against `sha256` when given.
+    The official URL is checked against ARCHIVE_SHA256; another `url` against `sha256` when given;
+    a file:// one is read in place, and when it names a folder (VisA_20220922.tar unpacked) the
+    category is laid out from there and checked against the official counts.
     `counts` maps categories to (train normal, test normal, test anomaly); None: EXPECTED_COUNTS
-    when the archive is verified as the official one, else no count check. Returns dest.
+    when the archive is verified as the official one, else no count check. Neither the download nor
+    what it unpacks to may pass `max_gb` (data.visa.max_gb). Returns dest.
     """
     dest = Path(dest)
+    unpacked = local_folder(url)
+    if unpacked is not None:
+        return _from_unpacked(category, unpacked, dest, counts)
     remote = _resolve_source(category, url, sha256)
+    limits = Limits(total=int(max_gb * 1e9), param="data.visa.max_gb")
     if counts is None and remote.expected == ("sha256", ARCHIVE_SHA256):
         counts = EXPECTED_COUNTS
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with fetched(remote, dest, cache_dir, timeout) as (archive, used):
+    with fetched(remote, dest, cache_dir, timeout, limits) as (archive, used):
         staging = staging_dir(dest)
         try:
-            split = _extract(archive, category, staging / "archive", used)
+            split = _extract(archive, category, staging / "archive", used, limits)
             rows = read_split(split, category, used)
             out = staging / "category"
             found = lay_out(rows, staging / "archive", out, used)
@@ -255,4 +275,44 @@ def download_category(
             install_dir(out, dest)
         finally:
             remove_path(staging)
+    return dest
+
+
+def _copy_within(root: Path) -> Callable[[Path, Path], None]:
+    """Copy a file of the unpacked folder `root`; one that resolves outside it (a link) is refused."""
+    root = root.resolve()
+
+    def copy(src: Path, target: Path) -> None:
+        if not src.resolve().is_relative_to(root):
+            raise PipelineError(f"{src}: links outside {root}; refused")
+        copy_regular(src, target)  # a FIFO or device in place of an image is refused, not read
+
+    return copy
+
+
+def _from_unpacked(category: str, folder: Path, dest: Path, counts: dict | None) -> Path:
+    """`category` from VisA_20220922.tar unpacked at `folder` (read, never changed), laid out at `dest`;
+    its counts must be the official ones (EXPECTED_COUNTS) unless `counts` says otherwise."""
+    if not isinstance(category, str) or category in ("", ".", "..") or "/" in category or "\\" in category:
+        raise PipelineError(f"data.categories: '{category}' is not a valid category name")
+    split = folder.joinpath(*SPLIT_CSV.split("/"))
+    if not split.is_file():
+        raise PipelineError(f"data.visa.url: {folder} has no {SPLIT_CSV} (an unpacked VisA_20220922.tar holds "
+                            "split_csv/ and one folder per category)")
+    if not (folder / category / "Data").is_dir():
+        found = ", ".join(c for c in CATEGORIES if (folder / c / "Data").is_dir()) or "none"
+        raise PipelineError(f"data.visa.url: {folder} has no '{category}/Data' folder (found: {found})")
+    if counts is None and category in EXPECTED_COUNTS:
+        counts = EXPECTED_COUNTS
+    shown = str(folder)
+    rows = read_split(split, category, shown)
+    staging = staging_dir(dest)
+    try:
+        out = staging / "category"
+        found = lay_out(rows, folder, out, shown, transfer=_copy_within(folder))
+        check_layout(out, f"{shown}: {category}")
+        check_counts(category, found, counts, shown)
+        install_dir(out, dest)
+    finally:
+        remove_path(staging)
     return dest

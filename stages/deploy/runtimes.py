@@ -20,11 +20,16 @@ def fitted_models() -> list[tuple[str, str]]:
     return found
 
 
-def load_model(category: str, name: str, runtime: str = "torch", device: str = "cpu"):
+def check_runtime(runtime: str, device: str) -> None:
+    """--runtime and a resolved --device that can run it (the demo checks them at start, before any image)."""
     if runtime not in RUNTIMES:
         raise PipelineError(f"--runtime: unknown runtime {runtime!r} (torch or onnx)")
+    if runtime == "onnx" and device != "cpu":
+        raise PipelineError("--runtime onnx runs on the CPU (onnxruntime's CPU package); leave --device at cpu")
+
+
+def load_model(category: str, name: str, runtime: str = "torch", device: str = "cpu"):
+    check_runtime(runtime, device)
     if runtime == "onnx":
-        if device != "cpu":
-            raise PipelineError("--runtime onnx runs on the CPU (onnxruntime's CPU package); leave --device at cpu")
         return OnnxModel.load(category, name)
     return FittedModel.load(category, name, device=device)

@@ -53,20 +53,22 @@ def roc_points(labels, scores) -> list[dict]:
     ]
 
 
-def pixel_auroc(masks, maps, bins: int = DEFAULT_BINS) -> float | None:
-    """AUROC over every pixel of every image; None when there are no defect (or no good) pixels."""
-    stats = PixelStats.from_maps(masks, maps, bins)
+def pixel_auroc(masks, maps, bins: int = DEFAULT_BINS, valid=None) -> float | None:
+    """AUROC over every valid pixel of every image (`valid`: None for all, else (N, H, W) bool, False on
+    padding); None when there are no defect (or no good) pixels."""
+    stats = PixelStats.from_maps(masks, maps, bins, valid)
     return float(stats.auroc()[0]) if stats.defined() else None
 
 
-def aupro(masks, maps, fpr_limit=0.3, bins: int = DEFAULT_BINS) -> float | None:
+def aupro(masks, maps, fpr_limit=0.3, bins: int = DEFAULT_BINS, valid=None) -> float | None:
     """Normalised area under the PRO curve up to fpr_limit (MVTec AD's official definition).
 
     Regions are 8-connected components of each ground-truth mask; the FPR counts all defect-free
-    pixels of all images, good images included. None when there are no defect regions.
+    pixels of all images, good images included; pixels outside `valid` (padding) count nowhere. None
+    when there are no defect regions.
     """
     check_fpr_limit(fpr_limit)
-    stats = PixelStats.from_maps(masks, maps, bins)
+    stats = PixelStats.from_maps(masks, maps, bins, valid)
     return _aupro(stats, fpr_limit)
 
 
@@ -148,9 +150,10 @@ def per_defect_auroc(labels, scores, defect_types) -> dict[str, float]:
 
 
 def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None = None, fpr_limit=0.3,
-             n_std=2.0) -> dict:
+             n_std=2.0, threshold: float | None = None) -> dict:
     """All metrics of one fit in one JSON-serialisable dict (plain floats/ints, None where undefined).
-    `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks."""
+    `pixels`: the test set's pixel statistics, when the model gives maps and the category has masks.
+    `threshold`: the one evaluate.threshold_rule set (threshold.validation_threshold); None: mean + n_std·σ."""
     checked, _ = _labels_scores(labels, scores)
     check_fpr_limit(fpr_limit)
     if checked.size and not _both_classes(checked):
@@ -162,7 +165,7 @@ def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None
         )
         warn(f"the test set has only {has} images: {undefined} are undefined and reported as null")
     best = f1_max(labels, scores)
-    threshold = mean_std_threshold(val_scores, n_std)
+    threshold = mean_std_threshold(val_scores, n_std) if threshold is None else float(threshold)
     report = threshold_report(labels, scores, threshold)
     result = {
         "image_auroc": image_auroc(labels, scores),
@@ -186,6 +189,10 @@ def evaluate(labels, scores, defect_types, val_scores, pixels: PixelStats | None
 
 # The metrics with bootstrap intervals, and how each is computed on a resample (weights per image).
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+# how the report, the comparison and the summary chart name a metric
+METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO",
+                 "image_f1_max": "Image F1-max"}
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the report's tables and the summary chart
 
 
 def resampled(

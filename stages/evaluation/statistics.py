@@ -12,7 +12,8 @@ row; weights of ones are the test set itself, the point estimate.
   the region's size (so a region fully above a threshold adds 1, as in MVTec's PRO). Pixel AUROC and
   the PRO curve are then sums over images; they equal the exact values up to the pixels that share
   a bin (with 8192 bins, within 1e-6 on the default run; tests/test_statistics.py bounds it by
-  1e-4). Whole images are resampled, never pixels.
+  1e-4). Whole images are resampled, never pixels. Pixels outside an image's valid mask (the
+  padding of preprocess.mode pad) are in none of these counts: padding is never a "good" pixel.
 """
 from __future__ import annotations
 
@@ -89,19 +90,29 @@ class PixelStats:
     regions: np.ndarray  # (N,) defect regions per image
 
     @classmethod
-    def from_maps(cls, masks: np.ndarray, maps: np.ndarray, bins: int) -> "PixelStats":
+    def from_maps(cls, masks: np.ndarray, maps: np.ndarray, bins: int, valid: np.ndarray | None = None) -> "PixelStats":
+        """`valid` (N, H, W) bool, None for all: the pixels that show the image. The others (preprocess.mode
+        pad's padding) count nowhere: neither good nor defect, in no region, in no bin edge."""
         masks = np.asarray(masks).astype(bool)
         maps = np.asarray(maps, dtype=np.float64)
         if masks.ndim != 3 or masks.shape != maps.shape:
             raise PipelineError(f"metrics: masks and maps must both be (N, H, W) and the same shape "
                                 f"(got {masks.shape} and {maps.shape})")
-        if not np.isfinite(maps).all():
+        if valid is not None:
+            valid = np.asarray(valid).astype(bool)
+            if valid.shape != masks.shape:
+                raise PipelineError(f"metrics: the valid-pixel mask must be {masks.shape}, got {valid.shape}")
+            if not valid.any():
+                raise PipelineError("metrics: no valid pixel (every pixel is padding)")
+            masks = masks & valid
+        scored = maps if valid is None else maps[valid]  # the pixels that count; padding's scores never do
+        if not np.isfinite(scored).all():
             raise PipelineError("metrics: anomaly maps contain NaN or infinite values")
-        edges = np.unique(np.quantile(maps, np.linspace(0.0, 1.0, bins + 1)))
+        edges = np.unique(np.quantile(scored, np.linspace(0.0, 1.0, bins + 1)))
         if len(edges) == 1:  # every pixel has the same score: one bin
             edges = np.array([edges[0], edges[0]])
         n_bins = len(edges) - 1
-        index = np.clip(np.searchsorted(edges, maps, side="right") - 1, 0, n_bins - 1)
+        index = np.clip(np.searchsorted(edges, maps, side="right") - 1, 0, n_bins - 1)  # padding's: never counted
         key = np.arange(len(maps))[:, None, None] * n_bins + index
         count = lambda where, weights=None: np.bincount(  # noqa: E731
             key[where], weights=None if weights is None else weights, minlength=len(maps) * n_bins
@@ -114,7 +125,7 @@ class PixelStats:
             if n:
                 sizes = np.bincount(labelled.ravel())
                 overlap[i] = np.bincount(index[i][mask], weights=1.0 / sizes[labelled[mask]], minlength=n_bins)
-        return cls(edges, count(~masks), count(masks), overlap, regions)
+        return cls(edges, count(~masks if valid is None else ~masks & valid), count(masks), overlap, regions)
 
     def _sums(self, weights, *tables):
         """Each table (N, B) summed over images with each row of weights: a (resamples, B) array per table,

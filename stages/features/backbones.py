@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from stages.core.errors import PipelineError
+from stages.core.progress import progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -216,8 +216,10 @@ class FeatureExtractor:
         return (images.permute(0, 3, 1, 2).float().div(255.0) - self._mean) / self._std
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray, batch_size: int = 16, desc: str | None = None) -> Extracted:
-        """images: (N, H, W, 3) uint8 RGB -> global embeddings (float32, or None) and maps (float16, CPU)."""
+    def __call__(self, images: np.ndarray, batch_size: int = 16, desc: str | None = None,
+                 progress: bool = True) -> Extracted:
+        """images: (N, H, W, 3) uint8 RGB -> global embeddings and maps (float32, CPU; no global embedding
+        without with_global). A bar per call unless `progress` is False (predict and the demo draw their own)."""
         size = self.spec.input_size
         if size is not None and images.shape[1:3] != (size, size):
             raise PipelineError(
@@ -225,7 +227,8 @@ class FeatureExtractor:
                 f"(set preprocess.crop_size: {size})"
             )
         globals_, maps = [], {name: [] for name in self.layers}
-        for start in tqdm(range(0, len(images), batch_size), desc=desc or f"extract {self.arch}", unit="batch"):
+        batches = range(0, len(images), batch_size)
+        for start in progress_bar(batches, show=progress, desc=desc or f"extract {self.arch}", unit="batch"):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
             outputs = self.backbone(self.normalise(batch))
             if self.with_global:

@@ -14,7 +14,7 @@ from stages.core.torch_files import load_tensors
 @dataclass
 class FeatureSet:
     global_embeddings: torch.Tensor  # (N, D) float32: pooled last stage, or the ViT CLS token
-    feature_maps: dict[str, torch.Tensor]  # layer name -> (N, C, h, w) float16, in backbone order
+    feature_maps: dict[str, torch.Tensor]  # layer name -> (N, C, h, w) float32, in backbone order
     image_size: tuple[int, int]  # (H, W) of the images the features came from
     names: list[str]  # image names, aligned with the prepared split
 

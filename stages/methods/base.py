@@ -11,9 +11,13 @@ load(directory, score=...) restores them with scoring params of the caller's cho
 methods take a FeatureSet (cached by the extract stage), pixel methods a prepared Split.
 
 Scoring is one torch module per fitted model, `scorer(image_size)`: from the method's inputs
-(the prepared uint8 images, the backbone's feature maps, or its global embeddings) to image scores
-and anomaly maps at the image size. predict() runs it batch by batch; the export stage puts the
-same module, behind the backbone, into an ONNX graph, so both runtimes compute one definition.
+(the prepared uint8 images, the backbone's feature maps, or its global embeddings) to
+(image scores, anomaly maps at the image size or None), in that order for every method (MapHead
+too). predict() runs it batch by batch; the export stage puts the same module, behind the
+backbone, into an ONNX graph, so both runtimes compute one definition.
+
+Fitted or not (scikit-learn's check_is_fitted): a method names what fit() learns in
+`fitted_attributes`; `_require_fitted()` refuses, in one line, to score or save while any is None.
 """
 from __future__ import annotations
 
@@ -24,9 +28,9 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages.core.errors import PipelineError
+from stages.core.progress import progress_bar
 from stages.core.schema import Schema, parse
 from stages.core.torch_files import load_tensors
 
@@ -66,6 +70,8 @@ class AnomalyDetector:
     uses_global_embedding: ClassVar[bool] = False  # features: the global embedding, not the maps
     Fit: ClassVar[type[Schema]] = NoParams
     Score: ClassVar[type[Schema]] = NoParams
+    # what fit() learns and load() restores (None before): scoring and saving need every one of them
+    fitted_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, fit: Schema | dict | None = None, score: Schema | dict | None = None, device: str = "cpu",
                  seed: int = 0):
@@ -85,8 +91,19 @@ class AnomalyDetector:
         return False
 
     def scorer(self, image_size: tuple[int, int]) -> torch.nn.Module:
-        """The fitted model as a module: scorer(*scorer_inputs(...)) -> (image scores (N,), maps (N, H, W) or None)."""
+        """The fitted model as a module: scorer(*scorer_inputs(...)) -> (image scores (N,), maps (N, H, W) or None).
+        Starts with self._require_fitted()."""
         raise NotImplementedError
+
+    def _require_fitted(self, *attributes: str) -> None:
+        """scikit-learn's check_is_fitted: a one-line PipelineError unless fit() or load() has set
+        `attributes` (default: the method's fitted_attributes). Every method's scorer, save and the
+        cached scorer call it, so an unfitted model says so the same way whatever the method."""
+        names = attributes or self.fitted_attributes
+        if not names:
+            raise TypeError(f"{type(self).__name__} declares no fitted_attributes")
+        if any(getattr(self, name, None) is None for name in names):
+            raise PipelineError(f"{self.method}: not fitted (call fit() or load() first)")
 
     def batch_size(self) -> int:
         return getattr(self.score_params, "batch_size", 8)
@@ -103,17 +120,20 @@ class AnomalyDetector:
 
     def cached_scorer(self, image_size: tuple[int, int]) -> torch.nn.Module:
         """scorer(image_size), built once per size (predict and the demo score image after image)."""
+        self._require_fitted()
         cache = self.__dict__.setdefault("_scorers", {})  # score_params are fixed for a detector's life
         if tuple(image_size) not in cache:
             cache[tuple(image_size)] = self.scorer(tuple(image_size)).to(self.device).eval()
         return cache[tuple(image_size)]
 
     @torch.no_grad()
-    def predict(self, inputs) -> Prediction:
+    def predict(self, inputs, progress: bool = True) -> Prediction:
+        """Image scores and maps of a prepared Split or FeatureSet, batch by batch: a bar of its own unless
+        `progress` is False (predict and the demo, whose own bar counts the images)."""
         scorer = self.cached_scorer(tuple(inputs.image_size))
         scores, maps = [], []
         step = self.batch_size()
-        for start in tqdm(range(0, len(inputs), step), desc="score", unit="batch"):
+        for start in progress_bar(range(0, len(inputs), step), show=progress, desc="score", unit="batch"):
             batch = [t.to(self.device) for t in self.scorer_inputs(inputs, start, start + step)]
             score, amap = scorer(*batch)
             scores.append(score.double().cpu().numpy())
@@ -131,6 +151,7 @@ class AnomalyDetector:
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> None:
+        self._require_fitted()  # before the folder: an unfitted model leaves nothing behind
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         blob = {"method": self.method, "fit": self.fit_params.as_dict(), "seed": self.seed, "inputs": self.inputs,

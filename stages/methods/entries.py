@@ -1,4 +1,6 @@
-"""Named model entries of params.yaml: `models.<name>` = method + backbone + `fit` + `score` blocks.
+"""Named model entries of params.yaml: `models.<name>` = method + backbone + `fit` + `score` blocks, and
+an optional `reference`: the name of a table of published results (references/<name>.csv) that the
+report shows beside this model's intervals.
 
 `fit` holds what fitting reads (it shapes the saved model; the fit stage declares it), `score` what
 scoring reads (the evaluate stage declares it, and passes it to the loaded model), each checked
@@ -30,6 +32,7 @@ class ModelConfig:
     fit: Schema
     score: Schema
     fit_seeds: list[int]  # params.yaml fit_seeds
+    reference: str | None = None  # a table of published results to show beside this model's (references/<name>.csv)
 
     @property
     def directory(self) -> Path:
@@ -93,12 +96,15 @@ def model_config(params: dict, category: str, name: str) -> ModelConfig:
         raise PipelineError(f"{where}.backbone: method {cls.method} needs a feature backbone, not '{PIXELS}'")
     fit = parse(cls.Fit, entry["fit"], f"{where}.fit")
     score = parse(cls.Score, entry["score"], f"{where}.score")
-    return ModelConfig(category, name, cls.method, entry["backbone"], fit, score, list(params["fit_seeds"]))
+    return ModelConfig(category, name, cls.method, entry["backbone"], fit, score, list(params["fit_seeds"]),
+                       entry.get("reference"))
 
 
-def model_from_argv(stage: str) -> tuple[dict, ModelConfig, str]:
-    """The shared start of fit/evaluate/figures: `python -m stages.<stage> <category> <model>` -> params,
-    config, device."""
+def model_from_argv(stage: str, device: str | None = None) -> tuple[dict, ModelConfig, str]:
+    """The shared start of fit/evaluate/figures/export: `python -m stages.<stage> <category> <model>` ->
+    params, config, device: params.yaml `device`, or `device` when the stage runs on one whatever params
+    say (export: never resolves `device: cuda`, so a CPU-only machine exports). The numerics mode is
+    applied to torch either way."""
     params, (category, name) = stage_args(stage, "<category> <model>")
     config = model_config(params, category, name)
-    return params, config, resolve_device(param(params, "device"))
+    return params, config, resolve_device(param(params, "device") if device is None else device)

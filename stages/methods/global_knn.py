@@ -15,7 +15,7 @@ from stages.core.errors import PipelineError, warn
 from stages.core.schema import Schema, option
 from stages.features.cache import FeatureSet
 from stages.methods.base import AnomalyDetector
-from stages.methods.neighbours import exact_sqrt
+from stages.methods.neighbours import root, squared_distances, squared_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +38,15 @@ class KNNScorer(nn.Module):
         super().__init__()
         self.k = k
         self.register_buffer("bank", bank.float())
-        self.register_buffer("bank_norms", (self.bank * self.bank).sum(dim=1))
+        self.register_buffer("bank_norms", squared_norms(self.bank))
         self.register_buffer("dims", dims.long())
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, None]:
         queries = embeddings.float().index_select(1, self.dims)
-        squared = torch.addmm(self.bank_norms, queries, self.bank.t(), alpha=-2.0) + (queries * queries).sum(
-            1, keepdim=True
-        )
+        squared = squared_distances(queries, self.bank, self.bank_norms)
+        # root() clamps after the TopK: the same k values as clamping first (clamping is monotone)
         nearest = torch.topk(squared, self.k, dim=1, largest=False).values
-        return exact_sqrt(nearest.clamp_min(0.0)).mean(dim=1), None
+        return root(nearest).mean(dim=1), None
 
 
 class GlobalKNN(AnomalyDetector):
@@ -59,6 +58,7 @@ class GlobalKNN(AnomalyDetector):
 
     bank: torch.Tensor | None = None
     dims: torch.Tensor | None = None  # kept embedding dimensions
+    fitted_attributes = ("bank", "dims")
 
     def fit(self, train: FeatureSet, val: FeatureSet | None = None) -> "GlobalKNN":
         embeddings = train.global_embeddings.float()
@@ -78,6 +78,7 @@ class GlobalKNN(AnomalyDetector):
         return self
 
     def scorer(self, image_size: tuple[int, int]) -> "KNNScorer":
+        self._require_fitted()
         k = self.score_params.k
         if k > len(self.bank):  # e.g. a few-shot run: every training image is a neighbour
             warn(f"k={k} is larger than the memory bank ({len(self.bank)} training images); using k={len(self.bank)}")

@@ -15,6 +15,11 @@ from torch import Tensor, nn
 
 IMAGE_SCORES = ("max", "mean")  # how a map becomes an image score
 TRUNCATE = 4.0  # scipy's default: the kernel reaches 4 sigma
+# Upper bound of every method's score.smoothing_sigma. The papers blur with sigma 4 (PatchCore, and
+# anomalib's PaDiM); at 64 the kernel already reaches 256 px on each side, more than a 224 px map, so a
+# larger sigma only flattens the map. The bound keeps the padded map at most (crop + 8 sigma + 1)^2 floats:
+# a scoring.json from elsewhere with sigma 1e6 would ask for 7 GB per image (and 1e308 overflows).
+MAX_SMOOTHING_SIGMA = 64.0
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -65,20 +70,21 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class MapHead(nn.Module):
-    """Raw (N, h, w) maps -> maps upsampled to the image size and smoothed, and (unless the method scores
-    otherwise) one score per image: their max or mean."""
+    """Raw (N, h, w) maps -> (scores, maps), in every scorer's order: the maps upsampled to the image
+    size and smoothed, and one score per image, their max or mean (None for a method that scores
+    otherwise)."""
 
     def __init__(self, size: tuple[int, int], sigma: float, image_score: str | None = "max"):
         super().__init__()
         self.size, self.image_score = tuple(size), image_score
         self.smooth = GaussianSmoothing(self.size, sigma)
 
-    def forward(self, raw: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, raw: Tensor) -> tuple[Tensor | None, Tensor]:
         maps = self.smooth(upsample(raw.float(), self.size))
         if self.image_score is None:
-            return maps, None
+            return None, maps
         flat = maps.flatten(1)
-        return maps, flat.amax(dim=1) if self.image_score == "max" else flat.mean(dim=1)
+        return flat.amax(dim=1) if self.image_score == "max" else flat.mean(dim=1), maps
 
 
 def resize_matrix(n_in: int, n_out: int) -> Tensor:

@@ -1,9 +1,17 @@
-"""Chunked nearest-neighbour search: memory stays bounded whatever the bank size."""
+"""Euclidean distances between rows, the one way every method computes them: the squared distance as a
+matrix product, ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2 (torch.cdist takes its square root with the
+CPU-dependent float32 sqrt, and has no ONNX export), its root by `root`, and `nearest`, the bank row
+nearest each query, block by block so memory stays bounded whatever the bank size.
+
+Users: PatchCore (`nearest`; the eq. 7 support search), the global kNN's scorer and the coreset's
+starting distances (stages/methods/sampler.py). Each keeps its own order of the same three terms, so
+every output stays the bytes it was (see the comments where an order differs).
+"""
 from __future__ import annotations
 
 import torch
 
-# Largest distance block held at once (float32 elements): 2**24 = 64 MiB.
+# Largest distance block `nearest` holds at once (float32 elements): 2**24 = 64 MiB.
 MAX_BLOCK_ELEMENTS = 2**24
 
 
@@ -14,44 +22,48 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().to(x.dtype)
 
 
-def squared_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """||q - b||^2 for every pair, as a matrix product (torch.cdist takes its square root with the
-    CPU-dependent float32 sqrt)."""
-    squared = torch.addmm((bank * bank).sum(dim=1), queries, bank.t(), alpha=-2.0)
-    return (squared + (queries * queries).sum(dim=1, keepdim=True)).clamp_min(0.0)
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """(n, d) -> (n,): ||x||^2 of every row (a bank's are computed once, at fit or scorer build)."""
+    return (rows * rows).sum(dim=1)
 
 
-def _chunk(n_other: int, max_elements: int) -> int:
-    return max(1, max_elements // max(1, n_other))
+def bank_terms(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
+    """(Q, B): ||b||^2 - 2 q.b, the squared distance less ||q||^2. That term is the same along a query's
+    row, so the row's minimum and order are those of the full distance (up to rounding ties)."""
+    return torch.addmm(bank_norms, queries, bank.t(), alpha=-2.0)
 
 
-def knn_distances(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, max_elements: int = MAX_BLOCK_ELEMENTS
+def squared_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(Q, B): ||q - b||^2 for every pair, as a matrix product. Not clamped: rounding can leave a tiny
+    negative value (a point against itself); `root` clamps. A TopK over it picks the same values either
+    way, so callers that only take values clamp after their TopK (the exported graph keeps its order)."""
+    if bank_norms is None:
+        bank_norms = squared_norms(bank)
+    return bank_terms(queries, bank, bank_norms) + (queries * queries).sum(dim=1, keepdim=True)
+
+
+def root(squared: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances from squared ones: negative rounding residue clamped to 0, then exact_sqrt."""
+    return exact_sqrt(squared.clamp_min(0.0))
+
+
+def nearest(
+    queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, max_elements: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distances and indices of the k nearest bank rows for every query row.
-
-    Queries and bank are both processed in chunks, keeping a running top-k, so the distance
-    block never exceeds `max_elements` however large the bank is.
-    """
-    if k > len(bank):
-        raise ValueError(f"k={k} is larger than the bank ({len(bank)})")
-    bank_chunk = max(k, min(len(bank), int(max_elements**0.5) * 4))
-    query_chunk = _chunk(bank_chunk, max_elements)
-    all_dists, all_index = [], []
-    for q_start in range(0, len(queries), query_chunk):
-        q = queries[q_start : q_start + query_chunk]
-        best_d = best_i = None
-        for b_start in range(0, len(bank), bank_chunk):
-            block = squared_distances(q, bank[b_start : b_start + bank_chunk])
-            # reduce the block to its own top-k first, then merge with the running top-k (2k columns)
-            d, i = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False)
-            del block
-            i += b_start
-            if best_d is not None:
-                d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
-                d, pos = torch.topk(d, k, dim=1, largest=False)
-                i = torch.gather(i, 1, pos)
-            best_d, best_i = d, i
-        all_dists.append(exact_sqrt(best_d))
-        all_index.append(best_i)
-    return torch.cat(all_dists), torch.cat(all_index)
+    """Euclidean distance and index of the nearest bank row for every query: a matrix product and a
+    minimum, block by block (blocks of at most `max_elements` distances, default MAX_BLOCK_ELEMENTS)."""
+    rows = max(1, (max_elements or MAX_BLOCK_ELEMENTS) // max(1, len(bank)))
+    distances, indices = [], []
+    # The exported graph scores one image: all its queries in one block. (A traced split would fix the
+    # block sizes in the graph, which onnxruntime then refuses: a bank over MAX_BLOCK_ELEMENTS / patches.)
+    whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()
+    for block in [queries] if whole else queries.split(rows):
+        best, index = bank_terms(block, bank, bank_norms).min(dim=1)
+        # ||q||^2 added to the minimum alone (B times fewer additions): the same value as adding it
+        # first and taking the minimum, since rounding is monotone (x <= y gives fl(x + c) <= fl(y + c)).
+        # The index is the true minimum's; adding first could tie two values and pick the lower index.
+        distances.append(root(best + squared_norms(block)))
+        indices.append(index)
+    return torch.cat(distances), torch.cat(indices)

@@ -30,7 +30,7 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, option
 from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
-from stages.methods.maps import IMAGE_SCORES, MapHead
+from stages.methods.maps import IMAGE_SCORES, MAX_SMOOTHING_SIGMA, MapHead
 from stages.methods.neighbours import exact_sqrt
 
 UPSAMPLING = ("nearest", "bilinear")  # how the coarser layers reach the finest grid
@@ -59,7 +59,8 @@ class Score(Schema):
     image_score: str = option(
         "max", "how the anomaly map becomes the image score (the paper: max)", choices=IMAGE_SCORES
     )
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 
@@ -118,8 +119,7 @@ class PaDiMScorer(nn.Module):
         return distances.t().reshape(-1, *self.grid)
 
     def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:
-        anomaly_maps, scores = self.head(self.distances(*maps))
-        return scores, anomaly_maps
+        return self.head(self.distances(*maps))
 
 
 class PaDiM(AnomalyDetector):
@@ -133,6 +133,7 @@ class PaDiM(AnomalyDetector):
     whitening: Tensor | None = None  # (h * w, d, d) float32, lower triangular: W = L^-1, Sigma = L L^T
     grid: tuple[int, int] | None = None
     layer_channels: list[int] | None = None  # channels of each layer the model was fitted on
+    fitted_attributes = ("dims", "mean", "whitening", "grid", "layer_channels")
 
     def draws_random_numbers(self) -> bool:
         return self.fit_params.dimensions is not None  # the random channel subset
@@ -229,23 +230,10 @@ class PaDiM(AnomalyDetector):
             whitening[block] = torch.linalg.solve_triangular(lower, eye.expand_as(cov), upper=False)
 
     def scorer(self, image_size: tuple[int, int]) -> nn.Module:
-        if self.whitening is None:
-            raise PipelineError("padim: predict() called before fit() or load()")
+        self._require_fitted()
         return PaDiMScorer(self, image_size)
 
-    @torch.no_grad()
-    def distance_maps(self, inputs: FeatureSet) -> Tensor:
-        """(N, h, w) Mahalanobis distances at the feature grid, before upsampling and smoothing."""
-        scorer, step = self.scorer(tuple(inputs.image_size)).to(self.device), self.batch_size()
-        out = [
-            scorer.distances(*[t.to(self.device) for t in self.scorer_inputs(inputs, start, start + step)]).cpu()
-            for start in range(0, len(inputs), step)
-        ]
-        return torch.cat(out) if out else torch.zeros(0, *self.grid)
-
     def get_state(self) -> dict:
-        if self.whitening is None:
-            raise PipelineError("padim: nothing to save, the model was not fitted")
         return {
             "dims": self.dims,
             "mean": self.mean,

@@ -23,8 +23,8 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, option
 from stages.features.cache import FeatureSet, finest_grid
 from stages.methods.base import AnomalyDetector
-from stages.methods.maps import MapHead
-from stages.methods.neighbours import MAX_BLOCK_ELEMENTS, exact_sqrt
+from stages.methods.maps import MAX_SMOOTHING_SIGMA, MapHead
+from stages.methods.neighbours import exact_sqrt, nearest, squared_distances, squared_norms
 from stages.methods.sampler import RandomProjection, greedy_select
 
 
@@ -67,22 +67,6 @@ class PatchEmbedder(nn.Module):
         return torch.cat(per_layer, dim=1) @ self.aggregate, tuple(grid)
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance and index of the nearest bank row for every query: a matrix product and a
-    minimum, block by block (blocks of at most MAX_BLOCK_ELEMENTS distances)."""
-    rows = max(1, MAX_BLOCK_ELEMENTS // max(1, len(bank)))
-    distances, indices = [], []
-    # The exported graph scores one image: all its queries in one block. (A traced split would fix the
-    # block sizes in the graph, which onnxruntime then refuses: a bank over MAX_BLOCK_ELEMENTS / patches.)
-    whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()
-    for block in [queries] if whole else queries.split(rows):
-        squared = torch.addmm(bank_norms, block, bank.t(), alpha=-2.0)  # ||b||^2 - 2 q.b
-        best, index = squared.min(dim=1)
-        distances.append(exact_sqrt((best + (block * block).sum(dim=1)).clamp_min(0.0)))
-        indices.append(index)
-    return torch.cat(distances), torch.cat(indices)
-
-
 class PatchCoreScorer(nn.Module):
     """Feature maps -> (image scores, anomaly maps): each patch's distance to its nearest bank patch;
     image score = the largest (optionally the paper's eq. 7 reweighting); the map = patch distances
@@ -92,7 +76,7 @@ class PatchCoreScorer(nn.Module):
         super().__init__()
         self.embedder, self.reweight, self.k = embedder, score.reweight, score.num_neighbors
         self.register_buffer("bank", bank.float())
-        self.register_buffer("bank_norms", (self.bank * self.bank).sum(dim=1))
+        self.register_buffer("bank_norms", squared_norms(self.bank))
         self.head = MapHead(image_size, score.smoothing_sigma, image_score=None)
 
     def forward(self, *maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +87,7 @@ class PatchCoreScorer(nn.Module):
         scores, best = distances.max(dim=1)
         if self.reweight:
             scores = scores * self._eq7_weight(embeddings.reshape(n, h * w, -1), index, best)
-        amap, _ = self.head(distances.reshape(n, h, w))
+        _, amap = self.head(distances.reshape(n, h, w))
         return scores, amap
 
     def _eq7_weight(self, embeddings, index, best):
@@ -111,8 +95,11 @@ class PatchCoreScorer(nn.Module):
         patches nearest its match (the match first): damps a score whose match sits in a dense region."""
         rows = torch.arange(len(best), device=best.device)
         patch, match = embeddings[rows, best], self.bank[index[rows, best]]
-        to_bank = torch.addmm(self.bank_norms, match, self.bank.t(), alpha=-2.0) + (match * match).sum(1, keepdim=True)
+        # the full squared distances, not clamped: TopK returns indices, and which of two tied values it
+        # returns depends on the values, so this order of the terms is kept (the same support as ever)
+        to_bank = squared_distances(match, self.bank, self.bank_norms)
         support = torch.topk(to_bank, self.k, dim=1, largest=False).indices  # (N, k), the match itself first
+        # k distances only: from the differences themselves (a sum of squares, never negative)
         distances = exact_sqrt((self.bank[support] - patch[:, None]).pow(2).sum(-1))
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
@@ -137,7 +124,8 @@ class Fit(Schema):
 class Score(Schema):
     num_neighbors: int = option(9, "bank neighbourhood of the eq. 7 reweighting", ge=1)
     reweight: bool = option(False, "the paper's eq. 7 image-score reweighting")
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 
@@ -149,16 +137,11 @@ class PatchCore(AnomalyDetector):
 
     bank: torch.Tensor | None = None
     channels: list[int] | None = None  # channels of each cached layer, for the embedder
+    fitted_attributes = ("bank", "channels")
 
-    # -- features -----------------------------------------------------------------------------
     def embedder(self, channels: list[int]) -> PatchEmbedder:
         fit = self.fit_params
         return PatchEmbedder(channels, fit.patch_size, fit.pretrain_embed_dimension, fit.target_embed_dimension)
-
-    @torch.no_grad()
-    def embed(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Feature maps of a batch, in layer order -> (N * h * w, D) patch embeddings and the grid (h, w)."""
-        return self.embedder([m.shape[1] for m in maps])([m.float() for m in maps])
 
     def _batches(self, features: FeatureSet, size: int, desc: str):
         maps = list(features.feature_maps.values())
@@ -169,7 +152,6 @@ class PatchCore(AnomalyDetector):
             with torch.no_grad():
                 yield embedder([m[start : start + size].float().to(self.device) for m in maps])
 
-    # -- estimator API ------------------------------------------------------------------------
     def draws_random_numbers(self) -> bool:
         return self.fit_params.coreset_ratio < 1  # the coreset's projection and starting points
 
@@ -210,8 +192,7 @@ class PatchCore(AnomalyDetector):
         return self
 
     def scorer(self, image_size: tuple[int, int]) -> PatchCoreScorer:
-        if self.bank is None or self.channels is None:
-            raise PipelineError("patchcore: predict() called before fit() or load()")
+        self._require_fitted()
         score = self.score_params
         if score.reweight and score.num_neighbors > len(self.bank):
             raise PipelineError(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from tqdm import tqdm
 
 from stages.core.errors import PipelineError
-from stages.methods.neighbours import exact_sqrt, squared_distances
+from stages.core.progress import progress_bar
+from stages.methods import neighbours
 
 # Points searched between two passes over all of them. The selection does not depend on it
 # (tests/test_methods.py), only the speed: fewer passes, each a larger matrix product.
@@ -50,19 +50,6 @@ class RandomProjection:
         return features if self.matrix is None else features @ self.matrix.to(features.device)
 
 
-def greedy_coreset(
-    features: torch.Tensor,
-    ratio: float,
-    projection_dim: int | None = 128,
-    n_starting_points: int = 10,
-    seed: int = 0,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Indices (sorted) of the `ratio` fraction of rows chosen by approximate greedy k-center."""
-    projection = RandomProjection(features.shape[1], projection_dim, seed)
-    return greedy_select(projection(features), ratio, projection.generator, n_starting_points, progress)
-
-
 def greedy_select(
     reduced: torch.Tensor,
     ratio: float,
@@ -90,7 +77,7 @@ def greedy_select(
     min_dist, squared_norms = _start(reduced, generator, n_starting_points)
     selected = torch.empty(n_select, dtype=torch.long)
     done = 0
-    with tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=1.0) as bar:
+    with progress_bar(total=n_select, show=progress, desc="coreset", unit="pt", mininterval=1.0) as bar:
         while done < n_select:
             with _one_thread(reduced.device):
                 chosen = _select_among_farthest(reduced, squared_norms, min_dist, n_select - done)
@@ -134,12 +121,15 @@ def _start(reduced, generator, n_starting_points):
     start = torch.randperm(n, generator=generator)[:n_start].to(reduced.device)
     # Approximate distance to the (not yet chosen) coreset: mean distance to a few random anchors.
     # Distances are kept squared from here on: the argmax and the minimum are the same.
-    # Block by block: whole-matrix temporaries (cdist's padded copy, reduced * reduced) would each
-    # be as large as `reduced`; the matrix-product mode keeps a short last block's arithmetic.
+    # Block by block: whole-matrix temporaries (reduced * reduced) would each be as large as `reduced`.
+    # The greedy steps below write the same three terms in another order (-2 folded into the rows, the
+    # plain loop's order), which their selections are tested against: they do not use the helper.
     blocks = reduced.split(PASS_BLOCK)
     anchors = reduced[start]
-    min_dist = torch.cat([exact_sqrt(squared_distances(block, anchors)).mean(dim=1) for block in blocks]).square()
-    squared_norms = torch.cat([(block * block).sum(dim=1) for block in blocks])
+    min_dist = torch.cat(
+        [neighbours.root(neighbours.squared_distances(block, anchors)).mean(dim=1) for block in blocks]
+    ).square()
+    squared_norms = torch.cat([neighbours.squared_norms(block) for block in blocks])
     return min_dist, squared_norms
 
 

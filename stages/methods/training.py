@@ -1,9 +1,10 @@
-"""What the trained methods (autoencoder, skip_autoencoder, feature_ae) share.
+"""What the trained methods (autoencoder, skip_autoencoder, feature_ae, feature_vae) share.
 
 - `TrainingFit` / `MapScore`: the fitting and scoring params every trained method accepts;
 - `train`: one generic Adam loop with early stopping on the validation loss, the best epoch's
   weights kept in memory, a tqdm bar, a per-epoch history and a NaN/inf guard;
-- `ReconstructionDetector`: predict (reconstruction error -> maps -> scores) and save/load;
+- `ReconstructionDetector`: the scorer (reconstruction error -> maps -> scores, through the MapHead)
+  and the network's state (predict, save and load are the base class's, stages/methods/base.py);
 - `PixelFit` / `PixelReconstructionDetector`: what the two pixel autoencoders add on top;
 - `FeatureFit` / `FeatureReconstructionDetector`: the same for the feature (V)AEs on cached maps.
 
@@ -28,7 +29,7 @@ from stages.core.errors import PipelineError
 from stages.core.schema import Schema, SchemaError, option
 from stages.features.cache import finest_grid
 from stages.methods.base import AnomalyDetector, TrainingDiverged
-from stages.methods.maps import IMAGE_SCORES, MapHead, resize_matrix
+from stages.methods.maps import IMAGE_SCORES, MAX_SMOOTHING_SIGMA, MapHead, resize_matrix
 from stages.methods.neighbours import exact_sqrt
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
@@ -47,7 +48,8 @@ class TrainingFit(Schema):
 @dataclasses.dataclass(frozen=True)
 class MapScore(Schema):
     image_score: str = option("max", "how the anomaly map becomes the image score", choices=IMAGE_SCORES)
-    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image", ge=0)
+    smoothing_sigma: float = option(4.0, "Gaussian blur of the anomaly map, in pixels of the prepared image",
+                                   ge=0, le=MAX_SMOOTHING_SIGMA)
     batch_size: int = option(8, "images scored at once", ge=1)
 
 
@@ -176,8 +178,7 @@ class ReconstructionScorer(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         x = self.inputs(*inputs)
-        maps, scores = self.head(self.error_maps(self.net(x), x))
-        return scores, maps
+        return self.head(self.error_maps(self.net(x), x))
 
 
 class ReconstructionDetector(AnomalyDetector):
@@ -190,6 +191,7 @@ class ReconstructionDetector(AnomalyDetector):
 
     Score = MapScore
     net: nn.Module | None = None
+    fitted_attributes = ("net",)
 
     def draws_random_numbers(self) -> bool:
         return True  # weight initialisation and shuffling
@@ -206,25 +208,18 @@ class ReconstructionDetector(AnomalyDetector):
         return (recon - x).pow(2).sum(1)
 
     def scorer(self, image_size: tuple[int, int]) -> ReconstructionScorer:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: predict() called before fit() or load()")
+        self._require_fitted()
         score = self.score_params
         head = MapHead(image_size, float(score.smoothing_sigma), score.image_score)
         return ReconstructionScorer(self.input_module(image_size), self.net.eval(), self.error_maps, head)
 
     def get_state(self) -> dict:
-        if self.net is None:
-            raise PipelineError(f"{self.method}: nothing to save, the model was not fitted")
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
 
     def set_state(self, state: dict) -> None:
         net = self.build_net()
         net.load_state_dict(state["net"])
         self.net = net.to(self.device).eval()
-
-
-def _positive_ints(values: list) -> bool:
-    return all(v > 0 for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +281,7 @@ class PixelReconstructionDetector(ReconstructionDetector):
     @torch.no_grad()
     def reconstruct(self, split) -> np.ndarray:
         """(N, H, W, 3) float32 in [0, 1]: the network's output at the prepared size (for figures)."""
-        if self.net is None:
-            raise PipelineError(f"{self.method}: reconstruct() called before fit() or load()")
+        self._require_fitted()
         x, size, out = self.model_inputs(split), split.image_size, []
         net, batch = self.net.to(self.device).eval(), self.score_params.batch_size
         for start in range(0, len(x), batch):
@@ -361,6 +355,7 @@ class FeatureReconstructionDetector(ReconstructionDetector):
     Fit = FeatureFit
     mean: Tensor | None = None
     std: Tensor | None = None
+    fitted_attributes = ("net", "mean", "std")
 
     def loss(self, net: nn.Module, x: Tensor) -> Tensor:
         return F.mse_loss(net(x), x)

@@ -8,8 +8,6 @@ from matplotlib.patches import Patch
 
 from stages.plotting.style import GOOD, VALIDATION, colour, plt
 
-SUMMARY_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO (FPR ≤ 0.3)"}
-
 
 def distribution_figure(
     model: str,
@@ -54,10 +52,11 @@ def distribution_figure(
     return fig
 
 
-def summary_figure(rows: dict[str, dict], subtitle: str):
-    """rows: model -> {metric: value or None}. One bar group per metric, one bar per model."""
+def summary_figure(rows: dict[str, dict], subtitle: str, titles: dict[str, str]):
+    """rows: model -> {metric: value or None}; titles: metric -> its axis label, in the order drawn. One
+    bar group per metric, one bar per model."""
     models = list(rows)
-    metrics = list(SUMMARY_METRICS)
+    metrics = list(titles)
     # colours by sorted name, as Vega-Lite assigns them in the interactive charts
     palette = {model: colour(i) for i, model in enumerate(sorted(models))}
     width = 0.8 / max(1, len(models))
@@ -71,7 +70,7 @@ def summary_figure(rows: dict[str, dict], subtitle: str):
                 continue
             ax.bar(x, value, width=width * 0.95, color=palette[model])
             ax.text(x, value + 0.01, f"{value:.3f}", ha="center", va="bottom", rotation=90, fontsize=7)
-    ax.set_xticks(np.arange(len(metrics)), [SUMMARY_METRICS[k] for k in metrics])
+    ax.set_xticks(np.arange(len(metrics)), [titles[k] for k in metrics])
     ax.set_ylim(0, 1.18)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("score (higher is better)")

@@ -4,11 +4,14 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 import numpy as np
+from matplotlib.patches import Rectangle
 
 from stages.core.errors import PipelineError
 from stages.deploy.overlay import HEATMAP_CMAP, ColourScale, overlay
 from stages.evaluation.threshold import flagged
-from stages.plotting.style import TRUTH, blank, plt
+from stages.plotting.style import OKABE_ITO, TRUTH, blank, plt
+
+VIEW = OKABE_ITO[1]  # orange: the region the model sees (the ground truth is bluish green)
 
 
 def select(defect_types: list[str], per_defect: int, good: int, seed: int) -> list[int]:
@@ -55,11 +58,21 @@ def _short(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def overview_figure(rows: list[dict], title: str):
-    """rows: one per defect type, {"type": str, "items": [{"raw", "raw_mask", "prepared", "mask", "name"}]}.
+def box(ax, corners: tuple[float, float, float, float] | None, color: str = VIEW) -> None:
+    """A dashed rectangle (left, top, right, bottom) in the panel's pixel coordinates (pixel edges)."""
+    if corners is not None:
+        left, top, right, bottom = corners
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor=color,
+                               linestyle="--", linewidth=1.4))
 
-    Each image gives two panels: the raw image with its mask outline, and the model input (after
-    resize + centre crop) with its mask outline. Returns (figure, (rows, columns)).
+
+def overview_figure(rows: list[dict], title: str):
+    """rows: one per image group (training, then each defect type), {"type": str, "items": [{"raw", "raw_mask",
+    "raw_size", "view", "prepared", "mask", "valid", "name"}]}.
+
+    Each image gives two panels: the raw image with its mask outline and a dashed box around the part the
+    model sees (`view`), and the model input with its mask outline and, under padding, a dashed box around
+    the image (`valid`, None when it fills the input). Returns (figure, (rows, columns)).
     """
     n_rows = len(rows)
     n_cols = 2 * max(len(r["items"]) for r in rows)
@@ -76,14 +89,19 @@ def overview_figure(rows: list[dict], title: str):
             image, mask = (item["raw"], item["raw_mask"]) if which == 0 else (item["prepared"], item["mask"])
             ax.imshow(image, interpolation="antialiased")
             outline(ax, mask)
+            box(ax, item["view"] if which == 0 else item["valid"])
             size = item["raw_size"] if which == 0 else image.shape[:2]
             ax.set_title(
                 f"{'raw' if which == 0 else 'model input'} {size[1]}×{size[0]}\n{_short(item['name'])}", fontsize=8
             )
         axes[r, 0].set_ylabel(row["type"], fontsize=10, fontweight="bold")
     fig.suptitle(title)
-    fig.text(0.5, 0.005, "green outline: ground-truth defect region", ha="center", va="bottom", fontsize=8, color=TRUTH)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    height = fig.get_figheight()
+    fig.text(0.5, 0.05 / height, "green outline: ground-truth defect region", ha="center", va="bottom", fontsize=8,
+             color=TRUTH)
+    fig.text(0.5, 0.2 / height, "dashed box: the part of the raw image the model sees; on a model input, the image "
+             "within its padding", ha="center", va="bottom", fontsize=8, color=VIEW)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
     return fig, (n_rows, n_cols)
 
 

@@ -18,7 +18,6 @@ OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 GOOD = "#999999"  # good test images
 VALIDATION = "#0072B2"  # held-out good validation images
 TRUTH = "#009E73"  # ground-truth outlines (bluish green)
-PREDICTED = "#D55E00"  # thresholded regions (vermillion)
 DPI = 100
 
 plt.rcParams.update(

