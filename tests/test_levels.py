@@ -261,3 +261,34 @@ def test_report_tables_and_plot_data_per_level(tmp_path):
     assert "per difficulty level" not in (tmp_path / "metrics/summary.md").read_text()
     assert (tmp_path / "plots/levels.csv").read_text().splitlines()[0].startswith("category,model,level,label")
     assert len((tmp_path / "plots/levels.csv").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b["image_auroc"].update(L1="0.9"), "levels: image_auroc is not a number per level"),
+        (lambda b: b["interval"]["pixel_auroc"].pop("L2"), "levels: interval's pixel_auroc is not [low, high]"),
+        (lambda b: b["ladder"]["L1"].pop("delta_e"), "levels: ladder is not a mapping of levels"),
+        (lambda b: b["detection_limit"]["auroc_0.9"].update(level=None), "levels: detection_limit 'auroc_0.9'"),
+    ],
+)
+def test_report_refuses_a_damaged_levels_block_naming_the_file(tmp_path, damage, message):
+    from tests.test_report import write_metrics
+
+    params = default_params()
+    params["data"]["categories"] = ["carpet"]
+    params["models"] = {name: params["models"][name] for name in ("knn_effnet", "patchcore_effnet")}
+    write_params(tmp_path, params)
+    write_metrics(tmp_path, "carpet", "knn_effnet", image_auroc=0.8)
+    write_metrics(tmp_path, "carpet", "patchcore_effnet", image_auroc=0.9, pixel_auroc=0.95, aupro=0.8)
+    _with_levels(tmp_path, "carpet", "knn_effnet", (2.0, 1.0, 0.5, 0.0))
+    block = _with_levels(tmp_path, "carpet", "patchcore_effnet", (6.0, 3.0, 1.5, 0.0))
+    call_stage("compare", cwd=tmp_path)
+    damage(block)
+    path = tmp_path / "metrics/models/carpet.category/patchcore_effnet.metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "levels": block}))
+    with pytest.raises(PipelineError) as info:
+        call_stage("report", cwd=tmp_path)
+    assert str(info.value).startswith("metrics/models/carpet.category/patchcore_effnet.metrics.json: not a metrics")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "metrics/summary.md").exists()
