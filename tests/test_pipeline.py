@@ -347,7 +347,7 @@ def test_plots_show_offline_page(workspace, first_run, tmp_path):
     # the page as a browser lays it out: the questions in order, every plot under its heading, every chart drawn
     per_model = "{here}/{m}.model/{name}".format
     page_order = [  # (heading id, the plots it heads); a heading with nothing under it is hidden
-        ("how-good", ["summary", "categories", "plots/summary.png"]),
+        ("how-good", ["summary", "categories", "detection_by_level", "plots/summary.png"]),
         ("how-sure", ["intervals", "pairwise"]),
         ("where-it-fails", []),
         ("curves", ["image_roc", "image_pr", "pixel_roc", "pro"]),
