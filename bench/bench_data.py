@@ -22,7 +22,7 @@ ARCH = "efficientnet_lite0"
 LAYERS = ["blocks.2", "blocks.4"]
 
 
-def prepare(workdir: str | Path, n_train: int, n_test_good: int, n_test_per_defect: int,
+def prepare(workdir: str | Path, n_train: int, n_test_good: int, n_test_per_cell: int,
             image_size: int = 256, resize: int = 256, crop: int = 256, seed: int = 0) -> Path:
     """Generate + preprocess once; returns workdir. Settings are recorded in workdir/settings.json."""
     from stages.data.prepared import save_split
@@ -31,7 +31,7 @@ def prepare(workdir: str | Path, n_train: int, n_test_good: int, n_test_per_defe
     from stages.preprocess import load_images
 
     workdir = Path(workdir)
-    settings = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect,
+    settings = dict(n_train=n_train, n_test_good=n_test_good, n_test_per_cell=n_test_per_cell,
                     image_size=image_size, resize=resize, crop=crop, seed=seed)
     record = workdir / "settings.json"
     if record.is_file() and json.loads(record.read_text()) == settings:
@@ -40,7 +40,7 @@ def prepare(workdir: str | Path, n_train: int, n_test_good: int, n_test_per_defe
         shutil.rmtree(workdir)
     raw = workdir / "raw"
     generate_category(raw, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
-                      n_test_per_defect=n_test_per_defect, seed=seed)
+                      n_test_per_cell=n_test_per_cell, seed=seed)  # every type at every default level
     train_items, test_items, has_masks = list_category(raw)
     recipe = {"resize": resize, "crop_size": crop, "mode": "crop"}
     save_split(workdir / "train.npz", load_images(train_items, recipe, False, "train"))

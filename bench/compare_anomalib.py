@@ -355,7 +355,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-train", type=int, default=50)
     parser.add_argument("--n-test-good", type=int, default=20)
-    parser.add_argument("--n-test-per-defect", type=int, default=8)
+    parser.add_argument("--n-test-per-cell", type=int, default=2, help="test images per defect type and level")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--ours-dims", type=int, nargs="+", default=[1024], help="our embed dimension(s)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
@@ -408,7 +408,7 @@ def main() -> None:
         return
 
     size = args.image_size
-    bench_data.prepare(workdir, args.n_train, args.n_test_good, args.n_test_per_defect, size, size, size)
+    bench_data.prepare(workdir, args.n_train, args.n_test_good, args.n_test_per_cell, size, size, size)
 
     def child(job: str) -> dict:
         """One job in its own process, so its peak RSS is its own."""
@@ -475,7 +475,9 @@ def main() -> None:
     if not args.skip_anomalib:
         rows.append(child("anomalib"))
 
-    n_test = args.n_test_good + 5 * args.n_test_per_defect
+    from stages.data.synthetic import DEFAULT_LEVELS
+
+    n_test = args.n_test_good + 5 * len(DEFAULT_LEVELS) * args.n_test_per_cell
     print(
         f"\nPatchCore, ours vs anomalib: EfficientNet-Lite0 blocks.2 + blocks.4 (same weights), {size} px, "
         f"{args.n_train} train / {n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours, "

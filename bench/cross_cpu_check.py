@@ -68,8 +68,9 @@ def prepare(root: Path) -> Path:
     project = root / "prepared"
     project.mkdir()
     params = default_params()
-    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1,
                                        defect_types=["color", "hole"])
+    params["data"]["synthetic"]["levels"] = params["data"]["synthetic"]["levels"][:1]
     params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
     params.update(device="cpu", fit_seeds=[0], numerics="strict")
     params["evaluate"]["bootstrap"]["resamples"] = 20

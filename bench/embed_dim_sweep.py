@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--n-test-good", type=int, default=20)
-    parser.add_argument("--n-test-per-defect", type=int, default=8)
+    parser.add_argument("--n-test-per-cell", type=int, default=2, help="test images per defect type and level")
     parser.add_argument("--image-size", type=int, default=256, help="generated, resized and cropped size")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--num-neighbors", type=int, default=9)
@@ -80,7 +80,7 @@ def main() -> None:
 
     size = args.image_size
     start = time.perf_counter()
-    bench_data.prepare(args.workdir, args.n_train, args.n_test_good, args.n_test_per_defect, size, size, size)
+    bench_data.prepare(args.workdir, args.n_train, args.n_test_good, args.n_test_per_cell, size, size, size)
     if not (args.workdir / "features_test.pt").is_file():
         from stages.features.cache import save_features
 
@@ -112,7 +112,9 @@ def main() -> None:
         rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_before": load})
         print(rows[-1], file=sys.stderr)
 
-    n_test = args.n_test_good + 5 * args.n_test_per_defect
+    from stages.data.synthetic import DEFAULT_LEVELS
+
+    n_test = args.n_test_good + 5 * len(DEFAULT_LEVELS) * args.n_test_per_cell
     print(
         f"\nPatchCore on EfficientNet-Lite0 blocks.2 + blocks.4 features, {size} px, {args.n_train} train / "
         f"{n_test} test images, coreset {args.coreset_ratio}, {args.num_neighbors} neighbours\n"

@@ -54,14 +54,16 @@ def build(folder: Path, size: str) -> list[str]:
     params.update(device="cpu", fit_seeds=[0], numerics="strict")
     params["evaluate"]["bootstrap"]["resamples"] = 20
     if size == "tiny":
-        params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+        params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1,
                                            defect_types=["color", "hole"])
+        params["data"]["synthetic"]["levels"] = params["data"]["synthetic"]["levels"][:1]
         params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
         params["models"] = {"pc": MODELS_FITTED["pc"],
                             "knn": {"method": "global_knn", "backbone": "efficientnet_lite0", "score": {"k": 3}}}
     else:  # the default input size (resize 256, crop 224) and models; 60 images: enough for the kNN's k = 50
-        params["data"]["synthetic"].update(n_train=60, n_test_good=2, n_test_per_defect=1,
+        params["data"]["synthetic"].update(n_train=60, n_test_good=2, n_test_per_cell=1,
                                            defect_types=["color", "hole"])
+        params["data"]["synthetic"]["levels"] = params["data"]["synthetic"]["levels"][:1]
         params["models"] = {name: params["models"][name] for name in ("patchcore_effnet", "knn_effnet")}
     folder.mkdir()
     write_params(folder, params)

@@ -96,7 +96,9 @@ def stand_in_params(config: dict, name: str, counts: tuple[int, int, int], args,
     params["data"] = {
         "source": "synthetic", "categories": [name], "sources": {}, "folder": None, "mvtec": {}, "visa": {},
         "synthetic": {"image_size": args.image_size, "n_train": train, "n_test_good": good,
-                      "n_test_per_defect": math.ceil(defective / DEFECT_TYPES), "seed": 0},
+                      "n_test_per_cell": math.ceil(defective / DEFECT_TYPES), "seed": 0,
+                      # one level: the defective count is the stand-in's, in multiples of the types only
+                      "levels": [{"delta_e": 16, "area": 256, "width": 2}]},
     }
     params["numerics"], params["device"] = args.numerics, args.device
     for backbone, entry in params["backbones"].items():

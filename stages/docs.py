@@ -5,6 +5,7 @@ tests/test_params.py fails when the README is not what this prints.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def _cell(text: str) -> str:
 def _table(schema: type) -> list[str]:
     rows = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
     for name, allowed, default, doc in field_docs(schema):
-        rows.append(f"| `{name}` | {_cell(allowed)} | `{_value(default)}` | {_cell(doc)} |")
+        shown = "required" if default is dataclasses.MISSING else f"`{_value(default)}`"
+        rows.append(f"| `{name}` | {_cell(allowed)} | {shown} | {_cell(doc)} |")
     return rows
 
 
@@ -40,6 +42,8 @@ def reference() -> str:
         ("`device`, top level", None),
         ("`data`", params.Data),
         ("`data.synthetic`", params.Synthetic),
+        ("`data.synthetic.levels[]`, each level", params.Level),
+        ("`data.synthetic.nuisance`", params.Nuisance),
         ("`data.mvtec`", params.Mvtec),
         ("`data.visa`", params.Visa),
         ("`preprocess`", params.Preprocess),

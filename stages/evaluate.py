@@ -8,6 +8,8 @@ stratified resamples of the test images (stages/evaluation/bootstrap.py), the sa
 of the category. Writes
 - metrics/models/<category>.category/<model>.metrics.json: the mean over seeds of every metric,
   its standard deviation over seeds, the bootstrap interval of the seed mean, and each seed's own;
+  on a synthetic ladder also `levels`: the same per difficulty level, and the detection limits
+  (stages/evaluation/levels.py);
 - data/evaluations/<category>.category/<model>.resamples.npz: the seed mean on every resample
   (stage `compare` pairs models with it);
 - models/<category>.category/<model>.scoring.json: what figures, predict and the demo apply with
@@ -26,7 +28,7 @@ from stages.core.paths import metrics_file, pixels_dir, resamples_file, scoring_
 from stages.data.prepared import load_split
 from stages.deploy.overlay import ColourScale
 from stages.deploy.record import write_scoring
-from stages.evaluation import curves, metrics
+from stages.evaluation import curves, levels, metrics
 from stages.evaluation.bootstrap import stratified_weights
 from stages.evaluation.statistics import PixelStats
 from stages.evaluation.threshold import flagged, validation_threshold
@@ -44,7 +46,9 @@ def main() -> None:
     for split, loaded in inputs.items():
         if list(loaded.names) != prepared[split].names:
             raise PipelineError(f"{config.features}: {split} features do not match the prepared images; rerun extract")
-    weights = stratified_weights(test.labels, bootstrap["resamples"], bootstrap["seed"], config.category)
+    # a synthetic ladder's levels (None elsewhere) stratify the resamples and get metrics of their own
+    weights = stratified_weights(test.labels, bootstrap["resamples"], bootstrap["seed"], config.category, test.levels)
+    per_level_seed, per_level_resampled = {}, []
 
     per_seed, on_resamples, first = {}, [], None
     for seed in config.seeds:
@@ -71,6 +75,10 @@ def main() -> None:
         on_resamples.append(
             metrics.resampled(test.labels, prediction.image_scores, pixels, weights, settings["fpr_limit"])
         )
+        if test.levels is not None:
+            level_args = (test.labels, prediction.image_scores, test.levels, test.ladder, pixels, settings["fpr_limit"])
+            per_level_seed[seed] = levels.per_level(*level_args)
+            per_level_resampled.append(levels.per_level(*level_args, weights=weights))
         if first is None:
             first = (seed, detector, prediction, validation, pixels, threshold_rule)
         del prediction, validation, pixels  # one seed's maps at a time
@@ -86,6 +94,10 @@ def main() -> None:
         "n_train": detector.inputs.get("n_train"),
         **summary,
     }
+    if test.levels is not None:
+        result["levels"] = levels.summarise(
+            per_level_seed, per_level_resampled, test.ladder, test.levels, bootstrap["confidence"]
+        )
 
     plot_dir = config.plots
     threshold = per_seed[seed]["threshold"]

@@ -16,6 +16,7 @@ from stages.core.errors import check, warn
 from stages.core.outputs import atomic_path
 from stages.core.params import param
 from stages.core.paths import pixels_dir, raw_category_dir
+from stages.data.levels import read_levels
 from stages.data.prepared import Split, save_split, write_inputs
 from stages.data.raw import (
     RECIPE_KEYS,
@@ -97,13 +98,20 @@ def main() -> None:
         keep = np.random.default_rng([seed, max_train]).permutation(len(fit_items))[:max_train]
         fit_items = [fit_items[i] for i in sorted(keep)]
 
+    # each defective test image's difficulty level, when the category has a levels.csv (the synthetic one)
+    labels = [int(item.defect_type != "good") for item in test_items]
+    levelled = read_levels(raw_category_dir(category), [item.name for item in test_items], labels)
+
     destination = pixels_dir(category)
     soft, sizes = [], []
     with atomic_path(destination) as out:  # a bad image or mask on the way leaves no output
         out.mkdir(parents=True)
         save_split(out / "train.npz", load_images(fit_items, preprocess, False, "train", sizes=sizes))
         save_split(out / "val.npz", load_images(val_items, preprocess, False, "val", sizes=sizes))
-        save_split(out / "test.npz", load_images(test_items, preprocess, has_masks, "test", soft_masks=soft))
+        test = load_images(test_items, preprocess, has_masks, "test", soft_masks=soft)
+        if levelled is not None:
+            test.levels, test.ladder = levelled
+        save_split(out / "test.npz", test)
         write_inputs(out, preprocess, backbone=None, n_train=len(fit_items))
     for line in (soft_mask_warning(soft, sum(item.mask_path is not None for item in test_items)),
                  crop_warning(f"{category}/train/good", sizes, preprocess)):

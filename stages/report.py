@@ -6,7 +6,10 @@
 - categories.csv: the same per-metric tables as CSV (metric, category, one column per model).
 - summary.csv: one row per category x model with every metric, plus one `mean` row per model;
   drawn by the top-level DVC plots `summary` (the means) and `categories` (the table as a heatmap).
-- summary.json: {"mean": {model: {...}}, "categories": {category: {model: {...}}}}.
+- summary.json: {"mean": {model: {...}}, "categories": {category: {model: {...}}}} (and "levels").
+- categories with a synthetic difficulty ladder: a table model x level of image AUROC with the
+  detection limits in summary.md, the per-level metrics in summary.json "levels", and
+  plots/levels.csv (every category x model x level), drawn by the DVC plot `detection_by_level`.
 
 A model that declares `reference: <table>` (models.<name>.reference) gets the published value of each
 headline metric beside its interval (references/<table>.csv, same dataset and category), marked
@@ -28,8 +31,8 @@ from stages.core.cli import run_main
 from stages.core.errors import PipelineError
 from stages.core.outputs import atomic_path, write_csv, write_json
 from stages.core.params import category_source, load_params, param
+from stages.core.paths import PLOTS_ROOT, metrics_file, reference_file
 from stages.core.paths import SUMMARY_ROOT as OUTPUT
-from stages.core.paths import metrics_file, reference_file
 from stages.evaluation import references as published
 from stages.evaluation.metrics import HEADLINE_METRICS, INTERVAL_METRICS, METRIC_TITLES
 from stages.evaluation.paired import MEAN, mean_groups, table_rows
@@ -240,6 +243,155 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
     return f"# {counted}\n\n" + "\n".join(parts)
 
 
+# --------------------------------------------------------------------------- per difficulty level
+# Categories with a synthetic ladder (metrics files with `levels`, stages/evaluation/levels.py) get a
+# table model x level and the detection limits; plots/levels.csv feeds the `detection_by_level` chart.
+
+LEVEL_COLUMNS = ["category", "model", "level", "label", "delta_e", "area", "width"] + [
+    f"{metric}{end}" for metric in HEADLINE_METRICS for end in ("", "_low", "_high")
+]
+
+
+def _levels_block(path, record: dict, remedy: str) -> dict | None:
+    """A metrics file's `levels` block (stages/evaluation/levels.py summarise), checked: every value the
+    report formats is a number (or null where a metric is undefined); None when the file has none."""
+    block = record.get("levels")
+    if block is None:
+        return None
+
+    def bad(reason: str) -> PipelineError:
+        return PipelineError(f"{path}: not a metrics file of the evaluate stage (levels: {reason}; {remedy})")
+
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    ladder = block.get("ladder") if isinstance(block, dict) else None
+    if not isinstance(ladder, dict) or not ladder or not all(
+        isinstance(level, dict) and all(number(level.get(key)) for key in ("delta_e", "area", "width", "defects"))
+        for level in ladder.values()
+    ):
+        raise bad("ladder is not a mapping of levels with delta_e, area, width and defects")
+    for metric in HEADLINE_METRICS:
+        values, bounds = block.get(metric), (block.get("interval") or {}).get(metric)
+        if values is not None and not (isinstance(values, dict) and set(values) == set(ladder)
+                                       and all(map(number, values.values()))):
+            raise bad(f"{metric} is not a number per level")
+        if (values is None) != (bounds is None) or bounds is not None and not (
+            isinstance(bounds, dict) and set(bounds) == set(ladder)
+            and all(isinstance(b, list) and len(b) == 2 and all(map(number, b)) for b in bounds.values())
+        ):
+            raise bad(f"interval's {metric} is not [low, high] per level")
+        spread = (block.get("seed_std") or {}).get(metric)
+        if spread is not None and not (isinstance(spread, dict) and all(map(number, spread.values()))):
+            raise bad(f"seed_std's {metric} is not a number per level")
+    for name, limit in (block.get("detection_limit") or {}).items():
+        positions = isinstance(limit, dict) and all(number(limit.get(key)) for key in ("level", "low", "high"))
+        if not positions or not all(
+            limit.get(f"delta_e{end}") is None or number(limit[f"delta_e{end}"]) for end in ("", "_low", "_high")
+        ):
+            raise bad(f"detection_limit {str(name)[:40]!r} is not a position with its interval")
+    return block
+
+
+def level_results(categories: list[str], names: list[str]) -> dict:
+    """{category: {model: the metrics file's `levels` block}} for the categories that have levels."""
+    results = {}
+    for category in categories:
+        blocks = {}
+        for name in names:
+            path, remedy = metrics_file(category, name), f"rerun evaluate@{category}-{name}"
+            blocks[name] = _levels_block(path, read_metrics(path, remedy), remedy)
+        if any(block is not None for block in blocks.values()):
+            missing = [name for name, block in blocks.items() if block is None]
+            if missing:
+                raise PipelineError(f"{metrics_file(category, missing[0])}: no per-level metrics while other models "
+                                    f"of {category} have them (rerun evaluate@{category}-{missing[0]})")
+            results[category] = blocks
+    return results
+
+
+def _varying(ladder: dict) -> list[str]:
+    """The ladder's physical quantities that change between levels (the others are the same at every level)."""
+    return [key for key in ("delta_e", "area", "width") if len({level[key] for level in ladder.values()}) > 1]
+
+
+def _level_label(name: str, level: dict, keys: list[str]) -> str:
+    units = {"delta_e": lambda v: f"ΔE {v:g}", "area": lambda v: f"{v:g} px", "width": lambda v: f"width {v:g}"}
+    return " · ".join([name, *(units[key](level[key]) for key in keys)])
+
+
+def level_rows(levelled: dict) -> list[dict]:
+    rows = []
+    for category, blocks in levelled.items():
+        for name, block in blocks.items():
+            keys = _varying(block["ladder"])
+            for k, (level, definition) in enumerate(block["ladder"].items(), start=1):
+                row = {"category": category, "model": name, "level": k, "label": _level_label(level, definition, keys)}
+                row.update({key: definition[key] for key in ("delta_e", "area", "width")})
+                for metric in HEADLINE_METRICS:
+                    value = (block.get(metric) or {}).get(level)
+                    bounds = (block["interval"].get(metric) or {}).get(level) or (None, None)
+                    row.update({metric: value, f"{metric}_low": bounds[0], f"{metric}_high": bounds[1]})
+                rows.append(row)
+    return rows
+
+
+def _limit_text(entry: dict, ladder: dict) -> str:
+    """'L2.6 [2.1, 3.0], ΔE 9.1 [6.0, 12.3]': the limit's position on the ladder with its interval, and the
+    colour difference there when it changes along the ladder; '< L1' / '> L5' beyond the ladder's ends."""
+    count = len(ladder)
+    delta_e = [level["delta_e"] for level in ladder.values()]
+
+    def position(p: float) -> str:
+        return "< L1" if p < 1 else f"> L{count}" if p > count else f"L{p:.1f}"
+
+    def colour(p: float, value) -> str:
+        return f"> {max(delta_e):g}" if p < 1 else f"< {min(delta_e):g}" if p > count else f"{value:.1f}"
+
+    text = f"{position(entry['level'])} [{position(entry['low'])}, {position(entry['high'])}]"
+    if "delta_e" in _varying(ladder):
+        # a later position is a smaller ΔE: the interval's bounds swap
+        text += (f", ΔE {colour(entry['level'], entry['delta_e'])} "
+                 f"[{colour(entry['high'], entry['delta_e_high'])}, {colour(entry['low'], entry['delta_e_low'])}]")
+    return text
+
+
+def level_markdown(levelled: dict, confidence: float) -> str:
+    parts = []
+    for category, blocks in levelled.items():
+        ladder = next(iter(blocks.values()))["ladder"]
+        keys = _varying(ladder)
+        defined = "; ".join(
+            f"{name}: ΔE*ab {level['delta_e']:g}, {level['area']:g} px, width {level['width']:g} px "
+            f"({level['defects']} defective images)"
+            for name, level in ladder.items()
+        )
+        parts.append(
+            f"## Image AUROC per difficulty level: {category}\n\n"
+            f"Good test images against each level's defective images (every defect type), the mean over fit "
+            f"seeds with its {confidence:.0%} bootstrap interval and seed spread, as above. The levels, easiest "
+            f"first (docs/explanation/synthetic-benchmark.md): {defined}. Detection limit: where the image "
+            "AUROC falls to 0.9 and to 0.75, interpolated between levels, with its interval over the same "
+            f"resamples ('< L1': below already at L1; '> L{len(ladder)}': never).\n\n"
+        )
+        table = []
+        for name, block in blocks.items():
+            row = {"model": name}
+            for level, definition in ladder.items():
+                row[_level_label(level, definition, keys)] = _estimate(
+                    {
+                        "v": block["image_auroc"][level],
+                        "v_low": block["interval"]["image_auroc"][level][0],
+                        "v_high": block["interval"]["image_auroc"][level][1],
+                        "v_seed_std": (block["seed_std"].get("image_auroc") or {}).get(level),
+                    },
+                    "v",
+                ) if block["image_auroc"] is not None else "–"
+            for threshold, entry in (block.get("detection_limit") or {}).items():
+                row[f"limit at {threshold.removeprefix('auroc_')}"] = _limit_text(entry, ladder)
+            table.append(row)
+        parts[-1] += markdown_table(table, list(table[0]))
+    return "\n".join(parts)
+
+
 def main() -> None:
     params = load_params()
     names = list(param(params, "models"))
@@ -283,6 +435,9 @@ def main() -> None:
         summary["groups"] = {
             label: {"categories": members, MEAN: mean_of(label)} for label, members in groups.items() if label != MEAN
         }
+    levelled = level_results(categories, names)  # categories with a synthetic ladder only
+    if levelled:
+        summary["levels"] = levelled
     try:  # the inputs are finite (stages/evaluation/results.py); strict JSON refuses NaN if a mean were not
         json.dumps(summary, allow_nan=False)
     except ValueError as exc:
@@ -297,6 +452,9 @@ def main() -> None:
         param(params, "evaluate.bootstrap.resamples"),
         compared,
     )
+    if levelled:
+        text += "\n" + level_markdown(levelled, param(params, "evaluate.bootstrap.confidence"))
+    write_csv(PLOTS_ROOT / "levels.csv", level_rows(levelled), LEVEL_COLUMNS)  # header only without levels
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(text)
     position = {row: i for i, row in enumerate(table_rows(groups))}  # the tables' row order, for the `categories` chart

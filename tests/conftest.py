@@ -125,8 +125,10 @@ EVERY_METHOD = _with_every_registered_method(EVERY_METHOD)
 def fitted(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("predict")
     params = default_params()
-    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1,
+    params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1,
                                        defect_types=["color", "hole"])
+    # one clearly visible level, large enough for 64 px images (96 px): the demo must flag the colour defect
+    params["data"]["synthetic"]["levels"] = [{"delta_e": 24, "area": 1536, "width": 8}]
     params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
     params["device"] = "cpu"
     params["fit_seeds"] = [3, 4]  # predict and the demo use the first seed's fit, the one evaluate's threshold is for

@@ -28,7 +28,7 @@ def assert_no_output(project: Path, path: Path) -> None:
         assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp")]
 
 
-TINY = dict(image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, seed=0)
+TINY = dict(image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1, seed=0)
 
 
 def raw_category(project: Path, category: str = "carpet") -> Path:

@@ -19,8 +19,9 @@ SEEDS = [5, 6, 7]
 @pytest.fixture
 def prepared(tmp_path) -> Path:
     params = default_params()
-    params["data"]["synthetic"].update(image_size=32, n_train=8, n_test_good=2, n_test_per_defect=1,
+    params["data"]["synthetic"].update(image_size=32, n_train=8, n_test_good=2, n_test_per_cell=1,
                                        defect_types=["color", "hole"])
+    params["data"]["synthetic"]["levels"] = params["data"]["synthetic"]["levels"][:1]  # the easiest level only
     params["preprocess"].update(resize=32, crop_size=32, val_fraction=0.25)
     params["device"] = "cpu"
     params["fit_seeds"] = SEEDS

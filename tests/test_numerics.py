@@ -55,8 +55,9 @@ def prepared(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("numerics")
     params = default_params()
     params["data"]["synthetic"].update(
-        image_size=64, n_train=8, n_test_good=2, n_test_per_defect=1, defect_types=["color", "hole"]
+        image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1, defect_types=["color", "hole"]
     )
+    params["data"]["synthetic"]["levels"] = params["data"]["synthetic"]["levels"][:1]  # the easiest level only
     params["preprocess"].update(resize=56, crop_size=48, val_fraction=0.25)
     params.update(device="cpu", fit_seeds=[0])
     params["evaluate"]["bootstrap"]["resamples"] = 20

@@ -317,7 +317,7 @@ def test_synthetic_data_under_a_visa_name_is_flagged(project):
     """A synthetic 'candle' is a carpet-like texture: the download says so and names the visa source."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(categories=["candle"])
-    params["data"]["synthetic"].update(image_size=32, n_train=2, n_test_good=1, n_test_per_defect=1)
+    params["data"]["synthetic"].update(image_size=32, n_train=2, n_test_good=1, n_test_per_cell=1)
     write_params(project, params)
     result = run_stage("download", "candle", cwd=project, check=True)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]

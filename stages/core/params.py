@@ -42,17 +42,56 @@ class Synthetic(Schema):
     image_size: int = option(256, "side of the generated square images", ge=32, le=2048)
     n_train: int = option(100, "defect-free training images", ge=1, le=10000)
     n_test_good: int = option(20, "defect-free test images", ge=0, le=10000)
-    n_test_per_defect: int = option(8, "test images per defect type", ge=0, le=10000)
+    n_test_per_cell: int = option(2, "test images per defect type and level (each cell of the ladder)", ge=0, le=10000)
     # which names exist is the generator's business (stages/data/synthetic.py checks them)
     defect_types: list[str] = option(["color", "cut", "hole", "metal_contamination", "thread"], "defect types to draw")
+    levels: list[dict] = option(
+        [{"delta_e": d, "area": 256, "width": 2} for d in (16, 8, 4, 2)],
+        "the difficulty ladder, easiest first: every defect type is drawn at every level "
+        "(data.synthetic.levels[] below; docs/explanation/synthetic-benchmark.md)",
+    )
+    nuisance: dict = option({}, "variation of every image, train and test alike (data.synthetic.nuisance below)")
     seed: int = option(0, "generator seed", ge=0)
 
     def validate_block(self) -> None:
-        images = self.n_train + self.n_test_good + self.n_test_per_defect * len(self.defect_types)
+        images = self.n_train + self.n_test_good + self.n_test_per_cell * len(self.defect_types) * len(self.levels)
         if images * self.image_size**2 > SYNTHETIC_MAX_PIXELS:
             raise SchemaError(None, f"{images} images of {self.image_size}x{self.image_size} would be "
                                     f"{images * self.image_size**2:,} pixels, more than the generator's limit of "
                                     f"{SYNTHETIC_MAX_PIXELS:,} (fewer images or a smaller image_size)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Level(Schema):
+    delta_e: float = option(doc="mean CIE 1976 colour difference ΔE*ab between the defect's pixels and the same "
+                                "pixels without it (as written, 8-bit sRGB)", gt=0, le=100)
+    area: int = option(doc="pixels in the defect's mask at 256 px, the default image_size and prepared size (at "
+                           "another image_size scaled by (image_size / 256)^2, as the texture)", ge=1)
+    width: float = option(doc="mean width of threads and cuts, px at 256 px (scaled likewise, at least 1 px); "
+                              "their length is about area / width", gt=0, le=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Nuisance(Schema):
+    illumination: float = option(0.1, "a linear illumination gradient: brightness changes by up to this fraction "
+                                      "from one side of the image to the other (random direction and amount)",
+                                 ge=0, le=1)
+    rotation: float = option(4.0, "the texture is rotated by up to this many degrees either way", ge=0, le=45)
+    scale: float = option(0.05, "the texture is scaled by up to this fraction either way", ge=0, le=0.5)
+    noise: float = option(2.0, "Gaussian sensor noise, standard deviation in 8-bit levels", ge=0, le=64)
+    jpeg_quality: int = option(0, "0: none; 1 to 95: every image JPEG-compressed at this quality (stored as PNG)",
+                               ge=0, le=95)
+
+
+def check_ladder(levels: list[dict]) -> None:
+    """Levels go from easiest to hardest: none bigger or more different than the one before, no two alike."""
+    for k in range(1, len(levels)):
+        before, level = levels[k - 1], levels[k]
+        if any(level[key] > before[key] for key in ("delta_e", "area", "width")):
+            raise PipelineError(f"data.synthetic.levels[{k}]: harder levels come later (easiest first): its delta_e, "
+                                f"area and width must each be at most those of levels[{k - 1}]")
+        if level == before:
+            raise PipelineError(f"data.synthetic.levels[{k}]: the same as levels[{k - 1}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +434,7 @@ def validate(raw: object, path: Path) -> dict:
         "fit_seeds": top.fit_seeds,
         "data": {
             **data.as_dict(),
-            "synthetic": parse(Synthetic, data.synthetic, "data.synthetic").as_dict(),
+            "synthetic": _synthetic(data.synthetic),
             "mvtec": parse(Mvtec, data.mvtec, "data.mvtec").as_dict(),
             "visa": parse(Visa, data.visa, "data.visa").as_dict(),
         },
@@ -405,6 +444,16 @@ def validate(raw: object, path: Path) -> dict:
         "evaluate": _evaluate(top.evaluate),
         "figures": _figures(top.figures),
     }
+
+
+def _synthetic(raw: dict) -> dict:
+    synthetic = parse(Synthetic, raw, "data.synthetic").as_dict()
+    levels = [
+        parse(Level, level, f"data.synthetic.levels[{k}]").as_dict() for k, level in enumerate(synthetic["levels"])
+    ]
+    check_ladder(levels)
+    nuisance = parse(Nuisance, synthetic["nuisance"], "data.synthetic.nuisance").as_dict()
+    return {**synthetic, "levels": levels, "nuisance": nuisance}
 
 
 def _evaluate(raw: dict) -> dict:

@@ -169,13 +169,14 @@ class Schema:
 
 
 def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, allowed values, default, doc) of every field, for generated documentation."""
+    """(name, allowed values, default, doc) of every field, for generated documentation (default
+    dataclasses.MISSING: the field is required)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for field in dataclasses.fields(cls):
         default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
-        )
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+        )  # MISSING: a required field
         rows.append((field.name, describe(field, hints[field.name]), default, field.metadata.get("doc", "")))
     return rows
 

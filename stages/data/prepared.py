@@ -38,6 +38,9 @@ class Split:
     # (N, H, W) bool: the pixels that show the image, False on preprocess.mode pad's padding, which no pixel
     # metric counts; None when every pixel does (modes crop and resize, and pad of square images)
     valid: np.ndarray | None = None
+    # difficulty levels (stages/data/levels.py), test split of a category with a levels file only:
+    levels: np.ndarray | None = None  # (N,) int64: 1..L per defective image, 0 for good ones
+    ladder: np.ndarray | None = None  # (L, 3) float64: each level's delta_e, area, width
 
     def __len__(self) -> int:
         return len(self.names)
@@ -59,6 +62,8 @@ def save_split(path: str | Path, split: Split) -> None:
         arrays["masks"] = split.masks.astype(bool)
     if split.valid is not None:
         arrays["valid"] = split.valid.astype(bool)
+    if split.levels is not None:
+        arrays.update(levels=split.levels.astype(np.int64), ladder=split.ladder.astype(np.float64))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -76,4 +81,6 @@ def load_split(path: str | Path) -> Split:
             defect_types=[str(d) for d in data["defect_types"]],
             masks=data["masks"] if "masks" in data.files else None,
             valid=data["valid"] if "valid" in data.files else None,
+            levels=data["levels"] if "levels" in data.files else None,
+            ladder=data["ladder"] if "ladder" in data.files else None,
         )

@@ -1,7 +1,8 @@
 """Stratified bootstrap of a test set: resample weights, percentile intervals, paired differences.
 
 Good and defective test images are resampled separately (each resample keeps both counts, so
-AUROC is always defined); a resample is a weight per image, the number of times it was drawn
+AUROC is always defined; on a synthetic ladder each level's defective images apart too); a
+resample is a weight per image, the number of times it was drawn
 (stages/evaluation/statistics.py turns weights into metrics). The weights depend only on the category, the
 test labels and `evaluate.bootstrap.seed`, never on the model: every model of a category is
 scored on the same resamples, which makes differences between models paired (a model compared
@@ -14,13 +15,20 @@ import zlib
 import numpy as np
 
 
-def stratified_weights(labels, resamples: int, seed: int, category: str) -> np.ndarray:
-    """(resamples, N) counts: each row draws n_good good and n_defective defective images with replacement."""
+def stratified_weights(labels, resamples: int, seed: int, category: str, strata=None) -> np.ndarray:
+    """(resamples, N) counts: each row draws n_good good and n_defective defective images with replacement.
+
+    `strata` (N,) integers, when given, replace the labels as the groups resampled apart: the
+    difficulty levels of a synthetic ladder (0 good, 1..L), so every resample keeps each level's
+    count and per-level metrics are defined on every resample. Without strata the draws are those of
+    the two labels, as they always were.
+    """
     labels = np.asarray(labels)
+    groups = labels if strata is None else np.asarray(strata)
     rng = np.random.default_rng([int(seed), zlib.crc32(category.encode())])
     weights = np.zeros((resamples, len(labels)))
-    for label in (0, 1):
-        members = np.flatnonzero(labels == label)
+    for group in (0, 1) if strata is None else np.unique(groups):
+        members = np.flatnonzero(groups == group)
         if len(members) == 0:
             continue
         draws = rng.integers(0, len(members), size=(resamples, len(members)))

@@ -53,7 +53,7 @@ GROUPS: tuple[Section, ...] = (
         (
             Place("summary"),
             Place("categories"),
-            # detection against difficulty level: its plot id goes here
+            Place("detection_by_level"),  # synthetic ladders only (docs/explanation/synthetic-benchmark.md)
             Place("few_shot_image_auroc"),
             Place("few_shot_pixel_auroc"),
             Place("plots/summary.png", "The summary as a static figure (plots/summary.png, the README's chart)"),
