@@ -143,11 +143,26 @@ def fitted(tmp_path_factory) -> Path:
     return project
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """The tiny DVC project after its first `dvc repro` (tests/tiny.py), built once for all workers."""
+    from tests.tiny import build_once
+
+    return build_once(tmp_path_factory)
+
+
+@pytest.fixture
+def workspace(built, tmp_path) -> Path:
+    """This test's own copy of the built tiny project."""
+    from tests.tiny import copy_of
+
+    return copy_of(built, tmp_path)
+
+
 def pytest_collection_modifyitems(items):
-    """The end-to-end DVC tests share one tiny project, built by whichever test asks first
-    (tests/test_pipeline.py `built`): one of them goes first, so one worker builds while the other runs
-    the unit tests, and the others go last, when the project is there."""
-    pipeline = [item for item in items
-                if item.module.__name__.endswith("test_pipeline") and "built" in item.fixturenames]
+    """The end-to-end DVC tests share one tiny project, built by whichever test asks first (`built`): one
+    of them goes first, so one worker builds while the other runs the unit tests, and the others go
+    last, when the project is there."""
+    pipeline = [item for item in items if "built" in getattr(item, "fixturenames", ())]
     rest = [item for item in items if item not in pipeline]
     items[:] = pipeline[:1] + rest + pipeline[1:]

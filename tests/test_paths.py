@@ -21,7 +21,7 @@ import yaml
 from stages.core.errors import PipelineError
 from stages.core.params import check_categories
 from tests.conftest import REPO, error_line, run_stage, write_params
-from tests.test_pipeline import DVC, dvc, tiny_params
+from tests.tiny import DVC, dvc, tiny_params
 
 # one worker runs this file: its tests share the module's DVC project (pytest.ini: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("paths")

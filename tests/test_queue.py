@@ -16,7 +16,7 @@ import pytest
 
 from stages.data.archives import _cache_name
 from tests.test_download import full_archive, serve, sha, tree
-from tests.test_pipeline import dvc, make_project, set_param
+from tests.tiny import dvc, make_project, set_param
 
 WEIGHTS = "weights/lite0.pth"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
