@@ -2,7 +2,9 @@
 
 - summary.md: one table per headline metric (image AUROC, pixel AUROC, AUPRO) with a row per
   category and the mean over categories, models as columns (the layout of the PatchCore and
-  anomalib papers' tables), then every metric of every category x model.
+  anomalib papers' tables), then every metric of every category x model. Its headings start at
+  level 2 (`##` title, `###` tables): pages that copy its tables (the README's results block) hold
+  them inside a `##` section of their own, so the copied headings nest under it.
 - categories.csv: the same per-metric tables as CSV (metric, category, one column per model).
 - summary.csv: one row per category x model with every metric, plus one `mean` row per model;
   drawn by the top-level DVC plots `summary` (the means) and `categories` (the table as a heatmap).
@@ -228,7 +230,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
             for category in table_rows(groups)
         ]
         columns = ["category", *[c for n in names for c in ([n, f"{n} published"] if n in references else [n])]]
-        text = f"## {METRIC_TITLES[metric]}\n\n" + markdown_table(table, columns)
+        text = f"### {METRIC_TITLES[metric]}\n\n" + markdown_table(table, columns)
         if references:
             text += "\n" + _reference_line(references, metric, confidence)
         parts.append(text)
@@ -237,10 +239,10 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
         for key in dict.fromkeys(key for row in rows for key in row)
         if not key.endswith(("_low", "_high", "_seed_std", "_published", "_published_inside"))
     ]
-    parts.append("## Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
+    parts.append("### Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
     plural = "ies" if len(categories) != 1 else "y"
     counted = f"{len(names)} model{'s' * (len(names) != 1)} on {len(categories)} categor{plural}"
-    return f"# {counted}\n\n" + "\n".join(parts)
+    return f"## {counted}\n\n" + "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- per difficulty level
@@ -365,7 +367,7 @@ def level_markdown(levelled: dict, confidence: float) -> str:
             for name, level in ladder.items()
         )
         parts.append(
-            f"## Image AUROC per difficulty level: {category}\n\n"
+            f"### Image AUROC per difficulty level: {category}\n\n"
             f"Good test images against each level's defective images (every defect type), the mean over fit "
             f"seeds with its {confidence:.0%} bootstrap interval and seed spread, as above. The levels, easiest "
             f"first (docs/explanation/synthetic-benchmark.md): {defined}. Detection limit: where the image "

@@ -513,27 +513,33 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     assert "Data and pipelines are up to date" in dvc(assembler, "status")
 
 
-def test_the_readme_comparing_runs_commands_run(workspace):
-    """Every command of the README's "Comparing runs" block, as written, on the tiny project."""
-    from tests.test_readme import readme_commands
+def test_the_tutorials_experiment_commands_run(workspace):
+    """Every command of docs/tutorial.md's "Change one param" block, as written, on the tiny project: the
+    experiment reruns the changed model's stages and the cross-category ones the page names, nothing else."""
+    from tests.docs import commands as page_commands
 
-    commands = readme_commands("Comparing runs")
-    assert any(c.startswith("dvc exp run -S ") for c in commands)
+    commands = page_commands("docs/tutorial.md", "Change one param and rerun only what it affects")
+    assert commands[0] == "dvc exp run -S models.patchcore_effnet.fit.coreset_ratio=0.05"
     env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
+    outputs = []
     for command in commands:
         result = subprocess.run(command, shell=True, cwd=workspace, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+        outputs.append(result.stdout + result.stderr)
+    model = [f"{stage}@carpet-patchcore_effnet" for stage in ("fit", "evaluate", "figures", "export")]
+    assert ran(outputs[0]) == {*model, "compare", "report", "summary_figure"}, ran(outputs[0])
+    assert "patchcore_effnet" in outputs[1]  # dvc metrics diff lists the model's metrics
     assert (workspace / "dvc_plots" / "index.html").is_file()
 
 
-def test_the_readme_scoring_commands_and_the_benchmark_run(workspace):
-    """Every command of the README's "Scoring new images" block, as written, on the tiny project (its
+def test_the_tutorials_scoring_commands_and_the_benchmark_run(workspace):
+    """Every command of docs/tutorial.md's "Score new images" block, as written, on the tiny project (its
     carpet and its patchcore_effnet), and `python -m stages.benchmark` on one model."""
     import csv
 
-    from tests.test_readme import readme_commands
+    from tests.docs import commands as page_commands
 
-    commands = readme_commands("Scoring new images")
+    commands = page_commands("docs/tutorial.md", "Score new images")
     assert commands and all(c.startswith("python -m stages.predict ") for c in commands)
     # every hole of the clearly visible level is flagged (those at the just-noticeable difference may not be)
     levels = csv.DictReader(open(workspace / "data/raw/carpet.dataset/levels.csv"))
