@@ -2,9 +2,9 @@
 
 - summary.md: one table per headline metric (image AUROC, pixel AUROC, AUPRO) with a row per
   category and the mean over categories, models as columns (the layout of the PatchCore and
-  anomalib papers' tables), then every metric of every category x model. Its headings start at
-  level 2 (`##` title, `###` tables): pages that copy its tables (the README's results block) hold
-  them inside a `##` section of their own, so the copied headings nest under it.
+  anomalib papers' tables), then every metric of every category x model. Below its `#` title every
+  heading is `###`: a page that copies its tables (the README's results block) holds them inside a
+  `##` section of its own, and the copied headings nest under that section.
 - categories.csv: the same per-metric tables as CSV (metric, category, one column per model).
 - summary.csv: one row per category x model with every metric, plus one `mean` row per model;
   drawn by the top-level DVC plots `summary` (the means) and `categories` (the table as a heatmap).
@@ -242,7 +242,7 @@ def markdown(rows, means, groups, names, confidence: float, resamples: int, refe
     parts.append("### Every metric, per category and model (means over seeds)\n\n" + markdown_table(rows, columns))
     plural = "ies" if len(categories) != 1 else "y"
     counted = f"{len(names)} model{'s' * (len(names) != 1)} on {len(categories)} categor{plural}"
-    return f"## {counted}\n\n" + "\n".join(parts)
+    return f"# {counted}\n\n" + "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- per difficulty level
