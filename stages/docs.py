@@ -101,10 +101,8 @@ def _table(schema: type, prefix: str | None = None, stages: dict | None = None) 
         return lines + [f"| `{name}` | {_cell(allowed)} | {shown} | {_cell(doc)} |"
                         for name, allowed, shown, doc in _rows(schema)]
     lines = ["| key | allowed | default | meaning | reruns |", "|---|---|---|---|---|"]
-    for name, allowed, shown, doc in _rows(schema):
-        direct = declaring(stages, f"{prefix}.{name}" if prefix else name)
-        lines.append(f"| `{name}` | {_cell(allowed)} | {shown} | {_cell(doc)} | {_stage_list(direct)} |")
-    return lines
+    return lines + [_row(stages, f"{prefix}.{name}" if prefix else name, allowed, shown, doc)
+                    for name, allowed, shown, doc in _rows(schema)]
 
 
 def _then(stages: dict, keys: list[str]) -> str:
@@ -207,6 +205,15 @@ def declaring(stages: dict, key: str) -> list[str]:
     return out
 
 
+def declared_exactly(stages: dict, key: str) -> bool:
+    """Whether some stage declares `key` itself: then DVC refuses to run it while params.yaml lacks the key."""
+    wanted = key.split(".")
+    return any(
+        len(have) == len(wanted) and all(x == y or x.startswith("<") or y.startswith("<") for x, y in zip(wanted, have))
+        for stage in stages.values() for have in (_placeholder(str(p)).split(".") for p in stage.get("params") or [])
+    )
+
+
 def reruns(stages: dict, key: str) -> tuple[list[str], list[str]]:
     """(the stages that declare `key`, the stages downstream of them)."""
     direct = declaring(stages, key)
@@ -256,8 +263,9 @@ what was given and what is allowed:
 **Defaults and DVC.** The defaults below are what the schema fills in for a key that is absent, but a
 block that `dvc.yaml` declares as a param must be in `params.yaml` all the same: DVC refuses to run a
 stage whose declared param is missing (`MissingParamsError`), whatever the default. The shipped files
-(`params.yaml`, `configs/*.yaml`) spell out every declared key; keep yours complete too. An absent key
-*inside* a declared block (say `models.knn_effnet.score.k`) takes its default.
+(`params.yaml`, `configs/*.yaml`) spell out every declared key, and the tables below mark them "must be
+set". A key that no stage declares itself, such as `data.download_dir`, or `k` inside the declared
+`models.knn_effnet.score` block, may be left out and takes its default.
 
 **What reruns.** Each section says which stages declare it in `dvc.yaml` (they rerun when it changes)
 and which stages lie downstream of those (they rerun only where an output they read changed). A
@@ -265,6 +273,30 @@ matrix stage reruns for the entry that changed: `models.<name>.fit` reruns `fit@
 every category, and no other model's. The stage table and the whole dependency chain:
 [pipeline.md](pipeline.md).
 """
+
+
+# `models.<name>`: an entry, checked by stages/methods/entries.py rather than a schema of its own
+ENTRY = [
+    ("method", f"one of {', '.join(REGISTRY)}", "required", "the detector (sections below)"),
+    ("backbone", "`pixels` or a name under `backbones:`", "required",
+     "what the method reads: the prepared images, or that backbone's cached features"),
+    ("fit", "a mapping", "`{}`", "the method's `Fit` block (below)"),
+    ("score", "a mapping", "`{}`", "the method's `Score` block (below)"),
+    ("reference", "a string or null", "`null`", "a table of published results, `references/<name>.csv`, that the "
+     "report sets beside the model's intervals (`metrics/summary.md`)"),
+]
+
+
+def _row(stages: dict, key: str, allowed: str, shown: str, doc: str) -> str:
+    if declared_exactly(stages, key):
+        shown += " (must be set: declared in dvc.yaml)"
+    name = key.rsplit(".", 1)[-1]
+    return f"| `{name}` | {_cell(allowed)} | {shown} | {_cell(doc)} | {_stage_list(declaring(stages, key))} |"
+
+
+def _entry_rows(stages: dict, entry: str) -> list[str]:
+    return ["| key | allowed | default | meaning | reruns |", "|---|---|---|---|---|",
+            *(_row(stages, f"{entry}.{name}", *rest) for name, *rest in ENTRY)]
 
 
 def _keys(schema: type, prefix: str) -> list[str]:
@@ -288,19 +320,7 @@ def params_page(stages: dict | None = None) -> str:
         "fits without refitting). `compare` and `report` declare the whole `models` block, so any change",
         "here reruns them.",
         "",
-        "| key | allowed | default | meaning | reruns |",
-        "|---|---|---|---|---|",
-        f"| `method` | one of {', '.join(REGISTRY)} | required | the detector (sections below) "
-        f"| {_stage_list(declaring(stages, entry + '.method'))} |",
-        "| `backbone` | `pixels` or a name under `backbones:` | required | what the method reads: the prepared "
-        f"images, or that backbone's cached features | {_stage_list(declaring(stages, entry + '.backbone'))} |",
-        "| `fit` | a mapping | `{}` | the method's `Fit` block (below) "
-        f"| {_stage_list(declaring(stages, entry + '.fit'))} |",
-        "| `score` | a mapping | `{}` | the method's `Score` block (below) "
-        f"| {_stage_list(declaring(stages, entry + '.score'))} |",
-        "| `reference` | a string or null | `null` | a table of published results, `references/<name>.csv`, that "
-        "the report sets beside the model's intervals (`metrics/summary.md`) "
-        f"| {_stage_list(declaring(stages, entry + '.reference'))} |",
+        *_entry_rows(stages, entry),
         "",
         _then(stages, [f"{entry}.{k}" for k in ("method", "backbone", "fit", "score", "reference")]),
         "",
