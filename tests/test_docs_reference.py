@@ -72,6 +72,10 @@ def test_reruns_follow_the_params_and_outputs_dvc_yaml_declares():
     _, after = docs.reruns(stages, "backbones.<name>.layers")
     assert {"fit", "tsne"} <= set(after) and "overview" not in after
     assert docs.reruns(stages, "figures.tsne.seed") == (["tsne"], [])
+    # DVC refuses a stage whose declared param is missing: only those keys are marked "must be set"
+    assert docs.declared_exactly(stages, "evaluate.fpr_limit") and docs.declared_exactly(stages, "models.<name>.score")
+    assert not docs.declared_exactly(stages, "data.download_dir")
+    assert not docs.declared_exactly(stages, "models.<name>.score.k")
 
 
 def test_a_param_no_stage_declares_stops_the_generator():
