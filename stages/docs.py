@@ -16,7 +16,6 @@ not what this prints.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 from stages.core import params
 from stages.core.cli import run_main
 from stages.core.errors import PipelineError
-from stages.core.schema import _range_text, field_docs
+from stages.core.schema import field_docs, number_text
 from stages.methods import REGISTRY, get_method
 
 PARAMS_PAGE = Path("docs/reference/params.md")
@@ -42,13 +41,6 @@ def markers(name: str) -> tuple[str, str]:
 
 # --- values as params.yaml spells them ---------------------------------------------------------------
 
-def _number(value) -> str:
-    """4.0 -> 4 and 1048576 -> 1048576 (never 4.0 or 1.04858e+06): YAML reads either into a float field."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _value(value) -> str:
     """A default in YAML flow style: null, true, 4, 0.1, [carpet], {delta_e: 16, area: 256}."""
     if value is None:
@@ -56,27 +48,12 @@ def _value(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (int, float)):
-        return _number(value)
+        return number_text(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_value(v)}" for k, v in value.items()) + "}"
     return str(value)
-
-
-def _exact_range(meta: dict) -> str:
-    """schema's range text with every bound as params.yaml writes it ([16, 1048576], not [16, 1.04858e+06])."""
-    lo = f"[{_number(meta['ge'])}" if meta["ge"] is not None else f"({_number(meta['gt'])}" if meta["gt"] is not None \
-        else None
-    hi = f"{_number(meta['le'])}]" if meta["le"] is not None else f"{_number(meta['lt'])})" if meta["lt"] is not None \
-        else None
-    if lo and hi:
-        return f" in {lo}, {hi}"
-    if lo:
-        return f" {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
-    if hi:
-        return f" {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
-    return ""
 
 
 def _cell(text: str) -> str:
@@ -86,9 +63,7 @@ def _cell(text: str) -> str:
 def _rows(schema: type) -> list[tuple[str, str, str, str]]:
     """(key, allowed, default, meaning) of each field, numbers exact."""
     rows = []
-    for field, (name, allowed, default, doc) in zip(dataclasses.fields(schema), field_docs(schema)):
-        allowed = allowed.replace(_range_text(field.metadata), _exact_range(field.metadata), 1) \
-            if _range_text(field.metadata) else allowed
+    for name, allowed, default, doc in field_docs(schema):
         shown = "required" if default is dataclasses.MISSING else f"`{_value(default)}`"
         rows.append((name, allowed, shown, doc))
     return rows
