@@ -1,7 +1,7 @@
 """Declared parameter schemas: one frozen dataclass per params.yaml section or method block.
 
 Every field is declared with `option(default, doc, ...)`: its type comes from the annotation, its
-allowed values from the keyword checks, and its one-line doc feeds the README. `parse(cls, mapping,
+allowed values from the keyword checks, and its one-line doc feeds docs/reference/params.md. `parse(cls, mapping,
 where)` is the one way params become objects: unknown keys are errors naming the closest known
 key, wrong types and out-of-range values are errors naming `where.key`, what was given and what is
 allowed. Nothing falls back to a default silently except a key that is simply absent.
