@@ -7,7 +7,7 @@ both runtimes, size on disk, and how far the ONNX graph is from torch.
 Run it after `dvc repro` (it reads the fitted and exported models and the prepared test images). It
 writes nothing `dvc repro` writes, and times vary from run to run (so they stay out of the
 pipeline's byte-identical outputs): OUT.json (every number, with the machine, the date, the load
-and the numerics mode), OUT.md (the table the README shows) and OUT.png (accuracy against latency).
+and the numerics mode), OUT.md (the table docs/explanation/performance.md shows) and OUT.png (accuracy against latency).
 
 - fit: `python -m stages.fit` of the model run again in a scratch copy of the project's inputs,
   in its own process: wall seconds (all seeds, interpreter start included) and that process's peak RSS;

@@ -252,8 +252,13 @@ def test_check_warns_when_crop_drops_the_sides_of_oblong_images(tmp_path):
     source.mkdir(parents=True)
     for i, size in enumerate([(400, 300), (300, 300), (480, 160)]):
         frame(*size).save(source / f"{i}.png")
+    from tests.test_docs_own_images import page_lines, stage_arguments
+
+    # the command docs/how-to/own-images.md gives, as written
+    [check] = page_lines("3. Run the pipeline on your folder", "python -m stages.check")
+    tool, args = stage_arguments(check)
     project = folder_project(tmp_path, "crop")
-    result = run_stage("check", cwd=project, check=True)
+    result = run_stage(tool, *args, cwd=project, check=True)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     # 400 x 300 at 64 -> 85 x 64 (truncated), the 56 square: 263.5 x 262.5 of the frame's pixels seen, 42 % not
     assert warnings == [f"warning: {source}: 2 of 3 training images are not square (400x300 to 480x160) and "
@@ -261,7 +266,7 @@ def test_check_warns_when_crop_drops_the_sides_of_oblong_images(tmp_path):
                         "preprocess.mode: pad or resize shows it the whole image"]
     assert result.stdout.startswith("params.yaml: ok")
     for mode in ("pad", "resize"):
-        assert "warning" not in run_stage("check", cwd=folder_project(tmp_path, mode, mode), check=True).stderr
+        assert "warning" not in run_stage(tool, *args, cwd=folder_project(tmp_path, mode, mode), check=True).stderr
 
 
 # ----------------------------------------------------------------- the elongated set, end to end

@@ -131,3 +131,14 @@ def test_fast_documents_what_differs(prepared, strict_runs, tmp_path):
     )
     if native_capability().startswith("AVX512"):
         assert "models/carpet.category/ae.model/seed-0/model.pt" in changed
+
+
+def test_strict_switches_torch_to_deterministic_algorithms_without_importing_the_compiler():
+    """configure_torch sets torch's deterministic switch and leaves the compiler stack unimported:
+    importing it (torch.use_deterministic_algorithms does) cost every stage process about 4 s."""
+    code = ("import sys; import stages.core.numerics as n; n.apply_environment('strict'); import torch; "
+            "n.configure_torch(); print(torch.are_deterministic_algorithms_enabled(),"
+            " 'torch._inductor' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"]

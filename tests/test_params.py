@@ -4,6 +4,7 @@ In-process: each case is a call to load_params + model_config, no stage subproce
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -227,19 +228,39 @@ def test_defaults_fill_absent_keys(tmp_path):
     assert model_config(params, "carpet", "knn_effnet").score.k == 50
 
 
-def test_readme_parameter_reference_is_generated_from_the_schemas():
-    from stages.docs import readme_with_reference
+def test_parameter_reference_page_is_generated_from_the_schemas():
+    from stages.docs import PARAMS_PAGE, params_page
 
-    readme = (REPO / "README.md").read_text()
-    assert readme_with_reference(readme) == readme, "run `python -m stages.docs` to regenerate the README reference"
-    for key in ("coreset_ratio", "image_score", "top_variance_dims", "threshold_n_std"):
-        assert f"| `{key}` |" in readme
+    page = (REPO / PARAMS_PAGE).read_text()
+    assert params_page() == page, f"run `python -m stages.docs` to regenerate {PARAMS_PAGE}"
+    for key in ("coreset_ratio", "image_score", "top_variance_dims", "threshold_n_std", "fit_seeds", "numerics"):
+        assert f"| `{key}` |" in page
+    # every key of the shipped params.yaml is documented, in its section's table
+    import yaml
+
+    def keys(node, prefix=""):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            yield dotted
+            if isinstance(value, dict) and dotted not in ("backbones", "models", "data.sources"):
+                yield from keys(value, dotted)
+
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted in keys(shipped):
+        assert f"| `{dotted.rsplit('.', 1)[-1]}` |" in page, f"{PARAMS_PAGE}: params.yaml's {dotted} is not documented"
+    for entry in [*shipped["backbones"].values(), *shipped["models"].values()]:
+        for key in keys(entry):
+            assert f"| `{key.rsplit('.', 1)[-1]}` |" in page, f"{PARAMS_PAGE}: {key} is not documented"
+    # numbers as params.yaml writes them: 4, not 4.0; 1048576, not 1.04858e+06
+    assert not re.search(r"`-?\d+\.0`|\d\.\d+e\+\d\d", page), "a number printed as a float or in e-notation"
+    assert "| `rotation` | a finite number in [0, 45] | `4` |" in page
+    assert "[16, 1048576]" in page
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configurations_are_valid(tmp_path, config):
     params = load_all(tmp_path, config.read_text())
-    assert params["data"]["source"] == "mvtec" and params["models"]
+    assert params["data"]["source"] in ("mvtec", "visa", "folder") and params["models"]
 
 
 SHIPPED = ["params.yaml", *sorted(f"configs/{p.name}" for p in REPO.glob("configs/*.yaml"))]

@@ -95,7 +95,7 @@ def configure_torch() -> None:
         warn("numerics: strict: this CPU has no AVX2, so results may differ in the last digits from "
              "those of AVX2 machines")
     torch.set_num_threads(STRICT_THREADS)
-    torch.use_deterministic_algorithms(True)
+    use_deterministic_algorithms(torch)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -104,6 +104,21 @@ def configure_torch() -> None:
 
 
 _torch_configured = False
+
+
+def use_deterministic_algorithms(torch) -> None:
+    """torch.use_deterministic_algorithms(True), without importing the compiler.
+
+    torch's function also sets `torch._inductor.config.deterministic`, and importing that config imports
+    the whole compiler stack: about 4 s of CPU in every stage process, for a switch that only matters to
+    `torch.compile`, which nothing here uses. So set the run-time switch itself, and the compiler's too
+    when something has already imported the compiler."""
+    import sys
+
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
 
 
 def describe() -> str:

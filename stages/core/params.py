@@ -147,8 +147,8 @@ class Data(Schema):
     )
     download_dir: str | None = option(
         None,
-        "where verified MVTec AD and VisA archives are kept and reused by every clone and queued experiment on "
-        "this machine (null: the user cache, $XDG_CACHE_HOME/anomaly-pipeline/downloads, ~/.cache/... by default); "
+        "where verified MVTec AD and VisA archives are kept and reused by every clone and queued experiment of "
+        "the user (null: the user cache, $XDG_CACHE_HOME/anomaly-pipeline/downloads, ~/.cache/... by default); "
         "a file:// archive or unpacked folder is read where it is, only its verification is recorded here",
         check=lambda v: Path(v).expanduser().is_absolute(),
         allowed="an absolute path or ~/... (a relative one would lie inside each queued experiment's temporary copy)",
@@ -302,7 +302,7 @@ class Top(Schema):
     numerics: str = option(
         numerics.DEFAULT,
         "strict: the same bytes on every x86-64 CPU with AVX2, Intel or AMD (fixed kernels "
-        "and threads, README 'Same numbers on every machine'); fast: native "
+        "and threads, docs/explanation/reproducibility.md); fast: native "
         "kernels, every core",
         choices=numerics.MODES,
     )

@@ -1,7 +1,7 @@
 """Declared parameter schemas: one frozen dataclass per params.yaml section or method block.
 
 Every field is declared with `option(default, doc, ...)`: its type comes from the annotation, its
-allowed values from the keyword checks, and its one-line doc feeds the README. `parse(cls, mapping,
+allowed values from the keyword checks, and its one-line doc feeds docs/reference/params.md. `parse(cls, mapping,
 where)` is the one way params become objects: unknown keys are errors naming the closest known
 key, wrong types and out-of-range values are errors naming `where.key`, what was given and what is
 allowed. Nothing falls back to a default silently except a key that is simply absent.
@@ -95,9 +95,17 @@ def _split_optional(annotation) -> tuple[Any, bool]:
     return annotation, False
 
 
+def number_text(value) -> str:
+    """A number as params.yaml writes it: 4.0 -> 4, 1048576 -> 1048576 (never 1.04858e+06), 0.1 -> 0.1."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _range_text(meta: dict) -> str:
-    lo = f"[{meta['ge']:g}" if meta["ge"] is not None else f"({meta['gt']:g}" if meta["gt"] is not None else None
-    hi = f"{meta['le']:g}]" if meta["le"] is not None else f"{meta['lt']:g})" if meta["lt"] is not None else None
+    n = number_text
+    lo = f"[{n(meta['ge'])}" if meta["ge"] is not None else f"({n(meta['gt'])}" if meta["gt"] is not None else None
+    hi = f"{n(meta['le'])}]" if meta["le"] is not None else f"{n(meta['lt'])})" if meta["lt"] is not None else None
     if lo and hi:
         return f" in {lo}, {hi}"
     if lo:

@@ -1,6 +1,6 @@
 """Registry of anomaly-detection methods: params.yaml `models.<name>.method` -> class.
 
-Adding a method (README "Adding a method"): one module with an AnomalyDetector subclass (its
+Adding a method (docs/how-to/add-a-method.md): one module with an AnomalyDetector subclass (its
 `fitted_attributes` included), one entry here, one block under `models:` in params.yaml, and that
 model's line in each of the four all-model charts of dvc.yaml's `plots:` (image_roc, image_pr,
 pixel_roc, pro; DVC cannot loop there), then `python -m stages.docs`. The tests take every method

@@ -1,6 +1,6 @@
 """Euclidean distances between rows, the one way every method computes them: the squared distance as a
 matrix product, ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2 (torch.cdist takes its square root with the
-CPU-dependent float32 sqrt, and has no ONNX export), its root by `root`, and `nearest`, the bank row
+CPU-dependent float32 sqrt, so its bytes differ between Intel and AMD), its root by `root`, and `nearest`, the bank row
 nearest each query, block by block so memory stays bounded whatever the bank size.
 
 Users: PatchCore (`nearest`; the eq. 7 support search), the global kNN's scorer and the coreset's
