@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,9 +122,26 @@ def _with_every_registered_method(models: dict) -> dict:
 EVERY_METHOD = _with_every_registered_method(EVERY_METHOD)
 
 
-@pytest.fixture(scope="session")
-def fitted(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("predict")
+def once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once for all pytest-xdist workers of this run (the first to ask builds, the others
+    wait for it), into a folder of the run's shared temporary directory; returns that folder."""
+    from filelock import FileLock
+
+    # the same folder for every xdist worker of this run (their basetemps are its popen-gw* folders); without
+    # xdist the run's own basetemp, never the folder every pytest run of this user shares
+    basetemp = tmp_path_factory.getbasetemp()
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    root = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
+            build(root)
+            (shared / f"{name}.done").touch()
+    return root
+
+
+def build_fitted(project: Path) -> None:
+    project.mkdir(parents=True)
     params = default_params()
     params["data"]["synthetic"].update(image_size=64, n_train=8, n_test_good=2, n_test_per_cell=1,
                                        defect_types=["color", "hole"])
@@ -140,15 +158,24 @@ def fitted(tmp_path_factory) -> Path:
     for name in EVERY_METHOD:
         for stage in ("fit", "evaluate", "export"):
             call_stage(stage, "carpet", name, cwd=project)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> Path:
+    """The small project with a model of every method fitted, evaluated and exported: built once per run,
+    copied for each worker (tests of hostile files damage and restore its files in place)."""
+    source = once_per_run(tmp_path_factory, "fitted-built", build_fitted)
+    project = tmp_path_factory.mktemp("predict")
+    shutil.copytree(source, project, dirs_exist_ok=True, symlinks=True)
     return project
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """The tiny DVC project after its first `dvc repro` (tests/tiny.py), built once for all workers."""
-    from tests.tiny import build_once
+    from tests.tiny import build
 
-    return build_once(tmp_path_factory)
+    return once_per_run(tmp_path_factory, "pipeline-built", build)
 
 
 @pytest.fixture
@@ -165,4 +192,7 @@ def pytest_collection_modifyitems(items):
     last, when the project is there."""
     pipeline = [item for item in items if "built" in getattr(item, "fixturenames", ())]
     rest = [item for item in items if item not in pipeline]
+    # and one that needs `fitted` second, so the other worker builds that meanwhile
+    first_fitted = next((item for item in rest if "fitted" in getattr(item, "fixturenames", ())), None)
+    rest = [first_fitted, *[item for item in rest if item is not first_fitted]] if first_fitted else rest
     items[:] = pipeline[:1] + rest + pipeline[1:]

@@ -149,26 +149,11 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def build_once(tmp_path_factory) -> Path:
-    """The tiny project after its first `dvc repro`, built once for all pytest-xdist workers (the first
-    to get here builds it, the others wait) and never changed: each test works on its own copy."""
-    from filelock import FileLock
-
-    # the same folder for every xdist worker of this run (their basetemps are its popen-gw* folders); without
-    # xdist the run's own basetemp, never the folder every pytest run of this user shares
-    basetemp = tmp_path_factory.getbasetemp()
-    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
-    root = shared / "pipeline-built"
-    with FileLock(str(shared / "pipeline-built.lock")):
-        if not (shared / "pipeline-built.done").exists():
-            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
-            output = dvc(make_project(root), "repro")
-            models = yaml.safe_load((root / "params.yaml").read_text())["models"]
-            assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {
-                "report"
-            }
-            (shared / "pipeline-built.done").touch()
-    return root
+def build(root: Path) -> None:
+    """The tiny project with its first `dvc repro` done."""
+    output = dvc(make_project(root), "repro")
+    models = yaml.safe_load((root / "params.yaml").read_text())["models"]
+    assert ran(output) >= {f"fit@carpet-{m}" for m in models} | {f"evaluate@carpet-{m}" for m in models} | {"report"}
 
 
 def copy_of(built: Path, tmp_path: Path) -> Path:
