@@ -14,7 +14,7 @@ from scipy.stats import binom, norm
 
 from stages.core.errors import PipelineError
 from stages.evaluation import threshold
-from tests.conftest import call_stage, error_line, run_stage
+from tests.conftest import call_stage, error_line, run_in_process, run_stage
 
 FALSE_ALARMS, CONFIDENCE = 0.3, 0.9  # 7 images at least: the tiny project's tests stay small
 
@@ -144,12 +144,12 @@ def clean(site):
 
 
 def calibrate(project: Path, *args: str):
-    return run_stage("calibrate", "pc", "line/good", "--false-alarms", str(FALSE_ALARMS),
-                     "--confidence", str(CONFIDENCE), *args, cwd=project)
+    return run_in_process("calibrate", "pc", "line/good", "--false-alarms", str(FALSE_ALARMS),
+                          "--confidence", str(CONFIDENCE), *args, cwd=project)
 
 
 def predicted(project: Path, out: str, *args: str):
-    result = run_stage("predict", "pc", "line/good", "--out", out, *args, cwd=project)
+    result = run_in_process("predict", "pc", "line/good", "--out", out, *args, cwd=project)
     rows = list(csv.DictReader(open(project / out / "scores.csv"))) if (project / out / "scores.csv").exists() else []
     return result, rows
 
@@ -198,7 +198,7 @@ def test_calibrate_sets_the_threshold_predict_then_uses(clean, runtime):
 
 
 def test_too_few_images_is_an_error_and_writes_nothing(clean):
-    result = run_stage("calibrate", "pc", "line/good", cwd=clean)  # 1 % at 95 %: 299 images
+    result = run_in_process("calibrate", "pc", "line/good", cwd=clean)  # 1 % at 95 %: 299 images
     assert error_line(result) == (
         "error: line/good: 12 images are too few for at most 1% false alarms with 95% confidence: that needs at "
         "least 299; 12 can vouch for 22.1% at best; add good images or raise --false-alarms"
