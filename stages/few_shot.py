@@ -2,7 +2,7 @@
 
     for n in 1 2 4 8 16 32; do dvc exp run --queue -S preprocess.max_train=$n; done
     dvc queue start --jobs 1 && dvc queue status    # wait until all are done
-    python -m stages.few_shot                      # -> plots/few_shot.csv, drawn by `dvc plots show`
+    python -m stages.few_shot                      # -> plots/few_shot.csv (docs/how-to/share-and-sweep.md)
 
 Collects the first category of data.categories. Reads every experiment of the current commit (and the
 workspace) through `dvc.api.exp_show`, so
