@@ -2,7 +2,7 @@
 
     for n in 1 2 4 8 16 32; do dvc exp run --queue -S preprocess.max_train=$n; done
     dvc queue start --jobs 1 && dvc queue status    # wait until all are done
-    python -m stages.few_shot                      # -> plots/few_shot.csv, drawn by `dvc plots show`
+    python -m stages.few_shot                      # -> plots/few_shot.csv (docs/how-to/share-and-sweep.md)
 
 Collects the first category of data.categories. Reads every experiment of the current commit (and the
 workspace) through `dvc.api.exp_show`, so
@@ -26,17 +26,25 @@ METRICS = ("image_auroc", "pixel_auroc")
 COLUMNS = ("model", "n_train", *METRICS)  # the table's header: what --out may replace
 
 
+def _number(value):
+    """A metric as exp_show gives it, or None where it has none: DVC shows '!' for a run whose metrics file is
+    missing (a commit before any `dvc repro`, a failed or queued experiment) and '-' for an absent key."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def sweep_rows(experiments: list[dict], category: str, models: list[str]) -> list[dict]:
-    """exp_show rows -> one row per (model, number of training images), first seen wins."""
+    """exp_show rows -> one row per (model, number of training images), first seen wins; runs without
+    metrics are skipped."""
     rows, seen = [], set()
     for experiment in experiments:
         for model in models:
             prefix = f"{metrics_file(category, model)}:"
-            n_train = experiment.get(prefix + "n_train")
+            n_train = _number(experiment.get(prefix + "n_train"))
             if n_train is None or (model, int(n_train)) in seen:
                 continue
             seen.add((model, int(n_train)))
-            rows.append({"model": model, "n_train": int(n_train), **{m: experiment.get(prefix + m) for m in METRICS}})
+            rows.append({"model": model, "n_train": int(n_train),
+                         **{m: _number(experiment.get(prefix + m)) for m in METRICS}})
     return sorted(rows, key=lambda r: (models.index(r["model"]), r["n_train"]))
 
 

