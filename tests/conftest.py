@@ -14,12 +14,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of in-process stage 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_stage(module: str, *args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
-    """`python -m stages.<module> args` with cwd as the project root (params.yaml, data/ live there)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
+def run_stage(module: str, *args: str, cwd: Path, check: bool = False, fresh: bool = False
+              ) -> subprocess.CompletedProcess:
+    """`python -m stages.<module> args` with cwd as the project root (params.yaml, data/ live there): its exit
+    code, stdout and stderr. Run in this process through the stage's own run_main (no interpreter and
+    torch start-up, ~3 s a call), or with `fresh` in a new interpreter, for what only a process start
+    shows (the environment numerics set on import, progress bars, a server that must exit)."""
+    if fresh:
+        env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+        result = subprocess.run(
+            [sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=env, capture_output=True, text=True
+        )
+    else:
+        result = run_in_process(module, *args, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"stage {module} failed:\n{result.stderr}")
     return result

@@ -116,8 +116,6 @@ def chart_model(path: str) -> str:
 def with_plot_sources_of(models: dict) -> dict:
     """The repository's dvc.yaml with the all-model charts cut down to these models."""
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    # the few-shot charts draw a sweep's collected results (plots/few_shot.csv), not a stage output
-    pipeline["plots"] = [entry for entry in pipeline["plots"] if not any(k.startswith("few_shot") for k in entry)]
     for entry in pipeline["plots"]:
         for plot_id, spec in entry.items():
             if plot_id in ALL_MODEL_PLOTS:
