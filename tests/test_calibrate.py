@@ -16,6 +16,9 @@ from stages.core.errors import PipelineError
 from stages.evaluation import threshold
 from tests.conftest import call_stage, error_line, run_in_process, run_stage
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("calibrate")
+
 FALSE_ALARMS, CONFIDENCE = 0.3, 0.9  # 7 images at least: the tiny project's tests stay small
 
 

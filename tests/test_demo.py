@@ -26,6 +26,9 @@ from PIL import Image
 from tests.conftest import REPO
 from tests.test_predict import predict
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("demo")
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -540,6 +543,7 @@ import sys, time
 import anyio, uvicorn
 from fastapi import FastAPI
 from stages.demo import Server
+
 
 app = FastAPI()
 

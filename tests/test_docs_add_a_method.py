@@ -19,6 +19,9 @@ import yaml
 from tests.conftest import REPO, default_params, write_params
 from tests.docs import commands, fenced_blocks, section
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("docs_add_a_method")
+
 PAGE = "docs/how-to/add-a-method.md"
 REGISTRY_ENTRY = re.compile(r'^    "(\w+)": "stages\.methods\.(\w+):(\w+)",\n$')
 
@@ -58,6 +61,7 @@ json.dump(dict(zip(test.names, np.sqrt(squared).tolist())), open("expected.json"
 
 # The page's forward that breaks rule 1, in place of the skeleton's: the export must refuse it.
 import importlib
+
 open(f"stages/methods/{module}.py", "w").write(broken)
 importlib.reload(sys.modules[f"stages.methods.{module}"])
 export = [line for line in lines if line.startswith("python -m stages.export ")][-1]

@@ -14,6 +14,9 @@ from stages.data.synthetic import generate_category
 from stages.methods import REGISTRY
 from tests.conftest import call_stage, error_line, run_stage, write_params
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("errors")
+
 
 def assert_no_output(project: Path, path: Path) -> None:
     """Neither the output nor a temporary of the failed stage is left behind: not in the project's

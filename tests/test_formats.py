@@ -18,6 +18,9 @@ from stages.data.prepared import load_split
 from stages.data.raw import read_image, read_mask
 from tests.conftest import default_params, run_stage, write_params
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("formats")
+
 SIZE = (48, 40)  # width, height
 
 

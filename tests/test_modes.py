@@ -18,6 +18,9 @@ from stages.evaluation.statistics import PixelStats
 from tests.conftest import MODELS_FITTED, call_stage, default_params, error_line, run_stage, write_params
 from tests.elongated import PATCHCORE, mode_project, write_elongated
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("modes")
+
 FILL = (124, 116, 104)
 # (width, height): square, the review's 1342 x 1000 (long side 343 in torchvision, 344 when rounded), odd
 # margins, portrait, camera frames, 1 : 2.4, and an odd one out

@@ -20,6 +20,9 @@ import yaml
 
 from tests.conftest import MODELS_FITTED, REPO, call_stage, default_params, write_params
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("numerics")
+
 CAPPED = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -28,6 +28,9 @@ from stages.data.synthetic import (
 )
 from tests.conftest import REPO, default_params
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("synthetic")
+
 SIZE = 64
 SMALL_LADDER = (Level(16.0, 768, 4.0), Level(2.0, 768, 4.0))  # at 64 px: 48 px, 1 px wide
 ARGS = dict(image_size=SIZE, n_train=3, n_test_good=2, n_test_per_cell=2, seed=7, levels=SMALL_LADDER)
@@ -318,6 +321,7 @@ def test_bad_args_raise_naming_the_parameter(tmp_path, kwargs, name):
         ("easy", "data.synthetic.levels: must be a non-empty list of mappings"),
     ],
 )
+
 def test_params_check_the_ladder(levels, message):
     params = default_params()
     params["data"]["synthetic"]["levels"] = levels

@@ -15,6 +15,9 @@ from stages.deploy.overlay import ColourScale
 from stages.deploy.torch_model import FittedModel
 from stages.methods import get_method
 
+# one worker runs this file: its module-scoped projects are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("threshold")
+
 
 @pytest.fixture(scope="module")
 def model_at_its_threshold(tmp_path_factory):
