@@ -58,7 +58,7 @@ DEFECT_TYPES = 5  # the synthetic generator's: defective test images come in mul
 DEFAULT_SIZES = ("toothbrush", "hazelnut")  # MVTec AD's smallest and largest category
 MVTEC_BYTES = 4.9e9  # mvtec_anomaly_detection.tar.xz, kept once in data.download_dir
 GIB = 2**30
-TO_MEASURE = "TO-MEASURE"
+TO_MEASURE = "not measured"  # no result file for it (e.g. no GPU was available)
 
 
 # ------------------------------------------------------------------------------------------ run

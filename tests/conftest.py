@@ -93,6 +93,23 @@ def default_params() -> dict:
 
 
 @pytest.fixture(autouse=True)
+def ctrl_c_kept(request):
+    """Every test leaves this worker's Ctrl-C handler as it found it. A process started with SIGINT ignored
+    keeps it ignored (Python installs its handler only over the default), so a handler a test or a library
+    left at SIG_IGN makes every later child of this worker deaf to Ctrl-C: the --watch and demo tests that
+    stop their child with SIGINT then hang."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after != before:
+        signal.signal(signal.SIGINT, before)
+        with open(os.environ.get("CTRL_C_LOG", os.devnull), "a") as log:
+            log.write(f"{request.node.nodeid}: SIGINT {before} -> {after}\n")
+
+
+@pytest.fixture(autouse=True)
 def user_cache(tmp_path_factory, monkeypatch) -> Path:
     """A fresh user cache for each test: data.download_dir defaults to $XDG_CACHE_HOME/anomaly-pipeline,
     and no test may read or fill the real one (shared by every run on the machine). Torch and

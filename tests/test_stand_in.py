@@ -110,7 +110,7 @@ def test_budget_block_is_written_into_the_config(tmp_path):
     text = config.read_text()
     block = text.split("# budget:start")[1].split("# budget:end")[0]
     assert "12.2 h (2-core Test CPU) with numerics: strict; 7.5 h (2-core Test CPU) with numerics: fast;" in block
-    assert "TO-MEASURE (device: cuda, numerics: fast)" in block  # no GPU result given: still to measure
+    assert "not measured (device: cuda, numerics: fast)" in block  # no GPU result given
     assert "peak RAM:  3.0 GiB (evaluate@toothbrush)" in block
     assert "stand-ins of toothbrush (60 + 42 images), hazelnut (391 + 110 images), 1024 px" in block
     assert "extrapolated: 13 of the 15 categories" in block

@@ -7,11 +7,13 @@ from stages.core.progress import progress_bar
 from stages.deploy.onnx_model import OnnxModel
 from stages.deploy.torch_model import FittedModel
 
-# onnxruntime vs torch: image scores within 1e-4 relative; anomaly maps within 1e-3 absolute plus 1e-5 of
-# the value (numpy's allclose rule): a feature autoencoder's maps reach the hundreds, where float32
-# arithmetic in two libraries' kernels alone differs by more than 1e-3.
-SCORE_RTOL = 1e-4
-MAP_ATOL, MAP_RTOL = 1e-3, 1e-5
+# onnxruntime vs torch: image scores within 1e-3 relative; anomaly maps within 1e-3 absolute plus 1e-3 of
+# the value (numpy's allclose rule). Two libraries' float32 kernels sum long products in different orders:
+# PatchCore on WideResNet50 at 224 px (1,536-wide features, a 1024-image-size stand-in) differs by 2.3e-4
+# relative in its scores and 2.4e-4 of the value in its maps (bench/stand_in.py), a feature autoencoder's
+# maps reach the hundreds; a graph that computes something else differs by orders of magnitude more.
+SCORE_RTOL = 1e-3
+MAP_ATOL, MAP_RTOL = 1e-3, 1e-3
 CHUNK = 32  # images scored by both runtimes at a time: bounds the maps held
 
 
