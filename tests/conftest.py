@@ -92,21 +92,26 @@ def default_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-@pytest.fixture(autouse=True)
-def ctrl_c_kept(request):
-    """Every test leaves this worker's Ctrl-C handler as it found it. A process started with SIGINT ignored
-    keeps it ignored (Python installs its handler only over the default), so a handler a test or a library
-    left at SIG_IGN makes every later child of this worker deaf to Ctrl-C: the --watch and demo tests that
-    stop their child with SIGINT then hang."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test, its fixtures' set-up and tear-down included, leaves this worker's Ctrl-C as it found it:
+    neither ignored nor blocked. A child process inherits both (and Python installs its KeyboardInterrupt
+    handler only over the default), so one left that way makes every later child of this worker deaf to
+    Ctrl-C, and the --watch and demo tests that stop their child with SIGINT hang. Set CTRL_C_LOG to a file
+    to record which test changed it."""
     import signal
 
-    before = signal.getsignal(signal.SIGINT)
+    def state():
+        return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    before = state()
     yield
-    after = signal.getsignal(signal.SIGINT)
+    after = state()
     if after != before:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before[0])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK if not before[1] else signal.SIG_BLOCK, [signal.SIGINT])
         with open(os.environ.get("CTRL_C_LOG", os.devnull), "a") as log:
-            log.write(f"{request.node.nodeid}: SIGINT {before} -> {after}\n")
+            log.write(f"{item.nodeid}: SIGINT (handler, blocked) {before} -> {after}\n")
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +241,7 @@ def workspace(built, tmp_path) -> Path:
     return copy_of(built, tmp_path)
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """The end-to-end DVC tests share one tiny project, built by whichever test asks first (`built`): one
     of them goes first, so one worker builds while the other runs the unit tests, and the others go
     last, when the project is there."""
@@ -246,3 +251,18 @@ def pytest_collection_modifyitems(items):
     first_fitted = next((item for item in rest if "fitted" in getattr(item, "fixturenames", ())), None)
     rest = [first_fitted, *[item for item in rest if item is not first_fitted]] if first_fitted else rest
     items[:] = pipeline[:1] + rest + pipeline[1:]
+    _xdist_groups(config, items)
+
+
+def _xdist_groups(config, items) -> None:
+    """`--dist loadgroup` sends the tests of one `xdist_group` to one worker by the `@group` suffix that
+    pytest-xdist adds to their node ids; under pytest 9 its `_nodeid` no longer sets the id (now `_id`), so
+    every group was spread over both workers and their module-scoped projects built twice. Add it here."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "loadgroup", False)):
+        return
+    from _pytest.nodes import NodeId
+
+    for item in items:
+        suffix = "@" + "_".join(sorted({str(m.args[0]) for m in item.iter_markers("xdist_group")}))
+        if suffix != "@" and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
