@@ -75,6 +75,16 @@ def run_in_process(module: str, *args: str, cwd: Path) -> subprocess.CompletedPr
                                        err.getvalue())
 
 
+def as_from_a_terminal() -> None:
+    """preexec_fn of a child a test stops with Ctrl-C (SIGINT): the default action, unblocked, as a shell
+    starts a command. A child inherits an ignored or blocked SIGINT from its parent, and under pytest-xdist
+    the workers' children were seen deaf to it (the test then hangs); the tools themselves are not."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The stage's one-line error: exit code 1, no traceback, last stderr line starts with 'error:'."""
     assert result.returncode == 1, f"expected exit 1, got {result.returncode}:\n{result.stderr}"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, as_from_a_terminal
 from tests.test_predict import predict
 
 # one worker runs this file: its module-scoped projects are built once, not once per worker
@@ -44,7 +44,7 @@ def start_server(project: Path, *args: str, cafile: Path | None = None, output=s
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
     process = subprocess.Popen([sys.executable, "-m", "stages.demo", "--port", str(port), *args], cwd=project, env=env,
-                               stdout=output, stderr=subprocess.STDOUT, text=True)
+                               stdout=output, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal)
     url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}"
     context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     for _ in range(300):  # up to 30 s for torch to import
@@ -573,7 +573,7 @@ def test_the_demo_stops_even_when_a_scoring_thread_never_returns(stop):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-c", HUNG_SERVER, str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60

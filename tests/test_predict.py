@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from stages.core.errors import PipelineError
-from tests.conftest import EVERY_METHOD
+from tests.conftest import EVERY_METHOD, as_from_a_terminal
 
 
 def predict(project: Path, *args: str) -> tuple[int, list[dict]]:
@@ -193,6 +193,7 @@ def test_watch_scores_images_as_they_appear(fitted, tmp_path):
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         raw = fitted / "data" / "raw" / "carpet.dataset" / "test"
@@ -357,7 +358,8 @@ def test_watch_resumes_survives_vanishing_and_retries_half_written_files(fitted,
             time.sleep(0.1)
 
     def start(log: Path):
-        return subprocess.Popen(command, cwd=fitted, env=env, stderr=open(log, "w"), text=True)
+        return subprocess.Popen(command, cwd=fitted, env=env, stderr=open(log, "w"), text=True,
+                                preexec_fn=as_from_a_terminal)
 
     def stop(process) -> int:
         process.send_signal(signal.SIGINT)
