@@ -260,8 +260,18 @@ def pytest_collection_modifyitems(config, items):
     # and one that needs `fitted` second, so the other worker builds that meanwhile
     first_fitted = next((item for item in rest if "fitted" in getattr(item, "fixturenames", ())), None)
     rest = [first_fitted, *[item for item in rest if item is not first_fitted]] if first_fitted else rest
-    items[:] = pipeline[:1] + rest + pipeline[1:]
+    # the longest of the others start while the tiny project is being built, and the longest end-to-end tests
+    # start first among those that wait for it: a long test started last leaves the other worker idle
+    rest.sort(key=lambda item: not any(slow in item.nodeid for slow in SLOW_FIRST))
+    tail = sorted(pipeline[1:], key=lambda item: not any(slow in item.nodeid for slow in SLOW_FIRST))
+    items[:] = pipeline[:1] + rest + tail
     _xdist_groups(config, items)
+
+
+# tests of 20 s or more (a fresh clone's --durations), started early; the order of the rest is kept
+SLOW_FIRST = ("test_split_across_machines", "test_the_tutorials_experiment_commands_run", "test_queue.py::",
+              "test_categories_matrix", "test_forced_repro", "test_shipped_configs_run_end_to_end",
+              "test_a_tiny_stand_in")
 
 
 def _xdist_groups(config, items) -> None:
