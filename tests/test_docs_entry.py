@@ -148,6 +148,9 @@ def test_ci_installs_what_contributing_says_and_runs_the_suite():
     setup = "".join(text_blocks(CONTRIBUTING, "Set up"))
     suite = [line.strip() for block in text_blocks(CONTRIBUTING, "Run the tests") for line in block.splitlines()]
     assert "pip install -r requirements.txt" in setup and "python -m pytest" in suite
+    # and the README's quick start shows the same two checks CI runs
+    assert "ruff check . && python -m pytest" in [line.strip() for block in text_blocks(README, "Quick start")
+                                                  for line in block.splitlines()]
     packages = re.search(r"apt-get install (.+)", setup).group(1).split()
     assert packages and all(re.search(rf"apt-get install [^\n]*\b{re.escape(p)}\b", ci) for p in packages), packages
 
