@@ -267,15 +267,21 @@ def download_category(
         staging = staging_dir(dest)
         try:
             split = _extract(archive, category, staging / "archive", used, limits)
-            rows = read_split(split, category, used)
-            out = staging / "category"
-            found = lay_out(rows, staging / "archive", out, used)
-            check_layout(out, f"{used}: {category}")
-            check_counts(category, found, counts, used)
-            install_dir(out, dest)
+            _install(read_split(split, category, used), staging / "archive", staging, dest, category, counts, used)
         finally:
             remove_path(staging)
     return dest
+
+
+def _install(rows: list[dict], files: Path, staging: Path, dest: Path, category: str, counts: dict | None,
+             shown: str, transfer: Callable[[Path, Path], object] = os.replace) -> None:
+    """The rows' images from `files` in MVTec layout under `staging`, checked (layout, counts), then moved
+    to `dest` in one step: the archive and the unpacked folder end the same way."""
+    out = staging / "category"
+    found = lay_out(rows, files, out, shown, transfer=transfer)
+    check_layout(out, f"{shown}: {category}")
+    check_counts(category, found, counts, shown)
+    install_dir(out, dest)
 
 
 def _copy_within(root: Path) -> Callable[[Path, Path], None]:
@@ -308,11 +314,7 @@ def _from_unpacked(category: str, folder: Path, dest: Path, counts: dict | None)
     rows = read_split(split, category, shown)
     staging = staging_dir(dest)
     try:
-        out = staging / "category"
-        found = lay_out(rows, folder, out, shown, transfer=_copy_within(folder))
-        check_layout(out, f"{shown}: {category}")
-        check_counts(category, found, counts, shown)
-        install_dir(out, dest)
+        _install(rows, folder, staging, dest, category, counts, shown, transfer=_copy_within(folder))
     finally:
         remove_path(staging)
     return dest
