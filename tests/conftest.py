@@ -1,6 +1,9 @@
 """Shared test helpers: run a stage script as DVC would, in a scratch project folder."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import shutil
 import subprocess
@@ -32,45 +35,40 @@ def run_stage(module: str, *args: str, cwd: Path, check: bool = False, fresh: bo
     return result
 
 
+@contextlib.contextmanager
+def as_stage(module: str, args: tuple[str, ...], cwd: Path):
+    """This process as `python -m stages.<module> args` run in `cwd` sees it (cwd and argv), restored after."""
+    previous_dir, previous_argv = Path.cwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [f"stages/{module}.py", *args]
+    try:
+        yield importlib.import_module(f"stages.{module}")
+    finally:
+        os.chdir(previous_dir)
+        sys.argv = previous_argv
+
+
 def call_stage(module: str, *args: str, cwd: Path) -> None:
     """Run a stage's main() in this process (no interpreter start-up): for setting up a test's data.
 
     A failure raises the stage's PipelineError; tests of the command-line behaviour use run_stage.
     """
-    import importlib
-
-    previous_dir, previous_argv = Path.cwd(), sys.argv
-    os.chdir(cwd)
-    sys.argv = [f"stages/{module}.py", *args]
-    try:
-        importlib.import_module(f"stages.{module}").main()
-    finally:
-        os.chdir(previous_dir)
-        sys.argv = previous_argv
+    with as_stage(module, args, cwd) as stage:
+        stage.main()
 
 
 def run_in_process(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m stages.<module> args` as run_stage runs it (exit code, stdout, stderr through the stage's
     own run_main), in this process: no interpreter and torch start-up, about 3 s less a call. For the tools
     a test calls many times; a test of start-up itself (the numerics environment, signals) uses run_stage."""
-    import contextlib
-    import importlib
-    import io
-
     from stages.core.cli import run_main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
-    previous_dir, previous_argv = Path.cwd(), sys.argv
-    os.chdir(cwd)
-    sys.argv = [f"stages/{module}.py", *args]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_main(importlib.import_module(f"stages.{module}").main)
+        with as_stage(module, args, cwd) as stage, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(stage.main)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    finally:
-        os.chdir(previous_dir)
-        sys.argv = previous_argv
     return subprocess.CompletedProcess(["python", "-m", f"stages.{module}", *args], code, out.getvalue(),
                                        err.getvalue())
 
@@ -262,8 +260,11 @@ def pytest_collection_modifyitems(config, items):
     rest = [first_fitted, *[item for item in rest if item is not first_fitted]] if first_fitted else rest
     # the longest of the others start while the tiny project is being built, and the longest end-to-end tests
     # start first among those that wait for it: a long test started last leaves the other worker idle
-    rest.sort(key=lambda item: not any(slow in item.nodeid for slow in SLOW_FIRST))
-    tail = sorted(pipeline[1:], key=lambda item: not any(slow in item.nodeid for slow in SLOW_FIRST))
+    def slow_first(item) -> bool:
+        return not any(slow in item.nodeid for slow in SLOW_FIRST)
+
+    rest.sort(key=slow_first)
+    tail = sorted(pipeline[1:], key=slow_first)
     items[:] = pipeline[:1] + rest + tail
     _xdist_groups(config, items)
 
