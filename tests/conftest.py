@@ -271,7 +271,7 @@ def pytest_collection_modifyitems(config, items):
 
 # tests of 20 s or more (a fresh clone's --durations), started early; the order of the rest is kept
 SLOW_FIRST = ("test_split_across_machines", "test_the_tutorials_experiment_commands_run", "test_queue.py::",
-              "test_categories_matrix", "test_forced_repro", "test_shipped_configs_run_end_to_end",
+              "test_rerunning_the_seeded_stages", "test_shipped_configs_run_end_to_end",
               "test_a_tiny_stand_in")
 
 

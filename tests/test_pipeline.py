@@ -1,7 +1,7 @@
 """End to end with real `dvc` commands on a tiny configuration, in a temporary copy of the repo.
 
-Proves: every configured model gets metrics; `dvc repro --force` is deterministic (figure PNGs
-included); a fitting param reruns only that model's fit/evaluate/figures and the report, a scoring
+Proves: every configured model gets metrics; rerunning the seeded stages gives the same bytes (figure
+PNGs included); a fitting param reruns only that model's fit/evaluate/figures and the report, a scoring
 param only its evaluate/figures and the report; a second category (another source, grayscale) adds
 only its own stages and joins the category x model tables, a third makes only its own stages and
 the report stale; push -> clone -> pull recomputes nothing; a preprocess param makes every reader
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,6 @@ from tests.tiny import (
     chart_model,
     dvc,
     dvc_json,
-    output_hashes,
     ran,
     read_metrics,
     set_param,
@@ -288,12 +288,24 @@ def page_layout(index: Path, profile: Path) -> dict:
         driver.quit()
 
 
-def test_forced_repro_is_deterministic(workspace, first_run):
+def file_hashes(repo: Path, outputs: list[str]) -> dict[str, str]:
+    """sha256 of every file under these outputs (files or folders), by path."""
+    import hashlib
+
+    files = [f for out in outputs for f in ([repo / out] if (repo / out).is_file() else (repo / out).rglob("*"))]
+    return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def test_rerunning_the_seeded_stages_gives_the_same_bytes(workspace, first_run):
+    """Every stage with something seeded, its outputs deleted (as DVC does) and run again by hand, writes
+    byte-identical outputs: data generation, preprocessing, feature extraction, a trained and an untrained
+    fit, an evaluation, a heatmap grid with its reconstructions, the t-SNE; DVC then finds everything up to
+    date. (The stage scripts run in this process, each from its own seed; DVC runs them in fresh ones, as
+    the tiny project's first run did.)"""
+    from tests.conftest import run_stage
+
     repo = workspace
-    """Every stage with something seeded, run again from scratch, writes byte-identical outputs: data
-    generation, preprocessing, feature extraction, a trained and an untrained fit, an evaluation,
-    a heatmap grid with its reconstructions, the t-SNE."""
-    hashes = output_hashes(repo)  # as dvc.lock recorded them in the first run
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     # the stages with anything seeded: generator, split, coreset, training, image selection, t-SNE
     stages = [
         "download@carpet",
@@ -305,9 +317,17 @@ def test_forced_repro_is_deterministic(workspace, first_run):
         "figures@carpet-skipae_ssim",
         "tsne@carpet-efficientnet_lite0",
     ]
-    assert ran(dvc(repo, "repro", "--force", "--single-item", *stages)) == set(stages)
+    outputs = [out["path"] for stage in stages for out in lock[stage]["outs"]]
+    before = file_hashes(repo, outputs)
+    assert len(before) > 50 and any(path.endswith(".png") for path in before)
+    for stage in stages:  # in pipeline order: each reads what the one before wrote again
+        module, names = stage.split("@")
+        for out in lock[stage]["outs"]:
+            path = repo / out["path"]
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run_stage(module, *names.split("-"), cwd=repo, check=True)
+    assert file_hashes(repo, outputs) == before
     assert read_metrics(repo) == first_run
-    assert output_hashes(repo) == hashes
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
@@ -368,88 +388,6 @@ def test_fresh_clone_and_pull_recomputes_nothing(workspace, first_run, tmp_path)
     assert (tmp_path / "dvc-store").is_dir()  # ../dvc-store, from either
 
 
-def test_categories_matrix_adds_only_the_new_categorys_stages(workspace, first_run, tmp_path):
-    repo = workspace
-    """A second category from a local folder (grayscale, another source than the synthetic carpet)
-    gets its own stages and metrics and joins the cross-category tables; the carpet's stages stay
-    up to date. A third category then makes `dvc status` list only its own stages and the report."""
-    from tests.test_preprocess import make_category
-
-    make_category(tmp_path / "mine" / "grid", grayscale=True, with_masks=True)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet")}  # keep it short
-    params["data"].update(categories=["carpet", "grid"], sources={"grid": "folder"}, folder=str(tmp_path / "mine"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stale = set(json.loads(dvc(repo, "status", "--json")))
-    # the carpet's download reads data.sources and data.folder too; its output is unchanged, so nothing after it reruns
-    assert {s for s in stale if "carpet" in s} <= {"download@carpet"}
-    output = dvc(repo, "repro", "report")  # the tables; the grid's figure stages are the first run's code paths
-    assert {s for s in ran(output) if "carpet" in s} <= {"download@carpet"}
-    grid_models = {f"{stage}@grid-{m}" for stage in ("fit", "evaluate") for m in params["models"]}
-    assert (
-        ran(output) - {"download@carpet"}
-        == {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0", "compare", "report"} | grid_models
-    )
-
-    grid = json.loads((repo / "metrics/models/grid.category/patchcore_effnet.metrics.json").read_text())
-    carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
-    assert grid["category"] == "grid" and grid["image_auroc"] == 1.0  # bright squares on a dark grid
-    summary = json.loads((repo / "metrics/summary.json").read_text())
-    mean = (grid["image_auroc"] + carpet["image_auroc"]) / 2
-    assert summary["mean"]["patchcore_effnet"]["image_auroc"] == pytest.approx(mean)
-    assert summary["categories"]["grid"]["knn_effnet"]["image_auroc"] == grid_knn(repo)
-    table = (repo / "metrics/categories.csv").read_text().splitlines()
-    assert table[0] == "metric,category,knn_effnet,patchcore_effnet"
-    assert [row.split(",")[:2] for row in table[1:4]] == [
-        ["image_auroc", "carpet"],
-        ["image_auroc", "grid"],
-        ["image_auroc", "mean"],
-    ]
-    markdown = (repo / "metrics/summary.md").read_text()
-    assert "## Image AUROC" in markdown and "| **mean** |" in markdown and "| grid |" in markdown
-    shown = dvc_json(repo, "plots", "show")["data"]
-    cells = shown["categories"][0]["content"]["data"]["values"]
-    assert {(v["category"], v["model"]) for v in cells} >= {("grid", "patchcore_effnet"), ("mean", "knn_effnet")}
-
-    # one model's scoring param: that model's stages in every category, and the report
-    set_param(repo, "models.knn_effnet.score.k", 3)
-    try:  # (the grid's figures@ stages have not run: they are stale anyway)
-        assert set(json.loads(dvc(repo, "status", "--json"))) - not_run_yet(params) == {
-            "evaluate@carpet-knn_effnet",
-            "evaluate@grid-knn_effnet",
-            "figures@carpet-knn_effnet",
-            "compare",
-            "report",
-        }
-    finally:
-        set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
-
-    params["data"]["categories"].append("tile")  # synthetic, the default source
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tile = {
-        "download@tile",
-        "preprocess@tile",
-        "extract@tile-efficientnet_lite0",
-        "overview@tile",
-        "tsne@tile-efficientnet_lite0",
-    }
-    tile |= {f"{stage}@tile-{m}" for stage in ("fit", "evaluate", "figures", "export") for m in params["models"]}
-    assert set(json.loads(dvc(repo, "status", "--json"))) == tile | {"compare", "report"} | not_run_yet(params)
-    params["data"]["categories"].remove("tile")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def not_run_yet(params: dict) -> set[str]:
-    """The grid's figure stages, which the test above does not run (only up to the report)."""
-    return {"overview@grid", "tsne@grid-efficientnet_lite0", "summary_figure"} | {
-        f"{stage}@grid-{m}" for stage in ("figures", "export") for m in params["models"]
-    }
-
-
-def grid_knn(repo: Path) -> float:
-    return json.loads((repo / "metrics/models/grid.category/knn_effnet.metrics.json").read_text())["image_auroc"]
-
-
 def test_preprocess_param_makes_every_reader_of_the_prepared_images_stale_never_the_download(workspace, first_run):
     repo = workspace
     set_param(repo, "preprocess.seed", 1)  # another validation split
@@ -479,35 +417,44 @@ def git(repo: Path, *args: str) -> None:
 
 
 def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_path):
-    """docs/how-to/share-and-sweep.md "Split the categories over machines", as written: two workers each
-    reproduce one category and push the run cache to a shared remote, with no dvc.lock to merge; the
-    assembler pulls the run cache and `dvc repro --pull` restores every per-category stage, running only the
-    cross-category ones."""
+    """A second category from a local folder (grayscale, another source than the synthetic carpet), reproduced
+    as docs/how-to/share-and-sweep.md "Split the categories over machines" says, as written: two workers each
+    reproduce one category and push the run cache to a shared remote, with no dvc.lock to merge; the assembler
+    pulls the run cache and `dvc repro --pull` restores every per-category stage, running only the
+    cross-category ones. On the way: adding the category leaves the carpet's stages up to date (worker A, the
+    built project, reruns at most the carpet's download, whose output is unchanged), the new category joins the
+    category x model tables, a scoring param makes that model's stages stale in every category, and a third
+    category makes only its own stages and the report stale."""
+    from tests.test_preprocess import make_category
+
+    make_category(tmp_path / "mine" / "tile", grayscale=True, with_masks=True)
     remote = tmp_path / "remote"
     origin = tmp_path / "origin"
     git(tmp_path, "clone", "-q", str(workspace), str(origin))  # the committed project, no results
-    set_param(origin, "data.categories", ["carpet", "tile"])
     params = yaml.safe_load((origin / "params.yaml").read_text())
     params["models"] = {m: params["models"][m] for m in ("knn_effnet", "patchcore_effnet")}  # keep it short
-    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (origin / "dvc.yaml").write_text(yaml.safe_dump(with_plot_sources_of(params["models"]), sort_keys=False))
-    dvc(origin, "remote", "add", "-d", "shared", str(remote))
+    params["data"].update(categories=["carpet", "tile"], sources={"tile": "folder"}, folder=str(tmp_path / "mine"))
+    for project in (origin, workspace):  # worker A is the built project, at the same commit
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (project / "dvc.yaml").write_text(yaml.safe_dump(with_plot_sources_of(params["models"]), sort_keys=False))
+        dvc(project, "remote", "add", "-d", "shared", str(remote))
     git(origin, "add", "-A")
     git(origin, "commit", "-qm", "two categories, a shared remote")
 
+    # the carpet's download reads data.sources and data.folder too; its output is unchanged, so nothing after it reruns
+    stale = set(json.loads(dvc(workspace, "status", "--json")))
+    assert {s for s in stale if "carpet" in s} <= {"download@carpet"}
     worker_a, worker_b, assembling = docs.commands(SHARE, "Split the categories over machines")
     assert "'*@carpet'" in worker_a and "'*@tile'" in worker_b
-    # worker A: the built project has reproduced the carpet; the same stages, same inputs
-    dvc(workspace, "remote", "add", "-d", "shared", str(remote))
-    assert ran(shell(worker_a, workspace)) == set()
+    assert ran(shell(worker_a, workspace)) <= {"download@carpet"}
     # worker B: the tile
     worker = tmp_path / "b"
     git(tmp_path, "clone", "-q", str(origin), str(worker))
     assert {s.split("@")[1].split("-")[0] for s in ran(shell(worker_b, worker))} == {"tile"}
     # the assembler
-    assembler = tmp_path / "c"
-    git(tmp_path, "clone", "-q", str(origin), str(assembler))
-    output = shell(assembling, assembler)
+    repo = tmp_path / "c"
+    git(tmp_path, "clone", "-q", str(origin), str(repo))
+    output = shell(assembling, repo)
     # the cross-category stages; the page template is a cached output, so worker A's run cache may hold it too
     assert (
         {"compare", "report", "summary_figure"} <= ran(output) <= {"compare", "report", "summary_figure", "plots_page"}
@@ -522,9 +469,43 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     }
     per_category |= {f"{stage}@{c}-efficientnet_lite0" for stage in ("extract", "tsne") for c in ("carpet", "tile")}
     assert per_category <= restored
-    summary = json.loads((assembler / "metrics/summary.json").read_text())
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+
+    # the new category in the cross-category tables
+    tile = json.loads((repo / "metrics/models/tile.category/patchcore_effnet.metrics.json").read_text())
+    carpet = json.loads((repo / "metrics/models/carpet.category/patchcore_effnet.metrics.json").read_text())
+    assert tile["category"] == "tile" and tile["image_auroc"] == 1.0  # bright squares on a dark grid
+    summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary["categories"]) == {"carpet", "tile"}
-    assert "Data and pipelines are up to date" in dvc(assembler, "status")
+    mean = (tile["image_auroc"] + carpet["image_auroc"]) / 2
+    assert summary["mean"]["patchcore_effnet"]["image_auroc"] == pytest.approx(mean)
+    knn = json.loads((repo / "metrics/models/tile.category/knn_effnet.metrics.json").read_text())
+    assert summary["categories"]["tile"]["knn_effnet"]["image_auroc"] == knn["image_auroc"]
+    table = (repo / "metrics/categories.csv").read_text().splitlines()
+    assert table[0] == "metric,category,knn_effnet,patchcore_effnet"
+    assert [row.split(",")[:2] for row in table[1:4]] == [
+        ["image_auroc", "carpet"],
+        ["image_auroc", "tile"],
+        ["image_auroc", "mean"],
+    ]
+    markdown = (repo / "metrics/summary.md").read_text()
+    assert "## Image AUROC" in markdown and "| **mean** |" in markdown and "| tile |" in markdown
+    shown = dvc_json(repo, "plots", "show")["data"]
+    cells = shown["categories"][0]["content"]["data"]["values"]
+    assert {(v["category"], v["model"]) for v in cells} >= {("tile", "patchcore_effnet"), ("mean", "knn_effnet")}
+
+    # one model's scoring param: that model's stages in every category, and the report
+    set_param(repo, "models.knn_effnet.score.k", 3)
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {
+        f"{stage}@{c}-knn_effnet" for stage in ("evaluate", "figures") for c in ("carpet", "tile")
+    } | {"compare", "report"}
+    set_param(repo, "models.knn_effnet.score.k", params["models"]["knn_effnet"]["score"]["k"])
+    # a third category (synthetic, the default source): only its own stages and the cross-category ones
+    set_param(repo, "data.categories", ["carpet", "tile", "grid"])
+    grid = {"download@grid", "preprocess@grid", "extract@grid-efficientnet_lite0", "overview@grid",
+            "tsne@grid-efficientnet_lite0"}
+    grid |= {f"{stage}@grid-{m}" for stage in ("fit", "evaluate", "figures", "export") for m in params["models"]}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == grid | {"compare", "report"}
 
 
 def test_the_tutorials_experiment_commands_run(workspace):

