@@ -250,26 +250,31 @@ def workspace(built, tmp_path) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end DVC tests share one tiny project, built by whichever test asks first (`built`): one
-    of them goes first, so one worker builds while the other runs the unit tests, and the others go
-    last, when the project is there."""
+    """The end-to-end DVC tests share one tiny project, built by whichever test asks first (`built`): one of
+    them goes first, so one worker builds while the other runs the longest of the other tests; the rest of
+    the end-to-end tests, longest first, follow those, when the project is there; then the xdist groups
+    (each runs on one worker, in one piece), then everything else. A long test or group started last
+    leaves the other worker idle. (pytest.ini keeps this order: --no-loadscope-reorder.)"""
     pipeline = [item for item in items if "built" in getattr(item, "fixturenames", ())]
     rest = [item for item in items if item not in pipeline]
-    # and one that needs `fitted` second, so the other worker builds that meanwhile
-    first_fitted = next((item for item in rest if "fitted" in getattr(item, "fixturenames", ())), None)
-    rest = [first_fitted, *[item for item in rest if item is not first_fitted]] if first_fitted else rest
-    # the longest of the others start while the tiny project is being built, and the longest end-to-end tests
-    # start first among those that wait for it: a long test started last leaves the other worker idle
-    def slow_first(item) -> bool:
-        return not any(slow in item.nodeid for slow in SLOW_FIRST)
 
-    rest.sort(key=slow_first)
-    tail = sorted(pipeline[1:], key=slow_first)
-    items[:] = pipeline[:1] + rest + tail
+    def slow(item) -> bool:
+        return any(name in item.nodeid for name in SLOW_FIRST)
+
+    def grouped(item) -> bool:
+        return any(item.iter_markers("xdist_group"))
+
+    items[:] = [
+        *pipeline[:1],
+        *[item for item in rest if slow(item)],
+        *sorted(pipeline[1:], key=lambda item: not slow(item)),
+        *[item for item in rest if not slow(item) and grouped(item)],
+        *[item for item in rest if not slow(item) and not grouped(item)],
+    ]
     _xdist_groups(config, items)
 
 
-# tests of 20 s or more (a fresh clone's --durations), started early; the order of the rest is kept
+# tests of 20 s or more (a fresh clone's --durations), started early
 SLOW_FIRST = ("test_split_across_machines", "test_the_tutorials_experiment_commands_run", "test_queue.py::",
               "test_rerunning_the_seeded_stages", "test_shipped_configs_run_end_to_end",
               "test_a_tiny_stand_in")
