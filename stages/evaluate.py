@@ -80,18 +80,19 @@ def main() -> None:
             per_level_seed[seed] = levels.per_level(*level_args)
             per_level_resampled.append(levels.per_level(*level_args, weights=weights))
         if first is None:
-            first = (seed, detector, prediction, validation, pixels, threshold_rule)
-        del prediction, validation, pixels  # one seed's maps at a time
+            first = (seed, detector.inputs.get("n_train"), prediction, validation, pixels, threshold_rule)
+        # one seed's model and maps at a time: a PaDiM state at the paper's settings is 3.5 GiB
+        del detector, prediction, validation, pixels
 
     resampled = metrics.mean_over_seeds(on_resamples)
     summary = metrics.summarise_seeds(per_seed, resampled, bootstrap["confidence"], bootstrap["resamples"])
-    seed, detector, prediction, validation, pixels, threshold_rule = first
+    seed, n_train, prediction, validation, pixels, threshold_rule = first
     result = {
         "category": config.category,
         "model": config.name,
         "method": config.method,
         "backbone": config.backbone,
-        "n_train": detector.inputs.get("n_train"),
+        "n_train": n_train,
         **summary,
     }
     if test.levels is not None:

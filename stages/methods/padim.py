@@ -98,8 +98,12 @@ class PaDiMScorer(nn.Module):
         self.mode = detector.fit_params.upsample
         for i, index in enumerate(split_dimensions(detector.dims, self.layer_channels)):
             self.register_buffer(f"keep{i}", index, persistent=False)
-        self.register_buffer("mean", detector.mean, persistent=False)  # shared with the detector, not copied
-        self.register_buffer("whitening", detector.whitening, persistent=False)
+        # shared with the detector, not copied; persistent, so that the ONNX exporter writes them as initializers:
+        # a non-persistent buffer is traced as a Constant node inside the protobuf, and at the paper's settings
+        # (d = 550 at 56 x 56 positions, 3.5 GiB) the export failed on protobuf's 2 GiB limit, where initializers
+        # go to files beside model.onnx
+        self.register_buffer("mean", detector.mean)
+        self.register_buffer("whitening", detector.whitening)
         score = detector.score_params
         self.head = MapHead(image_size, float(score.smoothing_sigma), score.image_score)
 
