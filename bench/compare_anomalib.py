@@ -8,6 +8,9 @@ Needs a separate venv outside the repo with anomalib (benchmark only, not in req
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 100 --ours-dims 128 1024
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 200 --ours-dims 128 1024   # ~40 min of anomalib fit
     ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 391 --ours-dims 128 1024 --anomalib-bank random
+    # every runtime each side deploys with: ours in torch and onnxruntime, anomalib eager and its own exports
+    ../anomalib-venv/bin/python bench/compare_anomalib.py --n-train 391 --ours-dims 128 --onnx --anomalib-bank random \
+        --anomalib-export
 
 What runs: a synthetic carpet category (stages.data.synthetic: --n-train good training images, 20
 good + 8 per defect type test images, exact masks), preprocessed at 256 px (resize 256, crop 256)
@@ -42,6 +45,17 @@ same uint8 images, normalised for Lite0 ((x - 0.5) / 0.5, TF-Lite's preprocessin
   AUPRO are "-" (not anomalib's, not computed), its peak RSS is the process's up to the random bank
   (embedding_store included, KCenterGreedy's projection and distances not), and the ratios table
   uses it for the ms / test image ratios only.
+
+- --anomalib-export: anomalib's deployed model as its users get it: the same fitted PatchcoreModel (its
+  bank saved by the job above) inside anomalib's Lightning Patchcore, exported by anomalib's own
+  to_onnx (torch's dynamo exporter; anomalib 2.7 has no other) and to_openvino (that ONNX through
+  openvino.convert_model), scored in onnxruntime and in OpenVINO on the CPU with their defaults (every
+  core), except OpenVINO's precision, held at float32 like every other row (on a CPU with
+  AVX512_BF16 it picks bfloat16, and there anomalib's average pooling did not compile). The graph holds
+  a pre-processor of Lite0's normalisation alone (the images are 256 px already) and no post-processor,
+  so it returns the raw score and map. The exporter fixed the batch dimension at its example's (2),
+  so these rows score batches of 2. "Runtime for runtime" then sets ours in torch beside anomalib in
+  torch and ours in onnxruntime beside anomalib's export in onnxruntime, OpenVINO beside them.
 
 Both children run with the same glibc setting MALLOC_MMAP_THRESHOLD_ (--malloc-mmap-threshold, default
 1 MiB; 0 leaves glibc's default): with glibc's default dynamic threshold, anomalib's KCenterGreedy
@@ -242,6 +256,7 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int, bank: 
         model.subsample_embedding(coreset_ratio)  # Patchcore.fit
     fit_s = time.perf_counter() - start
     fit_peak = bench_data.peak_rss_mib()
+    torch.save(model.memory_bank, workdir / "anomalib_bank.pt")  # for its exported model (--anomalib-export)
     model.eval()
     scores, maps = [], []
     start = time.perf_counter()
@@ -270,6 +285,92 @@ def run_anomalib(workdir: Path, coreset_ratio: float, num_neighbors: int, bank: 
         "score_patchcore_only_ms_per_image": None,
         "fit_peak_rss_mib": round(fit_peak),
         "added_by_fit_mib": round(fit_peak - baseline),
+        "extract_peak_rss_mib": None,
+    }
+
+
+RUNTIMES = {"onnx": "onnxruntime", "openvino": "OpenVINO"}
+
+
+def run_anomalib_export(workdir: Path, num_neighbors: int, runtime: str, bank: str) -> dict:
+    """anomalib's deployed path: the PatchcoreModel the anomalib job fitted (its memory bank, saved there)
+    inside anomalib's Lightning Patchcore, exported by anomalib's own to_onnx or to_openvino (the dynamo
+    exporter, opset 14, the batch dimension dynamic), then scored in onnxruntime or OpenVINO on the CPU with
+    their default settings (every core). The pre-processor in the graph is Lite0's normalisation alone (the
+    images are 256 px already, as for the other rows); no post-processor, so the graph returns the raw
+    score and map, as the eager row scores them. The export itself is not timed; one batch warms up."""
+    import anomalib
+    import numpy as np
+    import torch
+    from anomalib.models import Patchcore
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms import v2
+
+    test = bench_data.load(workdir, "test")
+    module = Patchcore(backbone="tf_efficientnet_lite0", layers=list(bench_data.LAYERS), pre_trained=False,
+                       num_neighbors=num_neighbors, pre_processor=PreProcessor(v2.Normalize([0.5] * 3, [0.5] * 3)),
+                       post_processor=False, evaluator=False, visualizer=False)
+    module.model = anomalib_model(num_neighbors)
+    module.model.memory_bank = torch.load(workdir / "anomalib_bank.pt")
+    export_root = workdir / f"anomalib_{runtime}"
+    if runtime == "onnx":
+        import onnxruntime
+
+        path = module.to_onnx(export_root, input_size=tuple(test.image_size))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        batch_size = session.get_inputs()[0].shape[0]
+
+        def infer(batch):
+            return dict(zip(outputs, session.run(None, {session.get_inputs()[0].name: batch})))
+        version = onnxruntime.__version__
+    else:
+        import openvino
+
+        path = module.to_openvino(export_root, input_size=tuple(test.image_size))
+        # float32, as every other row: OpenVINO picks bfloat16 on a CPU with AVX512_BF16 (this EPYC), where
+        # anomalib's average pooling did not compile
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        batch_dim = compiled.inputs[0].get_partial_shape()[0]
+        batch_size = batch_dim.get_length() if batch_dim.is_static else None
+
+        def infer(batch):
+            result = compiled(batch)
+            return {port.get_any_name(): result[port] for port in compiled.outputs}
+        version = openvino.__version__.split("-")[0]
+    images = (test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)  # anomalib's input: [0, 1] floats
+    # the exporter may fix the batch dimension at its example's (2 here, although anomalib asks for it dynamic):
+    # batches of that size, the last one filled up with copies of its last image and those results dropped
+    batch = batch_size if isinstance(batch_size, int) and batch_size > 0 else BATCH
+    padded = np.concatenate([images, np.repeat(images[-1:], -len(images) % batch, axis=0)])
+    infer(padded[:batch])
+    scores, maps = [], []
+    start = time.perf_counter()
+    for i in range(0, len(padded), batch):
+        out = infer(padded[i : i + batch])
+        scores.append(np.asarray(out["pred_score"]).reshape(-1))
+        maps.append(np.asarray(out["anomaly_map"]).reshape(-1, *test.image_size))
+    score_s = time.perf_counter() - start
+    scores, maps = np.concatenate(scores)[: len(images)], np.concatenate(maps)[: len(images)]
+    latency_only = bank == "random"
+    return {
+        "impl": f"anomalib {anomalib.__version__}, its {RUNTIMES[runtime]} export ({RUNTIMES[runtime]} {version})"
+        + (" (random bank, latency only)" if latency_only else ""),
+        "anomalib_bank": bank,
+        "bank": list(module.model.memory_bank.shape),
+        "batch": batch,
+        **(
+            {"image_auroc": None, "pixel_auroc": None, "aupro": None}
+            if latency_only
+            else bench_data.metrics(test, scores.astype(np.float64), maps)
+        ),
+        "image_auroc_eq7": None,
+        "fit_s": None,
+        "fit_patchcore_only_s": None,
+        "score_ms_per_image": round(1000 * score_s / len(test), 1),
+        "score_patchcore_only_ms_per_image": None,
+        "fit_peak_rss_mib": None,
+        "added_by_fit_mib": None,
         "extract_peak_rss_mib": None,
     }
 
@@ -317,7 +418,7 @@ def print_tables(rows: list[dict]) -> None:
             f"| {r['impl']} | {r['bank'][0]} x {r['bank'][1]} | {_fmt(r['fit_s'], 0)} | "
             f"{_fmt(r['fit_patchcore_only_s'], 0)} | "
             f"{r['score_ms_per_image']} | {_fmt(eq7_ms, 0)} | {_fmt(r['score_patchcore_only_ms_per_image'], 0)} | "
-            f"{r['fit_peak_rss_mib']} | {r['added_by_fit_mib']} | {_fmt(r['extract_peak_rss_mib'])} | "
+            f"{_fmt(r['fit_peak_rss_mib'])} | {_fmt(r['added_by_fit_mib'])} | {_fmt(r['extract_peak_rss_mib'])} | "
             f"{_fmt(r['image_auroc'])} | {_fmt(r['image_auroc_eq7'])} | {_fmt(r['pixel_auroc'])} | "
             f"{_fmt(r['aupro'])} | "
             f"{r['loadavg_before']} |"
@@ -337,7 +438,7 @@ def print_tables(rows: list[dict]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r is theirs:
+        if r["impl"].startswith("anomalib"):
             continue
         ratio = lambda ours, base, d=2: "-" if ours is None or base is None else f"{ours / base:.{d}f}"  # noqa: E731
         other = (lambda ours, base, d=2: "-") if latency_only else ratio  # noqa: E731 (every ratio but ms / image)
@@ -349,6 +450,30 @@ def print_tables(rows: list[dict]) -> None:
             f"{other(r['image_auroc'], theirs['image_auroc'], 4)} | "
             f"{other(r['pixel_auroc'], theirs['pixel_auroc'], 4)} |"
         )
+    print_runtime_for_runtime(rows)
+
+
+def print_runtime_for_runtime(rows: list[dict]) -> None:
+    """ms / test image, each implementation in each runtime it deploys with: ours in torch (predict's
+    default) and in onnxruntime (its export, the demo's default); anomalib in torch (eager) and through its
+    own exports in onnxruntime and OpenVINO. The ratio compares the same runtime."""
+    theirs = {("onnxruntime" if "onnxruntime export" in r["impl"] else "OpenVINO" if "OpenVINO export" in r["impl"]
+               else "torch"): r for r in rows if r["impl"].startswith("anomalib")}
+    if len(theirs) < 2:
+        return
+    print("\nRuntime for runtime, ms / test image (backbone included; ratio: ours / anomalib in the same runtime):\n")
+    print("| ours | runtime | ours ms | anomalib ms | ours / anomalib |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["impl"].startswith("anomalib"):
+            continue
+        runtime = "onnxruntime" if r["impl"].endswith("onnxruntime") else "torch"
+        base = theirs.get(runtime)
+        if base:
+            print(f"| {r['impl']} | {runtime} | {r['score_ms_per_image']} | {base['score_ms_per_image']} | "
+                  f"{r['score_ms_per_image'] / base['score_ms_per_image']:.2f} |")
+    if "OpenVINO" in theirs:
+        print(f"| - | OpenVINO (anomalib only) | - | {theirs['OpenVINO']['score_ms_per_image']} | - |")
 
 
 def main() -> None:
@@ -365,6 +490,11 @@ def main() -> None:
         "--onnx",
         action="store_true",
         help="also score ours through its ONNX export in onnxruntime (the demo's default runtime)",
+    )
+    parser.add_argument(
+        "--anomalib-export",
+        action="store_true",
+        help="also score anomalib's own exports: its to_onnx in onnxruntime, its to_openvino in OpenVINO",
     )
     parser.add_argument(
         "--anomalib-bank",
@@ -385,7 +515,7 @@ def main() -> None:
     parser.add_argument("--tables-from", type=Path, help="only print the tables of rows saved with --json")
     parser.add_argument(
         "--one", help=argparse.SUPPRESS
-    )  # internal: "anomalib", "ours-extract", "ours-fit:<dim>", "ours-score:<dim>"
+    )  # internal: "anomalib", "anomalib-export:<onnx|openvino>", "ours-extract", "ours-fit:<dim>", "ours-score:<dim>"
     args = parser.parse_args()
     if args.tables_from:
         print_tables(json.loads(args.tables_from.read_text()))
@@ -400,6 +530,8 @@ def main() -> None:
             row = run_ours_extract(workdir)
         elif job == "ours-fit":
             row = run_ours_fit(workdir, int(dim), args.coreset_ratio)
+        elif job == "anomalib-export":
+            row = run_anomalib_export(workdir, args.num_neighbors, dim, args.anomalib_bank)
         elif job == "ours-onnx-score":
             row = run_ours_onnx_score(workdir, int(dim), args.num_neighbors)
         else:
@@ -474,6 +606,8 @@ def main() -> None:
             )
     if not args.skip_anomalib:
         rows.append(child("anomalib"))
+        if args.anomalib_export:
+            rows += [child(f"anomalib-export:{runtime}") for runtime in RUNTIMES]
 
     from stages.data.synthetic import DEFAULT_LEVELS
 
