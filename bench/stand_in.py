@@ -143,7 +143,14 @@ def measure(config: dict, name: str, counts, args, workdir: Path, weights: dict[
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = workdir / f"{name}.log"
     log.write_text("")
-    generated = run_stage(project, "download", [name], log)  # the stand-in's images: not part of the budget
+    if args.images_from:  # an earlier --keep run's images, the same generator's: not generated again
+        source = Path(args.images_from) / name / "data" / "raw" / f"{name}.dataset"
+        if not source.is_dir():
+            raise SystemExit(f"--images-from {args.images_from}: no {source.relative_to(args.images_from)}")
+        shutil.copytree(source, project / "data" / "raw" / source.name, copy_function=os.link)
+        generated = None
+    else:
+        generated = run_stage(project, "download", [name], log)  # the stand-in's images: not part of the budget
     stages = []
     for stage in args.stages:
         items = params["backbones"] if stage in PER_BACKBONE else params["models"] if stage in PER_MODEL else [None]
@@ -338,6 +345,9 @@ def main() -> None:
                              help=f"comma-separated, in order (default: {','.join(STAGES)})")
     measure_cmd.add_argument("--workdir", help="where the stand-in projects are built (default: a temporary folder)")
     measure_cmd.add_argument("--keep", action="store_true", help="keep the stand-in projects")
+    measure_cmd.add_argument("--images-from", metavar="WORKDIR",
+                             help="the --workdir of an earlier --keep run at the same sizes: its generated images "
+                                  "are used (hard links) instead of generating them again (~25 min for hazelnut)")
     measure_cmd.add_argument("--out", help="the result file (default: bench/results/stand_in_<config>_<numerics>_"
                                            "<device>.json)")
     measure_cmd.set_defaults(func=run)

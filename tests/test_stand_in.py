@@ -52,6 +52,22 @@ def test_a_tiny_stand_in_through_the_stage_scripts(tmp_path):
     assert budget["categories"] == 15 and budget["hours"] > 0 and budget["disk_gib"] > 0
     assert budget["peak_rss_gib"] == max(s["peak_rss_gib"] for s in category["stages"])
 
+    # another measurement on the same images (--images-from the kept run): linked, not generated again
+    again, second = tmp_path / "again", tmp_path / "again.json"
+    command = [*command[: command.index("--stages")], "--stages", "preprocess", "--workdir", str(again), "--keep",
+               "--out", str(second), "--images-from", str(work)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (category,) = json.loads(second.read_text())["measured"]
+    assert category["generated"] is None and [s["stage"] for s in category["stages"]] == ["preprocess@standin_tiny"]
+    images = sorted((project / "data/raw/standin_tiny.dataset").rglob("*.png"))
+    linked = [again / "standin_tiny" / image.relative_to(project) for image in images]
+    assert images and all(image.stat().st_ino == link.stat().st_ino for image, link in zip(images, linked))
+    missing = subprocess.run([*command[:-1], str(tmp_path / "nowhere")], cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (f"--images-from {tmp_path / 'nowhere'}: no "
+                                      "standin_tiny/data/raw/standin_tiny.dataset")
+
 
 def measured_at(name: str, counts: tuple[int, int, int]) -> dict:
     """A measured stand-in whose costs are known lines: fit 10 s + 0.5 s per training image, evaluate
