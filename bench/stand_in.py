@@ -347,7 +347,7 @@ def main() -> None:
     measure_cmd.add_argument("--keep", action="store_true", help="keep the stand-in projects")
     measure_cmd.add_argument("--images-from", metavar="WORKDIR",
                              help="the --workdir of an earlier --keep run at the same sizes: its generated images "
-                                  "are used (hard links) instead of generating them again (~25 min for hazelnut)")
+                                  "are used (hard links) instead of generating them again (hazelnut: 5 min)")
     measure_cmd.add_argument("--out", help="the result file (default: bench/results/stand_in_<config>_<numerics>_"
                                            "<device>.json)")
     measure_cmd.set_defaults(func=run)
