@@ -87,7 +87,23 @@ def test_the_crafted_control_graph_is_accepted_and_scores(tmp_path):
     assert model.threshold == 1.5 and model.seed == 3
     # the metadata names no mode: crop, with the default fill
     assert model.preprocess == {"resize": 56, "crop_size": 48, "mode": "crop", "pad_fill": [124, 116, 104]}
-    assert model.session.get_session_options().enable_cpu_mem_arena is False  # memory goes back after an image
+    assert model.session.get_session_options().enable_cpu_mem_arena is True  # a small peak: the arena is kept
+
+
+def test_a_graph_near_the_peak_bound_runs_without_the_memory_arena(tmp_path):
+    """A graph that the check accepts but whose tensors take over ARENA_MAX_PEAK_BYTES at once (a 1 x 12000 x
+    12000 float tensor, 549 MiB) gets no arena: what an image needed goes back to the system after it."""
+    from stages.deploy.onnx_graph import read_checked
+    from stages.deploy.onnx_model import ARENA_MAX_PEAK_BYTES
+
+    path = write_graph(tmp_path / "heavy", [
+        helper.make_node("ConstantOfShape", ["heavy_shape"], ["heavy"],
+                         value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("ReduceSum", ["heavy"], ["heavy_sum"], keepdims=0),
+    ], [tensor("heavy_shape", [1, 12000, 12000])], score_from="heavy_sum")
+    model = OnnxModel(path, "carpet", "crafted")
+    assert ARENA_MAX_PEAK_BYTES < read_checked(path).peak_bytes < 2 * 2**30
+    assert model.session.get_session_options().enable_cpu_mem_arena is False
 
 
 def test_a_constant_of_shape_that_allocates_gigabytes_is_refused(tmp_path, no_session):

@@ -73,6 +73,11 @@ def export_onnx(fitted: FittedModel, path: Path) -> None:
     onnx.save(graph, str(path))
 
 
+# the largest checked peak that runs with onnxruntime's memory arena: PatchCore on WideResNet-50 at 320 px with
+# a 10 % coreset of MVTec AD's largest category peaks at 389 MiB (docs/explanation/security.md)
+ARENA_MAX_PEAK_BYTES = 512 * 2**20
+
+
 def onnx_session(path: Path):
     """An onnxruntime session of `path`, after its graph and metadata passed stages/deploy/onnx_graph.py:
     (session, CheckedGraph). Nothing else opens an export."""
@@ -81,9 +86,11 @@ def onnx_session(path: Path):
     onnxruntime.disable_telemetry_events()  # onnxruntime would queue usage events under ~/.cache otherwise
     graph = read_checked(path)  # before onnxruntime sees the file: a graph that could hang or allocate is refused
     options = onnxruntime.SessionOptions()
-    # No memory arena: what an image needs goes back to the system after it (an arena keeps its peak for the
-    # process's life, the demo's included). The graph check bounded that peak.
-    options.enable_cpu_mem_arena = False
+    # onnxruntime's memory arena keeps what the largest image needed for the life of the process, and without
+    # it every image allocates again: PatchCore at 391 training images took 113 ms an image instead of 50
+    # (bench/results/compare_export_n391.txt). On for a graph whose checked peak is small, as every export's is;
+    # off near the 2 GiB bound the graph check allows, where an arena kept the demo at 3.9 GB.
+    options.enable_cpu_mem_arena = graph.peak_bytes <= ARENA_MAX_PEAK_BYTES
     if numerics.active_mode() == "strict":  # the pipeline's thread count (results still depend on the CPU's kernels)
         options.intra_op_num_threads, options.inter_op_num_threads = numerics.STRICT_THREADS, 1
     try:
