@@ -193,6 +193,8 @@ def git_commit() -> str | None:
 def run(args) -> None:
     config_path = Path(args.config)
     config = yaml.safe_load(config_path.read_text())
+    if args.fit_seeds is not None:  # e.g. one seed, to compare numerics or devices in a third of the time
+        config["fit_seeds"] = args.fit_seeds
     sizes = [counts_of(spec) for spec in (args.category or (EXPECTED_COUNTS if args.all else DEFAULT_SIZES))]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stand-in-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -345,6 +347,8 @@ def main() -> None:
                              help=f"comma-separated, in order (default: {','.join(STAGES)})")
     measure_cmd.add_argument("--workdir", help="where the stand-in projects are built (default: a temporary folder)")
     measure_cmd.add_argument("--keep", action="store_true", help="keep the stand-in projects")
+    measure_cmd.add_argument("--fit-seeds", type=int, nargs="+", metavar="SEED",
+                             help="instead of the configuration's fit_seeds (recorded in the result)")
     measure_cmd.add_argument("--images-from", metavar="WORKDIR",
                              help="the --workdir of an earlier --keep run at the same sizes: its generated images "
                                   "are used (hard links) instead of generating them again (hazelnut: 5 min)")
