@@ -101,3 +101,22 @@ def test_the_branch_commands_are_the_configs_own():
         assert line in (REPO / config).read_text(), f"{config}: its header no longer says {line!r}"
     assert "git checkout -b patchcore-paper && cp configs/patchcore_paper.yaml params.yaml && dvc repro" in (
         REPO / PAPER).read_text()
+
+
+def test_the_strict_and_fast_table_is_the_recorded_runs():
+    """mvtec-paper.md's strict-against-fast table, row by row, against the two stand-in result files it names."""
+    import json
+
+    runs = {numerics: json.loads((REPO / f"bench/results/stand_in_patchcore_paper_hazelnut_seed0_{numerics}_cpu.json")
+                                 .read_text()) for numerics in ("strict", "fast")}
+    seconds = {}
+    for numerics, run in runs.items():
+        assert run["numerics"] == numerics and run["fit_seeds"] == [0] and run["device"] == "cpu"
+        ((category),) = run["measured"]
+        assert category["counts"] == {"train": 391, "good": 40, "defective": 70} and category["image_size"] == 1024
+        seconds[numerics] = {s["kind"]: s["seconds"] for s in category["stages"]}
+    table = section(PAPER, "Strict or fast numerics, CPU or GPU")
+    rows = {line.split("|")[1].strip().split()[0]: [float(c) for c in line.strip("|").split("|")[1:]]
+            for line in table.splitlines() if line.startswith(("| extract", "| fit", "| evaluate"))}
+    kinds = ("extract", "fit", "evaluate")
+    assert rows == {kind: [round(seconds[numerics][kind], 1) for numerics in ("strict", "fast")] for kind in kinds}

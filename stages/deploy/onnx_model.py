@@ -88,8 +88,9 @@ def onnx_session(path: Path):
     options = onnxruntime.SessionOptions()
     # onnxruntime's memory arena keeps what the largest image needed for the life of the process, and without
     # it every image allocates again: PatchCore at 391 training images took 113 ms an image instead of 50
-    # (bench/results/compare_export_n391.txt). On for a graph whose checked peak is small, as every export's is;
-    # off near the 2 GiB bound the graph check allows, where an arena kept the demo at 3.9 GB.
+    # (bench/results/compare_export_n391_arena_off.txt, then compare_export_n391.txt). On for a graph whose
+    # checked peak is small, as every export's is; off near the 2 GiB bound the graph check allows, where an
+    # arena kept the demo at 3.9 GB.
     options.enable_cpu_mem_arena = graph.peak_bytes <= ARENA_MAX_PEAK_BYTES
     if numerics.active_mode() == "strict":  # the pipeline's thread count (results still depend on the CPU's kernels)
         options.intra_op_num_threads, options.inter_op_num_threads = numerics.STRICT_THREADS, 1
