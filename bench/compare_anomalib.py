@@ -295,8 +295,9 @@ RUNTIMES = {"onnx": "onnxruntime", "openvino": "OpenVINO"}
 def run_anomalib_export(workdir: Path, num_neighbors: int, runtime: str, bank: str) -> dict:
     """anomalib's deployed path: the PatchcoreModel the anomalib job fitted (its memory bank, saved there)
     inside anomalib's Lightning Patchcore, exported by anomalib's own to_onnx or to_openvino (the dynamo
-    exporter, opset 14, the batch dimension dynamic), then scored in onnxruntime or OpenVINO on the CPU with
-    their default settings (every core). The pre-processor in the graph is Lite0's normalisation alone (the
+    exporter; anomalib asks for opset 14 and a dynamic batch dimension, the exporter wrote opset 18 and fixed
+    the batch at 2), then scored in onnxruntime or OpenVINO on the CPU with their default settings (every
+    core; OpenVINO at float32). The pre-processor in the graph is Lite0's normalisation alone (the
     images are 256 px already, as for the other rows); no post-processor, so the graph returns the raw
     score and map, as the eager row scores them. The export itself is not timed; one batch warms up."""
     import anomalib

@@ -325,6 +325,11 @@ def budget(args) -> None:
     configs = {Path(r["config"]).name for r in results}
     if args.write and configs != {Path(args.write).name}:
         raise SystemExit(f"results are for {sorted(configs)}, not {Path(args.write).name}")
+    if args.write:  # a block says "fit_seeds as below": a --fit-seeds measurement is not the config's budget
+        seeds = yaml.safe_load(Path(args.write).read_text())["fit_seeds"]
+        for path, r in zip(args.results, results):
+            if r["fit_seeds"] != seeds:
+                raise SystemExit(f"{path}: measured with fit_seeds {r['fit_seeds']}, {args.write} has {seeds}")
     lines = budget_block(results)
     if args.write:
         write_budget(Path(args.write), lines)

@@ -104,10 +104,11 @@ def test_extrapolation_is_an_upper_bound_for_a_convex_cost():
     assert stand_in.extrapolate(measured)["hours"] * 3600 > true
 
 
-def result(numerics: str, device: str, hours: float) -> dict:
+def result(numerics: str, device: str, hours: float, fit_seeds=(0, 1, 2)) -> dict:
     measured = [measured_at(name, stand_in.EXPECTED_COUNTS[name]) for name in ("toothbrush", "hazelnut")]
     budget = stand_in.extrapolate(measured) | {"hours": hours}
     return {"config": "configs/patchcore_paper.yaml", "numerics": numerics, "device": device, "date": "2026-12-07",
+            "fit_seeds": list(fit_seeds),
             "host": {"cpu": "Test CPU", "cores": 2} | ({"gpu": "Test GPU"} if device == "cuda" else {}),
             "load_before": [0.5, 0.5, 0.5], "measured": measured, "budget": budget}
 
@@ -138,6 +139,14 @@ def test_budget_block_is_written_into_the_config(tmp_path):
     other = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write",
                             str(REPO / "configs/padim_paper.yaml"), str(files[0])], capture_output=True, text=True)
     assert other.returncode != 0 and "not padim_paper.yaml" in other.stderr
+    # and a measurement with other seeds (bench/stand_in.py run --fit-seeds 0) is not the config's budget
+    one_seed = tmp_path / "one_seed.json"
+    one_seed.write_text(json.dumps(result("fast", "cpu", 2.5, fit_seeds=[0])))
+    before = config.read_text()
+    refused = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
+                              str(files[0]), str(one_seed)], capture_output=True, text=True)
+    assert refused.returncode == 1 and config.read_text() == before
+    assert refused.stderr.strip() == f"{one_seed}: measured with fit_seeds [0], {config} has [0, 1, 2]"
 
 
 def test_the_shipped_configs_have_a_budget_block():

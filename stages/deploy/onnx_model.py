@@ -87,7 +87,7 @@ def onnx_session(path: Path):
     graph = read_checked(path)  # before onnxruntime sees the file: a graph that could hang or allocate is refused
     options = onnxruntime.SessionOptions()
     # onnxruntime's memory arena keeps what the largest image needed for the life of the process, and without
-    # it every image allocates again: PatchCore at 391 training images took 113 ms an image instead of 50
+    # it every image allocates again: PatchCore at 391 training images took 109.9 ms an image instead of 48.5
     # (bench/results/compare_export_n391_arena_off.txt, then compare_export_n391.txt). On for a graph whose
     # checked peak is small, as every export's is; off near the 2 GiB bound the graph check allows, where an
     # arena kept the demo at 3.9 GB.
