@@ -84,8 +84,12 @@ def test_queued_experiments_carry_a_git_ignored_checkpoint_with_C_and_download_o
         dvc(first, "exp", "run", "--queue", "-n", "checked", "-S", f"data.mvtec.sha256={sha(archive)}", *targets)
         dvc(first, "exp", "run", "--queue", "-n", "without-copy", "-S", use, target)
         for command in commands:  # the page's, which start the queue
-            result = subprocess.run(command, shell=True, cwd=first, env=env, capture_output=True, text=True)
-            assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
+            # output to a file, not a pipe: `dvc queue start` leaves a worker behind that holds the command's
+            # output open until it exits (idle, seconds after the queue drains), and a pipe is read until then
+            with open(tmp_path / "command.log", "w+") as log:
+                result = subprocess.run(command, shell=True, cwd=first, env=env, stdout=log, stderr=subprocess.STDOUT)
+                log.seek(0)
+                assert result.returncode == 0, f"{command}:\n{log.read()}"
         assert run_queue(first, start=False) == {"checked": "Success", "without-copy": "Failed", name: "Success"}
         assert requested == ["/mvtec_anomaly_detection.tar.xz"]
     for clone in clones:
