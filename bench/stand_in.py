@@ -77,17 +77,28 @@ def counts_of(spec: str) -> tuple[str, tuple[int, int, int]]:
     return name, tuple(int(p) for p in parts)
 
 
-def random_weights(arch: str, folder: Path) -> Path:
+def random_weights(arch: str, folder: Path, kept_run: str | None = None) -> Path:
     """A checkpoint of `arch` with freshly initialised (seeded) weights: the same computation as the
-    pretrained one, for the cost."""
-    import torch
-    import torchvision
-
+    pretrained one, for the cost. An earlier kept run's (--images-from) is the same file: linked."""
     path = folder / f"{arch}-random.pth"
+    earlier = Path(kept_run) / "weights" / path.name if kept_run else None
+    if not path.is_file() and earlier and earlier.is_file():
+        os.link(earlier, path)
     if not path.is_file():
+        import torch
+        import torchvision
+
         torch.manual_seed(0)
         torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
     return path
+
+
+def kept_images(kept_run: str, name: str) -> Path:
+    """The images of stand-in `name` in an earlier --keep run's work folder (--images-from)."""
+    source = Path(kept_run) / name / "data" / "raw" / f"{name}.dataset"
+    if not source.is_dir():
+        raise SystemExit(f"--images-from {kept_run}: no {source.relative_to(kept_run)}")
+    return source
 
 
 def stand_in_params(config: dict, name: str, counts: tuple[int, int, int], args, weights: dict[str, Path]) -> dict:
@@ -144,9 +155,7 @@ def measure(config: dict, name: str, counts, args, workdir: Path, weights: dict[
     log = workdir / f"{name}.log"
     log.write_text("")
     if args.images_from:  # an earlier --keep run's images, the same generator's: not generated again
-        source = Path(args.images_from) / name / "data" / "raw" / f"{name}.dataset"
-        if not source.is_dir():
-            raise SystemExit(f"--images-from {args.images_from}: no {source.relative_to(args.images_from)}")
+        source = kept_images(args.images_from, name)
         shutil.copytree(source, project / "data" / "raw" / source.name, copy_function=os.link)
         generated = None
     else:
@@ -196,12 +205,16 @@ def run(args) -> None:
     if args.fit_seeds is not None:  # e.g. one seed, to compare numerics or devices in a third of the time
         config["fit_seeds"] = args.fit_seeds
     sizes = [counts_of(spec) for spec in (args.category or (EXPECTED_COUNTS if args.all else DEFAULT_SIZES))]
+    if args.images_from:  # checked before anything is made
+        for name, _ in sizes:
+            kept_images(args.images_from, f"standin_{name}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stand-in-"))
     workdir.mkdir(parents=True, exist_ok=True)
     weights_dir = workdir / "weights"
     weights_dir.mkdir(exist_ok=True)
     archs = {entry.get("arch") or name for name, entry in config["backbones"].items()}
-    weights = {arch: random_weights(arch, weights_dir) for arch in archs if arch != "efficientnet_lite0"}
+    weights = {arch: random_weights(arch, weights_dir, args.images_from) for arch in archs
+               if arch != "efficientnet_lite0"}
     default_out = REPO / "bench" / "results" / f"stand_in_{config_path.stem}_{args.numerics}_{args.device}.json"
     out = Path(args.out or default_out)
     result = {"config": str(config_path), "numerics": args.numerics, "device": args.device,

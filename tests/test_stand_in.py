@@ -63,10 +63,14 @@ def test_a_tiny_stand_in_through_the_stage_scripts(tmp_path):
     images = sorted((project / "data/raw/standin_tiny.dataset").rglob("*.png"))
     linked = [again / "standin_tiny" / image.relative_to(project) for image in images]
     assert images and all(image.stat().st_ino == link.stat().st_ino for image, link in zip(images, linked))
+    checkpoint = "weights/wide_resnet50_2-random.pth"  # the kept run's random weights: linked, not made again
+    assert (again / checkpoint).stat().st_ino == (work / checkpoint).stat().st_ino
+    command[command.index("--workdir") + 1] = str(tmp_path / "never")
     missing = subprocess.run([*command[:-1], str(tmp_path / "nowhere")], cwd=tmp_path, capture_output=True, text=True)
     assert missing.returncode == 1
     assert missing.stderr.strip() == (f"--images-from {tmp_path / 'nowhere'}: no "
                                       "standin_tiny/data/raw/standin_tiny.dataset")
+    assert not (tmp_path / "never").exists()  # refused before anything is made
 
 
 def measured_at(name: str, counts: tuple[int, int, int]) -> dict:
