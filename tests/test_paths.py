@@ -46,22 +46,13 @@ def small_params() -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A dvc project with one model fitted, plus files beside, above and around every output."""
-    root = tmp_path_factory.mktemp("paths")
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "weights", root / "weights")
-    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    pipeline.pop("plots")  # the all-model charts name the default models
-    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+def repo(built, tmp_path_factory) -> Path:
+    """A copy of the built tiny project (tests/tiny.py) with one model in params, plus files beside, above and
+    around every output."""
+    from tests.tiny import copy_of
+
+    root = copy_of(built, tmp_path_factory.mktemp("paths"))
     write_params(root, small_params())
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc(root, "init", "-q")
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)  # a repo with a commit (dvclive reads the revision)
-    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run(["git", *git_user, "commit", "-qm", "tiny"], cwd=root, check=True)
-    dvc(root, "repro", "--glob", "fit@*")
     # (not inside data/features/carpet.category/: every model of the category depends on that folder)
     for keep in (
         "keep.txt",

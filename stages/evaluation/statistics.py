@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from stages.core.errors import PipelineError
 
@@ -119,6 +118,8 @@ class PixelStats:
         ).reshape(len(maps), n_bins).astype(np.float64)
         overlap = np.zeros((len(maps), n_bins))
         regions = np.zeros(len(maps))
+        from scipy import ndimage  # here, not on top: the stages that read only names from stages.evaluation
+
         for i, mask in enumerate(masks):
             labelled, n = ndimage.label(mask, structure=REGION_STRUCTURE)
             regions[i] = n
