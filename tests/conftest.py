@@ -279,10 +279,15 @@ def pytest_collection_modifyitems(config, items):
     _xdist_groups(config, items)
 
 
-# tests of 20 s or more (a fresh clone's --durations), started early
+# the longest tests (a fresh clone's --durations), started early
 SLOW_FIRST = ("test_split_across_machines", "test_the_tutorials_experiment_commands_run", "test_queue.py::",
               "test_rerunning_the_seeded_stages", "test_shipped_configs_run_end_to_end",
-              "test_a_tiny_stand_in")
+              "test_a_tiny_stand_in",
+              # mostly waiting (a watcher's retries): beside the other worker's busiest tests, not alone at the end
+              "test_watch_resumes_survives",
+              # 4-8 s each: not at the end, where one of them leaves the other worker idle
+              "test_the_allowed_operators_are_exactly", "test_export_runs_on_the_cpu_whatever",
+              "test_predict_draws_one_bar_of_its_own", "test_own_folder_to_a_calibrated_detector")
 
 
 def _xdist_groups(config, items) -> None:

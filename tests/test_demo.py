@@ -532,14 +532,12 @@ def test_tls_options_are_checked_before_serving(tmp_path):
     from tests.conftest import error_line, run_stage
 
     (tmp_path / "cert.pem").write_text("not a certificate\n")
-    assert error_line(run_stage("demo", "--ssl-certfile", "cert.pem", cwd=tmp_path, fresh=True)) == (
+    assert error_line(run_stage("demo", "--ssl-certfile", "cert.pem", cwd=tmp_path)) == (
         "error: --ssl-certfile and --ssl-keyfile go together (the certificate and its private key)")
-    line = error_line(run_stage("demo", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "cert.pem", cwd=tmp_path,
-                                fresh=True))
+    line = error_line(run_stage("demo", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "cert.pem", cwd=tmp_path))
     assert line.startswith("error: --ssl-certfile cert.pem / --ssl-keyfile cert.pem: not a certificate and its "
                            "unencrypted key (SSLError")
-    missing = run_stage("demo", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "missing.pem", cwd=tmp_path,
-                        fresh=True)
+    missing = run_stage("demo", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "missing.pem", cwd=tmp_path)
     assert error_line(missing) == "error: --ssl-keyfile missing.pem: not a file"
 
 

@@ -16,11 +16,11 @@ from tests.test_demo import start_server
     ],
 )
 def test_a_bad_device_is_a_one_line_error_at_start(project, device, message):
-    assert error_line(run_stage("demo", "--device", device, cwd=project, fresh=True)).startswith(message)
+    assert error_line(run_stage("demo", "--device", device, cwd=project)).startswith(message)
 
 
 def test_no_fitted_model_is_a_one_line_error_at_start(project):
-    assert error_line(run_stage("demo", cwd=project, fresh=True)) == (
+    assert error_line(run_stage("demo", cwd=project)) == (
         "error: no fitted and evaluated model under models/ (run dvc repro first)"
     )
 

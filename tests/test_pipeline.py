@@ -331,26 +331,6 @@ def test_rerunning_the_seeded_stages_gives_the_same_bytes(workspace, first_run):
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
-def test_a_scoring_param_reruns_only_its_models_scoring(workspace, first_run):
-    repo = workspace
-    """A scoring param re-scores only its model (evaluate, figures and the export that carries the scoring
-    record; no fit), and the models left alone keep their metrics byte for byte. (A fitting param refits
-    only its model: test_the_tutorials_experiment_commands_run checks that exact set. Method files are one
-    folder dependency of every model: DVC's matrix items carry a model's name, not its method.)"""
-    before = read_metrics(repo)
-    set_param(repo, "models.skipae_ssim.score.smoothing_sigma", 2)
-    # the report and compare read the list of models, so any models.* change makes them stale (they rerun anyway)
-    stale = {"report", "compare", "evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
-    assert set(json.loads(dvc(repo, "status", "--json"))) == stale
-    # the summary chart follows the report whenever the summary changed, the ONNX export each changed scoring.json
-    assert ran(dvc(repo, "repro")) - {"summary_figure"} == stale | {"export@carpet-skipae_ssim"}
-    after = read_metrics(repo)
-    metrics = "metrics/models/carpet.category/{}.metrics.json".format
-    assert after[metrics("skipae_ssim")] != before[metrics("skipae_ssim")]
-    for model in ("knn_effnet", "patchcore_effnet"):
-        assert after[metrics(model)] == before[metrics(model)], model
-
-
 SHARE = "docs/how-to/share-and-sweep.md"
 
 
@@ -434,7 +414,7 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
     params = yaml.safe_load((origin / "params.yaml").read_text())
     # one model: every per-category stage kind, and each further model would cost worker B four stages (the
     # category x model tables with several models: tests/test_report.py; one model's param leaving the others
-    # alone: test_a_scoring_param_reruns_only_its_models_scoring)
+    # alone: test_the_tutorials_experiment_commands_run)
     params["models"] = {"patchcore_effnet": params["models"]["patchcore_effnet"]}
     params["data"].update(categories=["carpet", "tile"], sources={"tile": "folder"}, folder=str(tmp_path / "mine"))
     for project in (origin, workspace):  # worker A is the built project, at the same commit
@@ -515,13 +495,31 @@ def test_the_tutorials_experiment_commands_run(workspace):
     """Every command of docs/tutorial.md's "Change one param" block, as written, on the tiny project: the
     experiment reruns the changed model's stages and the cross-category ones the page names, nothing else.
     Then docs/how-to/share-and-sweep.md's "Compare runs" (the lines it shares with the tutorial run once) and
-    its few-shot collection, which finds this experiment among the runs."""
+    its few-shot collection, which finds this experiment among the runs.
+
+    Before the experiment, a scoring param of another model is changed in the workspace (the experiment
+    carries it along; one run of the cross-category stages for both): it re-scores only its model (evaluate,
+    figures and the export that carries the scoring record; no fit), and the model left alone keeps its
+    metrics byte for byte. (Method files are one folder dependency of every model: DVC's matrix items carry a
+    model's name, not its method.)"""
+    before = read_metrics(workspace)
+    set_param(workspace, "models.skipae_ssim.score.smoothing_sigma", 2)
+    rescored = {"evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
+    # the report and compare read the list of models, so any models.* change makes them stale (they rerun anyway)
+    assert set(json.loads(dvc(workspace, "status", "--json"))) == rescored | {"report", "compare"}
+
     commands = docs.commands("docs/tutorial.md", "Change one param and rerun only what it affects")
     assert commands[0] == "dvc exp run -S models.patchcore_effnet.fit.coreset_ratio=0.05"
     outputs = [shell(command, workspace) for command in commands]
     model = [f"{stage}@carpet-patchcore_effnet" for stage in ("fit", "evaluate", "figures", "export")]
-    assert ran(outputs[0]) == {*model, "compare", "report", "summary_figure"}, ran(outputs[0])
+    # the summary chart follows the report whenever the summary changed, the ONNX export each changed scoring.json
+    assert ran(outputs[0]) == {*model, *rescored, "export@carpet-skipae_ssim", "compare", "report",
+                               "summary_figure"}, ran(outputs[0])
     assert "patchcore_effnet" in outputs[1]  # dvc metrics diff lists the model's metrics
+    after = read_metrics(workspace)
+    metrics = "metrics/models/carpet.category/{}.metrics.json".format
+    assert after[metrics("skipae_ssim")] != before[metrics("skipae_ssim")]
+    assert after[metrics("knn_effnet")] == before[metrics("knn_effnet")]
     compare = docs.commands(SHARE, "Compare runs")
     assert compare[0] == commands[0]  # the same experiment: run once
     for command in compare:
