@@ -28,20 +28,36 @@ def commit(repo: Path, message: str) -> None:
     subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
 
 
-def run_queue(repo: Path, timeout: float = 900, start: bool = True) -> dict[str, str]:
+def experiment_refs(repo: Path) -> list[str]:
+    return subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+def run_queue(repo: Path, timeout: float = 900, start: bool = True, last: str | None = None) -> dict[str, str]:
     """`dvc queue start` (unless started already), then wait until nothing is queued or running:
-    {experiment name: status}."""
+    {experiment name: status}. With `last`, the name of the last queued experiment, expected to succeed: its
+    git ref (a cheap read) is waited for before `dvc queue status` (2 s a call) is asked; one worker runs the
+    queue in order, so every experiment before it has ended then."""
     if start:
         dvc(repo, "queue", "start")
     deadline = time.monotonic() + timeout
+
+    def last_done() -> bool:
+        return last is None or any(ref.endswith(f"/{last}") for ref in experiment_refs(repo))
+
     try:
+        asked = time.monotonic()
         while True:
-            status = dvc(repo, "queue", "status")
+            # the statuses once the last experiment is in, or every 15 s (one that failed makes no ref)
+            if not last_done() and time.monotonic() - asked < 15:
+                time.sleep(0.5)
+                continue
+            status, asked = dvc(repo, "queue", "status"), time.monotonic()
             states = dict(re.findall(r"^\S+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", status, re.M))
             if states and not {"Queued", "Running"} & set(states.values()):
                 return states
             assert time.monotonic() < deadline, f"queue still busy after {timeout} s:\n{status}"
-            time.sleep(3)
+            time.sleep(1)
     finally:
         dvc(repo, "queue", "stop", "--kill")  # no worker outlives the test
 
@@ -90,7 +106,8 @@ def test_queued_experiments_carry_a_git_ignored_checkpoint_with_C_and_download_o
                 result = subprocess.run(command, shell=True, cwd=first, env=env, stdout=log, stderr=subprocess.STDOUT)
                 log.seek(0)
                 assert result.returncode == 0, f"{command}:\n{log.read()}"
-        assert run_queue(first, start=False) == {"checked": "Success", "without-copy": "Failed", name: "Success"}
+        assert run_queue(first, start=False, last=name) == {"checked": "Success", "without-copy": "Failed",
+                                                            name: "Success"}
         assert requested == ["/mvtec_anomaly_detection.tar.xz"]
     for clone in clones:
         for category, source in sources.items():
@@ -106,9 +123,7 @@ def test_queued_experiments_carry_a_git_ignored_checkpoint_with_C_and_download_o
     assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in (
         REPO / "docs/how-to/mvtec-paper.md").read_text()  # the page quotes the error as it is
     # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
-    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=first, check=True,
-                          capture_output=True, text=True).stdout.split()
-    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    (ref,) = [r for r in experiment_refs(first) if r.endswith(f"/{name}")]
     recipe_file = tmp_path / "inputs.json"
     dvc(first, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
         "-o", str(recipe_file))
