@@ -79,7 +79,7 @@ def test_export_runs_on_the_cpu_whatever_params_say(fitted, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not torch.cuda.is_available():  # the case this test is for: fit and evaluate would need the GPU
         assert "'cuda' requested but no CUDA GPU is available" in error_line(
-            run_stage("evaluate", "carpet", "pc", cwd=project, fresh=True)
+            run_stage("evaluate", "carpet", "pc", cwd=project)
         )
     result = subprocess.run([sys.executable, "-m", "stages.export", "carpet", "pc"], cwd=project, env=with_bars(),
                             capture_output=True, text=True)
