@@ -83,7 +83,10 @@ def random_weights(arch: str, folder: Path, kept_run: str | None = None) -> Path
     path = folder / f"{arch}-random.pth"
     earlier = Path(kept_run) / "weights" / path.name if kept_run else None
     if not path.is_file() and earlier and earlier.is_file():
-        os.link(earlier, path)
+        try:
+            os.link(earlier, path)
+        except OSError:  # another file system: made again below (the same seed, the same weights)
+            pass
     if not path.is_file():
         import torch
         import torchvision

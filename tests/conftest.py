@@ -22,19 +22,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_stage(module: str, *args: str, cwd: Path, check: bool = False, fresh: bool = False
-              ) -> subprocess.CompletedProcess:
+def run_stage(module: str, *args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
     """`python -m stages.<module> args` with cwd as the project root (params.yaml, data/ live there): its exit
-    code, stdout and stderr. Run in this process through the stage's own run_main (no interpreter and
-    torch start-up, ~3 s a call), or with `fresh` in a new interpreter, for what only a process start
-    shows (the environment numerics set on import, progress bars, a server that must exit)."""
-    if fresh:
-        env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-        result = subprocess.run(
-            [sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=env, capture_output=True, text=True
-        )
-    else:
-        result = run_in_process(module, *args, cwd=cwd)
+    code, stdout and stderr, run in this process through the stage's own run_main (no interpreter and torch
+    start-up, ~3 s a call). What only a process start shows (the environment numerics set on import, progress
+    bars, a server that must exit) is tested on a `python -m` subprocess of its own."""
+    result = run_in_process(module, *args, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"stage {module} failed:\n{result.stderr}")
     return result
@@ -64,8 +57,8 @@ def call_stage(module: str, *args: str, cwd: Path) -> None:
 
 def run_in_process(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m stages.<module> args` as run_stage runs it (exit code, stdout, stderr through the stage's
-    own run_main), in this process: no interpreter and torch start-up, about 3 s less a call. For the tools
-    a test calls many times; a test of start-up itself (the numerics environment, signals) uses run_stage."""
+    own run_main), in this process: no interpreter and torch start-up, about 3 s less a call. A test of
+    start-up itself (the numerics environment, signals, progress bars) starts `python -m` in a subprocess."""
     from stages.core.cli import run_main
 
     out, err, code = io.StringIO(), io.StringIO(), 0

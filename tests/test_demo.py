@@ -361,8 +361,8 @@ def certificate_command() -> str:
 def https_site(fitted, tmp_path_factory):
     """A copy of the fitted project (the calibrate button writes its deployment file there), the demo
     over HTTPS with a certificate made by the documented command, and a Chromium that accepts it, with
-    a fake camera that shows good carpet for 8 s before the defect (time to calibrate on 29 good frames at
-    the camera's 10 frames a second, and to see them stay normal)."""
+    a fake camera that shows good carpet for 8 s before the defect (time to calibrate on 29 scored frames,
+    about 2 s, 2.5 s with both cores busy, and to see them stay normal)."""
     project = tmp_path_factory.mktemp("https") / "project"
     shutil.copytree(fitted, project, ignore=shutil.ignore_patterns("plots", "dvc_plots"))
     subprocess.run(["bash", "-c", certificate_command()], cwd=project, check=True, capture_output=True)

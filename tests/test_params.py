@@ -42,6 +42,10 @@ def test_params_yaml_is_read_exactly_as_dvc_reads_it(tmp_path):
     assert ours == parse_yaml(text, str(path))
     # YAML 1.2: scientific notation without a dot is a float, `yes` is a string
     assert ours["extra_for_this_test"] == {"lr": 1e-4, "flag": "yes", "octal": 10}
+    # a version directive: ruamel's pure-Python parser honours `%YAML 1.1` (yes -> True, 010 -> 8), its C parser
+    # (ruamel.yaml.clib, in requirements.txt) ignores it; whichever DVC uses, the stages use the same
+    path.write_text("%YAML 1.1\n---\n" + text)
+    assert read_yaml(path) == parse_yaml(path.read_text(), str(path))
 
 
 @pytest.mark.parametrize(

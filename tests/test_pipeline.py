@@ -492,7 +492,9 @@ def test_split_across_machines_restores_every_per_category_stage(workspace, tmp_
 
 def test_the_tutorials_experiment_commands_run(workspace):
     """Every command of docs/tutorial.md's "Change one param" block, as written, on the tiny project: the
-    experiment reruns the changed model's stages and the cross-category ones the page names, nothing else.
+    experiment reruns the changed model's stages and the cross-category ones the page names, nothing else
+    (beside the re-scoring of the scoring param below). Checked first, without running it: the fit param
+    alone makes only that model's fit and the cross-category stages stale.
     Then docs/how-to/share-and-sweep.md's "Compare runs" (the lines it shares with the tutorial run once) and
     its few-shot collection, which finds this experiment among the runs.
 
@@ -502,6 +504,12 @@ def test_the_tutorials_experiment_commands_run(workspace):
     metrics byte for byte. (Method files are one folder dependency of every model: DVC's matrix items carry a
     model's name, not its method.)"""
     before = read_metrics(workspace)
+    coreset = "models.patchcore_effnet.fit.coreset_ratio"
+    shipped = yaml.safe_load((workspace / "params.yaml").read_text())["models"]["patchcore_effnet"]["fit"]
+    set_param(workspace, coreset, 0.05)
+    # that model's fit (the stages after it follow from its outputs) and the cross-category ones, nothing else
+    assert set(json.loads(dvc(workspace, "status", "--json"))) == {"fit@carpet-patchcore_effnet", "compare", "report"}
+    set_param(workspace, coreset, shipped["coreset_ratio"])
     set_param(workspace, "models.skipae_ssim.score.smoothing_sigma", 2)
     rescored = {"evaluate@carpet-skipae_ssim", "figures@carpet-skipae_ssim"}
     # the report and compare read the list of models, so any models.* change makes them stale (they rerun anyway)

@@ -1,6 +1,7 @@
 """Progress bars, one per wait: predict draws its own and the library's loops stay silent under it, the
 demo draws none per image, and the export stage one (its parity check). Run as subprocesses with
-TQDM_DISABLE unset, as a user runs them; a bar is recognised by tqdm's `<desc>: NN%|` prefix."""
+TQDM_DISABLE unset, as a user runs them (only the evaluate refusal, which draws no bar, runs in-process);
+a bar is recognised by tqdm's `<desc>: NN%|` prefix."""
 from __future__ import annotations
 
 import os

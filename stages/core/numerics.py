@@ -58,7 +58,7 @@ def mode_of(params_file: str | Path = "params.yaml") -> str:
     try:
         from ruamel.yaml import YAML
 
-        value = YAML(typ="safe", pure=True).load(path.read_text()).get("numerics", DEFAULT)
+        value = YAML(typ="safe").load(path.read_text()).get("numerics", DEFAULT)  # DVC's parser (core/params.py)
     except Exception:  # no file, not YAML, not a mapping: the params check says so later
         return DEFAULT
     return value if value in MODES else DEFAULT

@@ -360,7 +360,9 @@ def read_yaml(path: Path) -> object:
     from ruamel.yaml import YAML, YAMLError
 
     try:
-        return YAML(typ="safe", pure=True).load(path.read_text())
+        # typ="safe" as DVC's parse_yaml: the same parser (ruamel.yaml.clib's C one when installed, which, for
+        # one, ignores a `%YAML 1.1` directive), so a stage reads every value as DVC hashes it
+        return YAML(typ="safe").load(path.read_text())
     except YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
 
