@@ -28,9 +28,11 @@ def commit(repo: Path, message: str) -> None:
     subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
 
 
-def experiment_refs(repo: Path) -> list[str]:
-    return subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=repo, check=True,
+def experiment_refs(repo: Path, name: str) -> list[str]:
+    """The git refs of the experiments named `name` (refs/exps/.../<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], cwd=repo, check=True,
                           capture_output=True, text=True).stdout.split()
+    return [ref for ref in refs if ref.endswith(f"/{name}")]
 
 
 def run_queue(repo: Path, timeout: float = 900, start: bool = True, last: str | None = None) -> dict[str, str]:
@@ -43,7 +45,7 @@ def run_queue(repo: Path, timeout: float = 900, start: bool = True, last: str | 
     deadline = time.monotonic() + timeout
 
     def last_done() -> bool:
-        return last is None or any(ref.endswith(f"/{last}") for ref in experiment_refs(repo))
+        return last is None or bool(experiment_refs(repo, last))
 
     try:
         asked = time.monotonic()
@@ -123,7 +125,7 @@ def test_queued_experiments_carry_a_git_ignored_checkpoint_with_C_and_download_o
     assert f"error: backbones.efficientnet_lite0.weights: file not found: {WEIGHTS}" in (
         REPO / "docs/how-to/mvtec-paper.md").read_text()  # the page quotes the error as it is
     # the experiment's own record of its features (its commit under refs/exps, its outputs in the cache)
-    (ref,) = [r for r in experiment_refs(first) if r.endswith(f"/{name}")]
+    (ref,) = experiment_refs(first, name)
     recipe_file = tmp_path / "inputs.json"
     dvc(first, "get", ".", "data/features/carpet.category/efficientnet_lite0.features/inputs.json", "--rev", ref,
         "-o", str(recipe_file))
