@@ -48,6 +48,35 @@ def test_nearest_block_by_block_equals_brute_force():
         assert torch.allclose(dist, whole[0], atol=1e-6) and torch.equal(index, whole[1])
 
 
+def test_the_strict_product_runs_in_openblas_haswell_kernels():
+    """Under numerics: strict (the suite's) the CPU product is numpy's OpenBLAS on its Haswell kernels, the
+    same code path on every AVX2 CPU (bench/cross_cpu_check.py), not MKL: its bytes are OpenBLAS's
+    fl(||b||^2 - 2 q.b), and nearest() takes each row's first minimum, as torch's min does."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from stages.core import numerics
+    from stages.methods.neighbours import _row_minimum, bank_terms
+
+    assert numerics.active_mode() == "strict"
+    np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # numpy loads its BLAS
+    assert [(i["internal_api"], i["architecture"]) for i in threadpool_info() if i["user_api"] == "blas"] == [
+        ("openblas", "Haswell")]
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 96, generator=g), torch.randn(500, 96, generator=g)
+    norms = squared_norms(bank)
+    expected = norms.numpy() - np.float32(2.0) * (queries.numpy() @ bank.numpy().T)
+    assert np.array_equal(bank_terms(queries, bank, norms).numpy().view(np.uint32), expected.view(np.uint32))
+    # the row minimum: small integers, so every row has tied minima; numpy's pass takes the first, as torch's
+    terms = torch.randint(0, 4, (200, 300), generator=g).float()
+    values, index = _row_minimum(terms, numpy_pass=True)
+    assert torch.equal(values, terms.min(dim=1).values) and torch.equal(index, terms.min(dim=1).indices)
+    assert torch.equal(index, (terms == values[:, None]).float().argmax(dim=1))  # the first of the ties
+    distances, nearest_index = nearest(queries, bank, norms)
+    assert torch.equal(nearest_index, torch.cdist(queries.double(), bank.double()).min(dim=1).indices)
+    assert torch.allclose(distances, torch.cdist(queries, bank).min(dim=1).values, atol=1e-5)
+
+
 def test_global_knn_score_is_mean_distance_to_k_nearest():
     g = torch.Generator().manual_seed(1)
     train = torch.randn(20, 6, generator=g)

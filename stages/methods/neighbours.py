@@ -6,10 +6,18 @@ nearest each query, block by block so memory stays bounded whatever the bank siz
 Users: PatchCore (`nearest`; the eq. 7 support search), the global kNN's scorer and the coreset's
 starting distances (stages/methods/sampler.py). Each keeps its own order of the same three terms, so
 every output stays the bytes it was (see the comments where an order differs).
+
+Under `numerics: strict` on the CPU the product runs in numpy's OpenBLAS, pinned to its Haswell (AVX2)
+kernels (stages/core/numerics.py), not in torch's MKL: MKL is the same on Intel and AMD only on its
+vendor-neutral SSE2 path, 3 to 4 times slower than OpenBLAS's AVX2 kernels, which are one code path
+whatever the vendor (bench/cross_cpu_check.py: identical bytes natively and under emulated Intel and
+AMD CPUs; the speed: bench/nn_product.py). An ONNX export traces torch's own product.
 """
 from __future__ import annotations
 
 import torch
+
+from stages.core import numerics
 
 # Largest distance block `nearest` holds at once (float32 elements): 2**24 = 64 MiB.
 MAX_BLOCK_ELEMENTS = 2**24
@@ -30,7 +38,24 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
 def bank_terms(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
     """(Q, B): ||b||^2 - 2 q.b, the squared distance less ||q||^2. That term is the same along a query's
     row, so the row's minimum and order are those of the full distance (up to rounding ties)."""
+    if _on_openblas(queries, bank):
+        import numpy as np
+
+        # -2 folded into the queries is exact (a power of two), so each value is fl(||b||^2 - 2 q.b), as
+        # addmm's: one rounding of the same dot product, one pass fewer over the (Q, B) block
+        scaled = np.ascontiguousarray(queries.numpy()) * np.float32(-2.0)
+        product = np.matmul(scaled, np.ascontiguousarray(bank.numpy()).T)
+        product += bank_norms.numpy()
+        return torch.from_numpy(product)
     return torch.addmm(bank_norms, queries, bank.t(), alpha=-2.0)
+
+
+def _on_openblas(queries: torch.Tensor, bank: torch.Tensor) -> bool:
+    """Strict numerics, float32 on the CPU, no gradient, not being traced into an ONNX graph."""
+    return (numerics.active_mode() == "strict" and queries.device.type == "cpu" and bank.device.type == "cpu"
+            and queries.dtype == bank.dtype == torch.float32 and not torch.onnx.is_in_onnx_export()
+            and not torch.jit.is_tracing() and not (torch.is_grad_enabled()
+                                                     and (queries.requires_grad or bank.requires_grad)))
 
 
 def squared_distances(
@@ -60,10 +85,24 @@ def nearest(
     # block sizes in the graph, which onnxruntime then refuses: a bank over MAX_BLOCK_ELEMENTS / patches.)
     whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()
     for block in [queries] if whole else queries.split(rows):
-        best, index = bank_terms(block, bank, bank_norms).min(dim=1)
+        best, index = _row_minimum(bank_terms(block, bank, bank_norms), numpy_pass=_on_openblas(block, bank))
         # ||q||^2 added to the minimum alone (B times fewer additions): the same value as adding it
         # first and taking the minimum, since rounding is monotone (x <= y gives fl(x + c) <= fl(y + c)).
         # The index is the true minimum's; adding first could tie two values and pick the lower index.
         distances.append(root(best + squared_norms(block)))
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)
+
+
+def _row_minimum(terms: torch.Tensor, numpy_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's minimum and the index of its first occurrence. numpy's argmin gives the same value and
+    index as torch's min (a minimum is exact; both take the first of tied values) in a third of its time
+    on the CPU (a vectorised pass; torch's min with indices is not)."""
+    if not numpy_pass:
+        return terms.min(dim=1)
+    import numpy as np
+
+    values = terms.numpy()
+    index = values.argmin(axis=1)
+    return torch.from_numpy(np.take_along_axis(values, index[:, None], axis=1)[:, 0]), torch.from_numpy(index)
+
