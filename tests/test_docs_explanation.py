@@ -77,3 +77,29 @@ def test_the_memory_tables_are_the_recorded_runs():
         assert [c.strip() for c in row.strip("|").split("|")[1:]] == [
             f"{r['one_seed']['state_gib']:.3f} GiB", f"{r['one_seed']['peak_rss_gib']:.3f} GiB",
             f"{r['three_seeds']['peak_rss_gib']:.3f} GiB"], row
+
+
+def test_the_nearest_neighbour_table_is_the_recorded_run():
+    """performance.md's before/now table of the strict search, row by row, against bench/results/nn_product.json."""
+    rows = json.loads((REPO / "bench/results/nn_product.json").read_text())
+    page = (EXPLANATION / "performance.md").read_text()
+    table = page[page.index("<!-- nn_product:start -->"):page.index("<!-- nn_product:end -->")]
+    expected = [f"| {r['shape']} | {r['queries']} × {r['bank']} × {r['dim']} | {r['mkl_compatible_ms']} | "
+                f"{r['openblas_haswell_ms']} | {r['speed_up']}× |" for r in rows]
+    assert [line for line in table.splitlines() if line.startswith("| ") and "×" in line][1:] == expected
+    assert all(r["speed_up"] > 1 for r in rows)
+    speed_ups = sorted(r["speed_up"] for r in rows)
+    assert f"{speed_ups[0]:.1f} to {speed_ups[-1]:.1f} times faster" in flat(
+        (EXPLANATION / "reproducibility.md").read_text())
+
+
+def test_the_eager_before_and_after_table_is_the_recorded_runs():
+    """performance.md's eager path at 391 images, before and after the OpenBLAS product, against the two runs."""
+    page = (EXPLANATION / "performance.md").read_text()
+    table = page[page.index("<!-- eager_391:start -->"):page.index("<!-- eager_391:end -->")]
+    rows = [line for line in table.splitlines() if line.startswith(("| before", "| now"))]
+    for line, run in zip(rows, ("before", "after"), strict=True):
+        (record,) = json.loads((REPO / f"bench/results/compare_ours_n391_{run}.json").read_text())
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert cells == [str(record["score_ms_per_image"]), str(record["score_patchcore_only_ms_per_image"]),
+                         f"{record['image_auroc']:.4f}", f"{record['pixel_auroc']:.4f}"], line
