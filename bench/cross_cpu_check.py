@@ -14,8 +14,10 @@ About 6 minutes per emulated CPU on 2 shared cores (load average 11 to 13).
 
 What it cannot see: qemu computes the approximate instructions (rcpps, rsqrtps) exactly, where real
 CPUs differ by vendor, so a kernel built on them could agree here and differ on hardware; strict
-mode keeps MKL off them (MKL_CBWR=COMPATIBLE). bench/results/cross_cpu.json: 2026-12-06, native AMD
-EPYC (AVX-512) against emulated Intel Haswell and AMD EPYC-Rome, all 89 files identical. With torch's
+mode keeps MKL off them (MKL_CBWR=COMPATIBLE). bench/results/cross_cpu.json: 2026-12-07, native AMD
+EPYC (AVX-512) against emulated Intel Haswell and AMD EPYC-Rome, the nearest-neighbour product in
+OpenBLAS's Haswell kernels (stages/methods/neighbours.py): all 85 files identical (89 on 2026-12-06,
+before the model folders were re-laid out, also identical). On 2026-12-06, with torch's
 constant folding in the export (as it was), the model.onnx of the five EfficientNet-Lite0 models
 (PatchCore, PaDiM, kNN, feature AE and VAE) differed under both emulated CPUs, 84 of 89 identical,
 as they did on a real Intel CPU: the folding merges each BatchNorm into its convolution with torch's
