@@ -135,14 +135,14 @@ def test_a_nan_state_is_an_error_not_a_normal_verdict(fitted, tmp_path, monkeypa
 
 
 def test_a_state_that_fails_to_score_is_one_line(fitted, tmp_path, monkeypatch):
-    """A bank of the wrong shape gave `RuntimeError: mat1 and mat2 shapes cannot be multiplied` (rc 2). The product
-    runs in numpy under strict numerics (stages/methods/neighbours.py), so the cause is numpy's message."""
+    """A bank of the wrong shape gave `RuntimeError: mat1 and mat2 shapes cannot be multiplied` (rc 2); now one
+    plain line, the same under strict (numpy's product) and fast (torch's)."""
     project = model_copy(fitted, tmp_path)
     alter_state(project, lambda blob: blob["state"].update(bank=torch.zeros(5, 3)))
     model = load(project, monkeypatch)
     with pytest.raises(PipelineError, match=r"^2 images \(a\.png, b\.png\): models/carpet\.category/pc\.model/seed-3/"
-                                            r"model\.pt could not score it \(ValueError: matmul: Input operand 1 "
-                                            r"has a mismatch"):
+                                            r"model\.pt could not score it \(ValueError: the queries have \d+ features, "
+                                            r"the bank's rows 3\)$"):
         model.score(np.zeros((2, 48, 48, 3), np.uint8), ["a.png", "b.png"])
 
 

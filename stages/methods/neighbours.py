@@ -4,8 +4,8 @@ CPU-dependent float32 sqrt, so its bytes differ between Intel and AMD), its root
 nearest each query, block by block so memory stays bounded whatever the bank size.
 
 Users: PatchCore (`nearest`; the eq. 7 support search), the global kNN's scorer and the coreset's
-starting distances (stages/methods/sampler.py). Each keeps its own order of the same three terms, so
-every output stays the bytes it was (see the comments where an order differs).
+starting distances (stages/methods/sampler.py). Each keeps its own order of the same three terms (see the
+comments where an order differs).
 
 Under `numerics: strict` on the CPU the product runs in numpy's OpenBLAS, pinned to its Haswell (AVX2)
 kernels (stages/core/numerics.py), not in torch's MKL: MKL is the same on Intel and AMD only on its
@@ -38,7 +38,13 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
 def bank_terms(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
     """(Q, B): ||b||^2 - 2 q.b, the squared distance less ||q||^2. That term is the same along a query's
     row, so the row's minimum and order are those of the full distance (up to rounding ties)."""
-    if _on_openblas(queries, bank):
+    return _bank_terms(queries, bank, bank_norms, openblas=_on_openblas(queries, bank))
+
+
+def _bank_terms(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, openblas: bool) -> torch.Tensor:
+    if queries.shape[-1] != bank.shape[-1]:  # one message whichever library multiplies
+        raise ValueError(f"the queries have {queries.shape[-1]} features, the bank's rows {bank.shape[-1]}")
+    if openblas:
         import numpy as np
 
         # -2 folded into the queries is exact (a power of two), so each value is fl(||b||^2 - 2 q.b), as
@@ -51,7 +57,8 @@ def bank_terms(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tens
 
 
 def _on_openblas(queries: torch.Tensor, bank: torch.Tensor) -> bool:
-    """Strict numerics, float32 on the CPU, no gradient, not being traced into an ONNX graph."""
+    """Strict numerics, float32 on the CPU, no gradient, not being traced into an ONNX graph: the product
+    (and `nearest`'s row minimum) in numpy."""
     return (numerics.active_mode() == "strict" and queries.device.type == "cpu" and bank.device.type == "cpu"
             and queries.dtype == bank.dtype == torch.float32 and not torch.onnx.is_in_onnx_export()
             and not torch.jit.is_tracing() and not (torch.is_grad_enabled()
@@ -85,7 +92,8 @@ def nearest(
     # block sizes in the graph, which onnxruntime then refuses: a bank over MAX_BLOCK_ELEMENTS / patches.)
     whole = len(queries) <= rows or torch.onnx.is_in_onnx_export()
     for block in [queries] if whole else queries.split(rows):
-        best, index = _row_minimum(bank_terms(block, bank, bank_norms), numpy_pass=_on_openblas(block, bank))
+        openblas = _on_openblas(block, bank)  # decided once: the product and the minimum go the same way
+        best, index = _row_minimum(_bank_terms(block, bank, bank_norms, openblas), numpy_pass=openblas)
         # ||q||^2 added to the minimum alone (B times fewer additions): the same value as adding it
         # first and taking the minimum, since rounding is monotone (x <= y gives fl(x + c) <= fl(y + c)).
         # The index is the true minimum's; adding first could tie two values and pick the lower index.
