@@ -141,8 +141,8 @@ def test_a_state_that_fails_to_score_is_one_line(fitted, tmp_path, monkeypatch):
     alter_state(project, lambda blob: blob["state"].update(bank=torch.zeros(5, 3)))
     model = load(project, monkeypatch)
     with pytest.raises(PipelineError, match=r"^2 images \(a\.png, b\.png\): models/carpet\.category/pc\.model/seed-3/"
-                                            r"model\.pt could not score it \(ValueError: the queries have \d+ features, "
-                                            r"the bank's rows 3\)$"):
+                                            r"model\.pt could not score it \(ValueError: the queries have \d+ "
+                                            r"features, the bank's rows 3\)$"):
         model.score(np.zeros((2, 48, 48, 3), np.uint8), ["a.png", "b.png"])
 
 
