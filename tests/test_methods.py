@@ -78,6 +78,16 @@ def test_the_strict_product_runs_in_openblas_haswell_kernels():
     assert torch.allclose(distances, torch.cdist(queries, bank).min(dim=1).values, atol=1e-5)
 
 
+def test_a_bank_of_another_width_is_the_same_plain_error_on_either_path():
+    """numpy's product (strict, CPU) and torch's (fast, GPU, tracing) refuse a width mismatch alike."""
+    from stages.methods.neighbours import _bank_terms
+
+    queries, bank = torch.zeros(2, 4), torch.zeros(3, 5)
+    for openblas in (True, False):
+        with pytest.raises(ValueError, match=r"^the queries have 4 features, the bank's rows 5$"):
+            _bank_terms(queries, bank, squared_norms(bank), openblas)
+
+
 def test_global_knn_score_is_mean_distance_to_k_nearest():
     g = torch.Generator().manual_seed(1)
     train = torch.randn(20, 6, generator=g)
