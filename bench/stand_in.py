@@ -288,6 +288,16 @@ def extrapolate(measured: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------- budget
 
 
+def speed(result: dict) -> str:
+    """The largest measured category's extract time, the same work under either numerics (the backbone
+    on the same images): it shows how fast the machine was, since runs on different machines (or under
+    load) give different hours for the same work."""
+    largest = max(result["measured"], key=lambda m: sum(m["counts"].values()))
+    seconds = [s["seconds"] for s in largest["stages"] if s["kind"] == "extract"]
+    name = largest["category"].removeprefix("standin_")
+    return f", {name} extract {sum(seconds):.0f} s" if seconds else ""
+
+
 def budget_block(results: list[dict]) -> list[str]:
     """The lines between `# budget:start` and `# budget:end` of a configuration."""
     cpu = [r for r in results if r["device"] == "cpu"]
@@ -311,7 +321,8 @@ def budget_block(results: list[dict]) -> list[str]:
     first = (cpu or results)[0]
     sizes = ", ".join(f"{m['category'].removeprefix('standin_')} ({m['counts']['train']} + "
                       f"{m['counts']['good'] + m['counts']['defective']} images)" for m in first["measured"])
-    runs = "; ".join(f"{r['numerics']}/{r['device']} {r['date']} load {r['load_before'][0]:.1f}" for r in results)
+    runs = "; ".join(f"{r['numerics']}/{r['device']} {r['date']} load {r['load_before'][0]:.1f}{speed(r)}"
+                     for r in results)
     interpolated = len(EXPECTED_COUNTS) - len(first["budget"]["measured_as_is"])
     return [
         "# 15 MVTec AD categories (3,629 training + 1,725 test images), fit_seeds as below, every per-category stage:",

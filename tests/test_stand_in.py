@@ -110,6 +110,9 @@ def test_extrapolation_is_an_upper_bound_for_a_convex_cost():
 
 def result(numerics: str, device: str, hours: float, fit_seeds=(0, 1, 2)) -> dict:
     measured = [measured_at(name, stand_in.EXPECTED_COUNTS[name]) for name in ("toothbrush", "hazelnut")]
+    # the largest category's extract: the machine's speed in the block
+    measured[1]["stages"].append({"stage": "extract@hazelnut", "kind": "extract", "seconds": 150.2,
+                                  "peak_rss_gib": 1.0})
     budget = stand_in.extrapolate(measured) | {"hours": hours}
     return {"config": "configs/patchcore_paper.yaml", "numerics": numerics, "device": device, "date": "2026-12-07",
             "fit_seeds": list(fit_seeds),
@@ -135,6 +138,9 @@ def test_budget_block_is_written_into_the_config(tmp_path):
     assert "peak RAM:  3.0 GiB (evaluate@toothbrush)" in block
     assert "stand-ins of toothbrush (60 + 42 images), hazelnut (391 + 110 images), 1024 px" in block
     assert "extrapolated: 13 of the 15 categories" in block
+    # each run with how fast its machine was: the largest category's extract (the same work either numerics)
+    assert "(strict/cpu 2026-12-07 load 0.5, hazelnut extract 150 s; fast/cpu 2026-12-07 load 0.5, hazelnut extract " \
+        "150 s)" in block
     # everything outside the block is as it was, and the file still parses to the same params
     assert text.split("# budget:start")[0] == original.split("# budget:start")[0]
     assert text.split("# budget:end")[1] == original.split("# budget:end")[1]
