@@ -157,6 +157,18 @@ def test_budget_block_is_written_into_the_config(tmp_path):
                               str(files[0]), str(one_seed)], capture_output=True, text=True)
     assert refused.returncode == 1 and config.read_text() == before
     assert refused.stderr.strip() == f"{one_seed}: measured with fit_seeds [0], {config} has [0, 1, 2]"
+    # a GPU run (bench/stand_in.py run --numerics fast --device cuda) fills the GPU's hours, named by its card;
+    # disk and peak RAM stay the CPU runs' (the GPU's peak is its own memory, not the host's RAM)
+    gpu = tmp_path / "fast_cuda.json"
+    gpu.write_text(json.dumps(result("fast", "cuda", 0.84) | {"budget": result("fast", "cuda", 0.84)["budget"]
+                                                               | {"peak_rss_gib": 99.0, "disk_gib": 99.0}}))
+    with_gpu = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
+                               *map(str, files), str(gpu)], capture_output=True, text=True)
+    assert with_gpu.returncode == 0, with_gpu.stderr
+    block = config.read_text().split("# budget:start")[1].split("# budget:end")[0]
+    assert "#              0.8 h (Test GPU) (device: cuda, numerics: fast); the download" in block
+    assert "peak RAM:  3.0 GiB (evaluate@toothbrush)" in block and "99.0" not in block
+    assert "fast/cuda 2026-12-07 load 0.5, hazelnut extract 150 s)" in block
 
 
 def test_the_shipped_configs_have_a_budget_block():
