@@ -120,6 +120,16 @@ def result(numerics: str, device: str, hours: float, fit_seeds=(0, 1, 2)) -> dic
             "load_before": [0.5, 0.5, 0.5], "measured": measured, "budget": budget}
 
 
+def run_budget(config, *results) -> subprocess.CompletedProcess:
+    """`python bench/stand_in.py budget --write <config> <result files>`, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
+                           *map(str, results)], capture_output=True, text=True)
+
+
+def block_of(text: str) -> str:
+    return text.split("# budget:start")[1].split("# budget:end")[0]
+
+
 def test_budget_block_is_written_into_the_config(tmp_path):
     config = tmp_path / "patchcore_paper.yaml"
     original = (REPO / "configs/patchcore_paper.yaml").read_text()
@@ -128,11 +138,10 @@ def test_budget_block_is_written_into_the_config(tmp_path):
     for numerics, device, hours in (("strict", "cpu", 12.25), ("fast", "cpu", 7.5)):
         files.append(tmp_path / f"{numerics}_{device}.json")
         files[-1].write_text(json.dumps(result(numerics, device, hours)))
-    run = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
-                          *map(str, files)], capture_output=True, text=True)
+    run = run_budget(config, *files)
     assert run.returncode == 0, run.stderr
     text = config.read_text()
-    block = text.split("# budget:start")[1].split("# budget:end")[0]
+    block = block_of(text)
     assert "12.2 h (2-core Test CPU) with numerics: strict; 7.5 h (2-core Test CPU) with numerics: fast;" in block
     assert "not measured (device: cuda, numerics: fast)" in block  # no GPU result given
     assert "peak RAM:  3.0 GiB (evaluate@toothbrush)" in block
@@ -146,26 +155,24 @@ def test_budget_block_is_written_into_the_config(tmp_path):
     assert text.split("# budget:end")[1] == original.split("# budget:end")[1]
     assert yaml.safe_load(text) == yaml.safe_load(original)
     # results of another configuration are refused
-    other = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write",
-                            str(REPO / "configs/padim_paper.yaml"), str(files[0])], capture_output=True, text=True)
+    other = run_budget(REPO / "configs/padim_paper.yaml", files[0])
     assert other.returncode != 0 and "not padim_paper.yaml" in other.stderr
     # and a measurement with other seeds (bench/stand_in.py run --fit-seeds 0) is not the config's budget
     one_seed = tmp_path / "one_seed.json"
     one_seed.write_text(json.dumps(result("fast", "cpu", 2.5, fit_seeds=[0])))
     before = config.read_text()
-    refused = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
-                              str(files[0]), str(one_seed)], capture_output=True, text=True)
+    refused = run_budget(config, files[0], one_seed)
     assert refused.returncode == 1 and config.read_text() == before
     assert refused.stderr.strip() == f"{one_seed}: measured with fit_seeds [0], {config} has [0, 1, 2]"
     # a GPU run (bench/stand_in.py run --numerics fast --device cuda) fills the GPU's hours, named by its card;
     # disk and peak RAM stay the CPU runs' (the GPU's peak is its own memory, not the host's RAM)
     gpu = tmp_path / "fast_cuda.json"
-    gpu.write_text(json.dumps(result("fast", "cuda", 0.84) | {"budget": result("fast", "cuda", 0.84)["budget"]
-                                                               | {"peak_rss_gib": 99.0, "disk_gib": 99.0}}))
-    with_gpu = subprocess.run([sys.executable, str(REPO / "bench/stand_in.py"), "budget", "--write", str(config),
-                               *map(str, files), str(gpu)], capture_output=True, text=True)
+    gpu_result = result("fast", "cuda", 0.84)
+    gpu_result["budget"] |= {"peak_rss_gib": 99.0, "disk_gib": 99.0}
+    gpu.write_text(json.dumps(gpu_result))
+    with_gpu = run_budget(config, *files, gpu)
     assert with_gpu.returncode == 0, with_gpu.stderr
-    block = config.read_text().split("# budget:start")[1].split("# budget:end")[0]
+    block = block_of(config.read_text())
     assert "#              0.8 h (Test GPU) (device: cuda, numerics: fast); the download" in block
     assert "peak RAM:  3.0 GiB (evaluate@toothbrush)" in block and "99.0" not in block
     assert "fast/cuda 2026-12-07 load 0.5, hazelnut extract 150 s)" in block
